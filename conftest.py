@@ -1,0 +1,134 @@
+"""holecheck's pytest plumbing: options, markers, the ``target`` fixture, artifacts, and machine hygiene."""
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from suite import memcg, thp
+from suite.errors import SetupError
+from suite.kernelspec import KernelSpec, parse_many
+from suite.target import Target, TargetOptions, open_target
+from suite.verdict import Verdict
+
+MARKERS = {
+    "host": "runs scenarios against a kernel (root; host or VM target)",
+    "qemu": "starts real QEMU processes",
+    "vm": "boots a kernel under test in a VM",
+    "power": "proves the suite fails on a known-bad kernel",
+    "bench": "benchmark: records numbers, asserts nothing about time",
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("holecheck")
+    g.addoption("--kernel", action="append", default=[], metavar="SPEC",
+                help="kernel under test: host | debian:VERSION | PATH/bzImage | build:LINUX_TREE; "
+                     "repeat or comma-separate for a matrix (default: host)")
+    g.addoption("--qemu", default="qemu-system-x86_64", help="QEMU binary for the L2 RAM machines")
+    g.addoption("--accel", default="auto", choices=("auto", "kvm", "tcg"), help="accelerator for VMs")
+    g.addoption("--backend", default="qemu", choices=("qemu", "libvirt"), help="how L1 VMs are started")
+    g.addoption("--trigger", default=None, choices=("auto", "memcg", "drop_caches"),
+                help="shrinker trigger (default: the scenario's, memcg-scoped where the kernel allows)")
+    g.addoption("--helper-timeout", type=float, default=10.0, help="seconds before a blocked step is a stall")
+    g.addoption("--artifacts", default=".holecheck", help="directory for per-test artifacts (default .holecheck/)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    try:
+        config.holecheck_kernels = parse_many(config.getoption("kernel"))  # type: ignore[attr-defined]
+    except SetupError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    # SIGTERM (CI timeouts, kill) unwinds like Ctrl-C, so every context manager restores what it changed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    specs: list[KernelSpec] = metafunc.config.holecheck_kernels  # type: ignore[attr-defined]
+    if "kernel_spec" in metafunc.fixturenames and len(specs) > 1:
+        metafunc.parametrize("kernel_spec", specs, ids=[s.id for s in specs], scope="session")
+
+
+@pytest.fixture(scope="session")
+def kernel_spec(request: pytest.FixtureRequest) -> KernelSpec:
+    """The kernel under test (parametrized when --kernel names several)."""
+    return getattr(request, "param", None) or request.config.holecheck_kernels[0]  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def target_options(request: pytest.FixtureRequest) -> TargetOptions:
+    opt = request.config.getoption
+    return TargetOptions(qemu=opt("qemu"), accel=opt("accel"), backend=opt("backend"), trigger=opt("trigger"),
+                         timeout=opt("helper_timeout"))
+
+
+@pytest.fixture(scope="session")
+def _targets() -> Iterator[dict[KernelSpec, Target | SetupError]]:
+    opened: dict[KernelSpec, Target | SetupError] = {}
+    yield opened
+    for t in opened.values():
+        if not isinstance(t, SetupError):
+            t.close()
+
+
+@pytest.fixture(scope="session")
+def target(kernel_spec: KernelSpec, target_options: TargetOptions, request: pytest.FixtureRequest,
+           _targets: dict[KernelSpec, Target | SetupError]) -> Target:
+    """Where scenarios run. A kernel that cannot run them stops the session with one line (one kernel) or
+    fails that kernel's tests with it (a matrix)."""
+    if kernel_spec not in _targets:
+        try:
+            _targets[kernel_spec] = open_target(kernel_spec, target_options)
+        except SetupError as exc:
+            _targets[kernel_spec] = exc
+    t = _targets[kernel_spec]
+    if isinstance(t, SetupError):
+        if len(request.config.holecheck_kernels) == 1:  # type: ignore[attr-defined]
+            pytest.exit(f"holecheck: {t}", returncode=4)
+        pytest.fail(f"{kernel_spec}: {t}", pytrace=False)
+    return t
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leave_machine_as_found() -> Iterator[None]:
+    """Belt and braces over the per-scenario context managers: THP knobs and cgroups as found."""
+    saved = thp.current() if thp.SYSFS.exists() else {}
+    for stale in memcg.leftovers():
+        with contextlib.suppress(OSError):
+            stale.rmdir()
+    yield
+    thp.restore(saved)
+    for left in memcg.leftovers():
+        with contextlib.suppress(OSError):
+            left.rmdir()
+
+
+@pytest.fixture
+def artifacts(request: pytest.FixtureRequest) -> Path:
+    """A fresh directory for this test's artifacts: <--artifacts>/<test id>/."""
+    safe = re.sub(r"[^A-Za-z0-9_.@=-]+", "_", request.node.nodeid)
+    path = Path(request.config.getoption("artifacts")) / safe
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def check_verdict(artifacts: Path, record_property: Callable[[str, object], None]) -> Callable[[Verdict], None]:
+    """Save a verdict, put its key figures into the JUnit XML, and fail with its message if it has findings."""
+
+    def check(verdict: Verdict) -> None:
+        (artifacts / "verdict.json").write_text(verdict.to_json())
+        record_property("kernel", verdict.kernel)
+        record_property("split_expected", verdict.split_expected)
+        for kind in {f.kind for f in verdict.findings}:
+            record_property(kind, sum(f.count for f in verdict.findings if f.kind == kind))
+        if not verdict.ok:
+            pytest.fail(verdict.failure_message() + f"\n  artifacts: {artifacts}", pytrace=False)
+
+    return check

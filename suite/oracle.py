@@ -1,0 +1,38 @@
+"""Page-state oracle, judging side: which pages went wrong between two snapshots.
+
+A *spurious hole* is a page known placed (written, received, or present before) that is now neither present
+nor swapped. A *lost bit* is a uffd-wp or soft-dirty bit reported before a step that should not clear it and
+missing after. All vectorised over the per-page arrays of ``pagemap.PageStates``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .pagemap import PageStates
+
+
+def spurious_holes(now: PageStates, placed: np.ndarray) -> np.ndarray:
+    """Indices of placed pages that are pte_none now."""
+    return np.nonzero(placed & now.hole)[0]
+
+
+def lost_uffd_wp(before: PageStates, after: PageStates, expected: np.ndarray | None = None) -> np.ndarray:
+    """Indices whose uffd-wp bit was reported before and is gone after (restricted to ``expected`` if given)."""
+    lost = before.uffd_wp & ~after.uffd_wp
+    return np.nonzero(lost if expected is None else lost & expected)[0]
+
+
+def lost_soft_dirty(before: PageStates, after: PageStates) -> np.ndarray:
+    return np.nonzero(before.soft_dirty & ~after.soft_dirty)[0]
+
+
+def thp_chunks(states: PageStates) -> int:
+    """Number of THP-sized chunks whose every page is THP-backed (needs ``with_thp`` snapshots)."""
+    if states.thp is None:
+        raise ValueError("snapshot taken without kpageflags (with_thp=False)")
+    n = states.npages // 512 * 512
+    return int(states.thp[:n].reshape(-1, 512).all(axis=1).sum())
+
+
+def addresses(states: PageStates, indices: np.ndarray) -> list[int]:
+    return [states.start + int(i) * 4096 for i in indices]

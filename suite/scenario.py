@@ -1,0 +1,195 @@
+"""A scenario is data: a list of steps with page selectors, plus the THP knobs and fill pattern it runs under.
+
+Scenarios round-trip through JSON (they cross the VM agent's wire). Builders at the bottom make the synthetic
+sequences the tests parametrize over; a new variant is a new list of steps, not new plumbing.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from .pagemap import PAGES_PER_THP
+from .thp import ThpSettings
+
+# op -> does the op leave uffd-wp and soft-dirty bits alone? (bits lost across such a step are findings)
+OPS: dict[str, bool] = {
+    "map": True,  # arg: "hugepage" (MADV_HUGEPAGE, like QEMU's RAM) or "" (no advice)
+    "place": False,  # write data into the `data` pages: faults THPs in (the destination's precopy)
+    "nohugepage": True,  # MADV_NOHUGEPAGE on the whole region (QEMU at the postcopy switch)
+    "discard": True,  # MADV_DONTNEED on the selected pages: no longer placed (QEMU's discards)
+    "register": True,  # arg: "missing", "wp" or "missing,wp": UFFDIO_REGISTER the whole region
+    "wp": False,  # arg "1"/"0": UFFDIO_WRITEPROTECT the selected pages
+    "clear-soft-dirty": False,  # echo 4 > /proc/PID/clear_refs
+    "shrink": True,  # fire the deferred-split shrinker
+    "touch": False,  # arg "read"/"write": touch every selected page
+    "verify": True,  # compare every page with the content the model expects
+    # negative controls: change the kernel's state behind the model's back; the oracle must name the pages
+    "sabotage-punch": True,  # MADV_DONTNEED on placed pages (a re-created hole)
+    "sabotage-unprotect": True,  # UFFDIO_WRITEPROTECT mode 0 (a re-created lost uffd-wp bit)
+}
+SELECTORS = ("all", "data", "zero", "discard", "sabotage")
+
+
+@dataclass(frozen=True)
+class Step:
+    op: str
+    arg: str = ""
+    pages: str = "all"
+    label: str = ""  # phase name in verdicts; defaults to op(arg)
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"unknown step op {self.op!r}")
+        if self.pages not in SELECTORS:
+            raise ValueError(f"unknown page selector {self.pages!r}")
+
+    @property
+    def phase(self) -> str:
+        if self.label:
+            return self.label
+        args = [a for a in (self.arg, "" if self.pages == "all" else self.pages) if a]
+        return f"{self.op}({', '.join(args)})" if args else self.op
+
+
+@dataclass(frozen=True)
+class Fill:
+    """Which subpages of each THP-sized chunk hold data; the rest are zero-filled (underused THPs)."""
+
+    data_per_thp: int = 8
+    layout: str = "spread"  # "spread": evenly spaced; "head": the first N subpages
+
+    @property
+    def id(self) -> str:
+        return f"{self.layout}{self.data_per_thp}"
+
+    def data_mask(self, npages: int) -> np.ndarray:
+        chunk = np.zeros(PAGES_PER_THP, dtype=bool)
+        if self.layout == "head":
+            chunk[: self.data_per_thp] = True
+        elif self.layout == "spread":
+            chunk[np.linspace(0, PAGES_PER_THP, self.data_per_thp, endpoint=False).astype(int)] = True
+        else:
+            raise ValueError(f"unknown fill layout {self.layout!r}")
+        return np.resize(chunk, npages)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str  # "postcopy-style" or "snapshot-style"
+    steps: tuple[Step, ...]
+    size_mib: int = 64
+    fill: Fill = field(default_factory=Fill)
+    thp: ThpSettings = field(default_factory=ThpSettings)
+    trigger: str = "auto"  # shrinker trigger: auto (memcg-scoped where possible), memcg, drop_caches
+
+    @property
+    def npages(self) -> int:
+        return self.size_mib * 256
+
+    def selector(self, name: str) -> np.ndarray:
+        """Bool mask over the region's pages for a page selector."""
+        n = self.npages
+        data = self.fill.data_mask(n)
+        if name == "all":
+            return np.ones(n, dtype=bool)
+        if name == "data":
+            return data
+        if name == "zero":
+            return ~data
+        chunk = np.arange(n) // PAGES_PER_THP
+        sub = np.arange(n) % PAGES_PER_THP
+        if name == "discard":  # QEMU discards re-dirtied ranges: the first 64 subpages of every 4th chunk
+            return (chunk % 4 == 3) & (sub < 64)
+        if name == "sabotage":  # a few zero subpages of two chunks, not discarded
+            return ~data & ((chunk == 1) & (sub >= 300) & (sub < 303) | (chunk == 5) & (sub >= 500) & (sub < 502))
+        raise ValueError(f"unknown page selector {name!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Scenario:
+        d = json.loads(text)
+        return cls(
+            name=d["name"], kind=d["kind"], steps=tuple(Step(**s) for s in d["steps"]), size_mib=d["size_mib"],
+            fill=Fill(**d["fill"]), thp=ThpSettings(**d["thp"]), trigger=d["trigger"],
+        )
+
+
+# --- builders ------------------------------------------------------------------------------------------------
+
+# Points of the postcopy-style sequence where registration and shrink can sit, in order.
+POSTCOPY_POINTS = ("before-first-fault", "after-place", "after-nohugepage", "after-discard")
+
+
+def postcopy_style(register_at: str, shrink_at: str, *, fill: Fill | None = None,
+                   thp: ThpSettings | None = None, sabotage: bool = False) -> Scenario:
+    """QEMU's destination sequence: place (precopy) → MADV_NOHUGEPAGE → discard → register MISSING → touch.
+
+    ``register_at`` is a point or 'after-shrink' (same point as the shrink, just after it); ``shrink_at`` a point
+    or 'after-register'. ``sabotage`` punches holes into placed zero subpages before registering (negative control).
+    """
+    if register_at == "after-shrink" and shrink_at == "after-register":
+        raise ValueError("register and shrink cannot each be placed after the other")
+    reg_point = shrink_at if register_at == "after-shrink" else register_at
+    shrink_point = register_at if shrink_at == "after-register" else shrink_at
+    for p in (reg_point, shrink_point):
+        if p not in POSTCOPY_POINTS:
+            raise ValueError(f"unknown point {p!r} (one of {', '.join(POSTCOPY_POINTS)})")
+    register, shrink = Step("register", "missing"), Step("shrink", label=f"shrink@{shrink_at}")
+    hooks: dict[str, list[Step]] = {p: [] for p in POSTCOPY_POINTS}
+    first, second = (shrink, register) if register_at == "after-shrink" else (register, shrink)
+    if reg_point == shrink_point:
+        hooks[reg_point] += [first, second]
+    else:
+        hooks[reg_point].append(register)
+        hooks[shrink_point].append(shrink)
+    if sabotage:  # after the shrink point, before registration is where a buggy split leaves its holes
+        hooks["after-discard"].insert(0, Step("sabotage-punch", pages="sabotage"))
+    steps = [
+        Step("map", "hugepage"), *hooks["before-first-fault"],
+        Step("place", pages="data"), *hooks["after-place"],
+        Step("nohugepage"), *hooks["after-nohugepage"],
+        Step("discard", pages="discard"), *hooks["after-discard"],
+        Step("touch", "read"), Step("verify"),
+    ]
+    name = f"register@{register_at}-shrink@{shrink_at}"
+    return Scenario(name=name, kind="postcopy-style", steps=tuple(steps), fill=fill or Fill(),
+                    thp=thp or ThpSettings())
+
+
+SNAPSHOT_SHRINK_POINTS = ("before-register", "after-register", "after-protect")
+
+
+def snapshot_style(shrink_at: str, *, fill: Fill | None = None, thp: ThpSettings | None = None,
+                   sabotage: bool = False) -> Scenario:
+    """Background snapshot: register WP, write-protect everything, then write every page: each write must trap.
+
+    ``sabotage`` un-protects a few zero subpages after the shrink (negative control).
+    """
+    if shrink_at not in SNAPSHOT_SHRINK_POINTS:
+        raise ValueError(f"unknown point {shrink_at!r} (one of {', '.join(SNAPSHOT_SHRINK_POINTS)})")
+    shrink = Step("shrink", label=f"shrink@{shrink_at}")
+    steps = [Step("map", "hugepage"), Step("place", pages="data")]
+    steps += [shrink] if shrink_at == "before-register" else []
+    steps += [Step("register", "wp")] + ([shrink] if shrink_at == "after-register" else [])
+    steps += [Step("wp", "1")] + ([shrink] if shrink_at == "after-protect" else [])
+    steps += [Step("sabotage-unprotect", pages="sabotage")] if sabotage else []
+    steps += [Step("touch", "write", pages="zero"), Step("touch", "write", pages="data"), Step("verify")]
+    return Scenario(name=f"shrink@{shrink_at}", kind="snapshot-style", steps=tuple(steps), fill=fill or Fill(),
+                    thp=thp or ThpSettings())
+
+
+def soft_dirty_style(*, fill: Fill | None = None, thp: ThpSettings | None = None) -> Scenario:
+    """clear_refs 4, write one data subpage per THP, shrink: soft-dirty bits reported before must stay."""
+    steps = (Step("map", "hugepage"), Step("place", pages="data"), Step("clear-soft-dirty"),
+             Step("touch", "write", pages="data"), Step("shrink", label="shrink@after-write"), Step("verify"))
+    return Scenario(name="soft-dirty", kind="snapshot-style", steps=steps, fill=fill or Fill(),
+                    thp=thp or ThpSettings())
+
+
+def with_thp(scenario: Scenario, thp: ThpSettings) -> Scenario:
+    return replace(scenario, thp=thp)

@@ -1,0 +1,118 @@
+"""THP knobs: set for a scenario, always restored; and what the kernel's underused-THP shrinker will do."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SetupError
+
+log = logging.getLogger(__name__)
+SYSFS = Path("/sys/kernel/mm/transparent_hugepage")
+KNOBS = {
+    "enabled": SYSFS / "enabled",
+    "defrag": SYSFS / "defrag",
+    "max_ptes_none": SYSFS / "khugepaged" / "max_ptes_none",
+    "shrink_underused": SYSFS / "shrink_underused",
+}
+NO_SPLIT_MAX_PTES_NONE = 511  # thp_underused() returns false early at 511: the shrinker never splits
+
+
+@dataclass(frozen=True)
+class ThpSettings:
+    """The knobs a scenario runs under. ``None`` leaves a knob as found."""
+
+    enabled: str | None = "madvise"
+    defrag: str | None = "madvise"
+    max_ptes_none: int | None = 409
+    shrink_underused: bool | None = True
+
+    @property
+    def id(self) -> str:
+        """Short parametrize id, e.g. 'mpn409'."""
+        parts = [f"mpn{self.max_ptes_none}" if self.max_ptes_none is not None else "mpn-asis"]
+        if self.enabled not in (None, "madvise"):
+            parts.append(f"thp-{self.enabled}")
+        if self.shrink_underused is False:
+            parts.append("noshrink")
+        return "-".join(parts)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _read(path: Path) -> str:
+    text = path.read_text().strip()
+    if "[" in text:  # "always [madvise] never"
+        return text[text.index("[") + 1 : text.index("]")]
+    return text
+
+
+def current() -> dict[str, str]:
+    """Current value of every knob the kernel has (a kernel without the shrinker has no shrink_underused)."""
+    return {name: _read(path) for name, path in KNOBS.items() if path.exists()}
+
+
+def _write(name: str, value: str) -> None:
+    try:
+        KNOBS[name].write_text(value)
+    except OSError as exc:
+        raise SetupError(f"cannot set THP {name}={value}: {exc.strerror} (run as root?)") from None
+
+
+@contextlib.contextmanager
+def applied(settings: ThpSettings) -> Iterator[dict[str, str]]:
+    """Apply ``settings``; yield the knobs as now in force; restore every knob found, even on error."""
+    if not KNOBS["enabled"].exists():
+        raise SetupError("kernel has no transparent hugepages (CONFIG_TRANSPARENT_HUGEPAGE=n)")
+    saved = current()
+    try:
+        for name in KNOBS:
+            value = getattr(settings, name)
+            if value is None or not KNOBS[name].exists():
+                continue  # a kernel without the shrinker: nothing to set, reported by support()
+            _write(name, str(int(value)) if isinstance(value, bool) else str(value))
+        yield current()
+    finally:
+        restore(saved)
+
+
+def restore(saved: dict[str, str]) -> None:
+    for name, value in saved.items():
+        if _read(KNOBS[name]) != value:
+            with contextlib.suppress(OSError):
+                KNOBS[name].write_text(value)
+            log.debug("restored THP %s=%s", name, value)
+
+
+@dataclass(frozen=True)
+class ShrinkerSupport:
+    """Will the underused-THP shrinker split anything under the knobs in force?"""
+
+    has_shrinker: bool
+    enabled: bool
+    max_ptes_none: int
+
+    @classmethod
+    def now(cls) -> ShrinkerSupport:
+        knobs = current()
+        return cls(
+            has_shrinker="shrink_underused" in knobs,
+            enabled=knobs.get("shrink_underused") == "1",
+            max_ptes_none=int(knobs.get("max_ptes_none", NO_SPLIT_MAX_PTES_NONE)),
+        )
+
+    def no_split_reason(self, data_pages_per_thp: int | None = None) -> str:
+        """Why no underused split is expected ('' when one is)."""
+        if not self.has_shrinker:
+            return "no underused shrinker in this kernel (no shrink_underused knob)"
+        if not self.enabled:
+            return "shrink_underused is 0"
+        if self.max_ptes_none >= NO_SPLIT_MAX_PTES_NONE:
+            return f"max_ptes_none is {self.max_ptes_none}: underused splits disabled"
+        if data_pages_per_thp is not None and 512 - data_pages_per_thp <= self.max_ptes_none:
+            return (f"THPs hold {data_pages_per_thp} data subpages: {512 - data_pages_per_thp} zero subpages "
+                    f"is not more than max_ptes_none {self.max_ptes_none}")
+        return ""

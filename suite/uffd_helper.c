@@ -1,0 +1,636 @@
+/*
+ * uffd_helper — performs userfaultfd sequences step by step on ONE anonymous region, for holecheck.
+ *
+ * Driven by one command per line on stdin, answers one JSON line per command on stdout (the protocol is
+ * described in suite/uffd.py). Between commands it is idle and touches no memory, so that the caller can
+ * read /proc/PID/pagemap and fire the THP shrinker at exactly the moment it chooses.
+ *
+ * Why C and not Python: every store and load must be exactly the one asked for (no interpreter touching
+ * the region behind our back), the fault handler must be a real thread that runs while the main thread is
+ * blocked in a page fault (no GIL), and the file doubles as a standalone reproducer for kernel bug
+ * reports: cc -O2 -Wall -Wextra -pthread uffd_helper.c -o uffd_helper
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+
+#define PAGE 4096UL
+#define HPAGE (2UL << 20)
+#define WORDS (PAGE / sizeof(uint64_t))
+#define STAMP_MAGIC 0x484F4C4500000000ULL   /* "HOLE" */
+#define WRITTEN_MAGIC 0x5752495400000000ULL /* "WRIT" */
+
+enum expect { ZERO = 0, STAMP = 1, WRITTEN = 2 };
+
+/* The region and what every page of it must contain. */
+static char *region;
+static size_t region_size, npages;
+static uint8_t *expected; /* enum expect per page; written by main, read by the handler (atomics) */
+
+/* Faults the handler resolved since the last drain: one byte per page, so lists come out sorted and unique. */
+static pthread_mutex_t hits_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint8_t *hit_missing, *hit_wp;
+
+static int uffd = -1;
+static pid_t parent_pid;
+
+/* ---- growable string for replies (a reply may list 16384+ pages) ---- */
+
+struct buf {
+	char *p;
+	size_t len, cap;
+};
+
+static void buf_grow(struct buf *b, size_t more)
+{
+	if (b->len + more + 1 <= b->cap)
+		return;
+	size_t cap = b->cap ? b->cap : 256;
+	while (cap < b->len + more + 1)
+		cap *= 2;
+	char *p = realloc(b->p, cap);
+	if (!p) {
+		fprintf(stderr, "uffd_helper: out of memory for a reply\n");
+		exit(2);
+	}
+	b->p = p;
+	b->cap = cap;
+}
+
+static void buf_printf(struct buf *b, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(NULL, 0, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	buf_grow(b, (size_t)n);
+	va_start(ap, fmt);
+	vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
+	va_end(ap);
+	b->len += (size_t)n;
+}
+
+static void buf_json_string(struct buf *b, const char *s)
+{
+	buf_printf(b, "\"");
+	for (; *s; s++) {
+		unsigned char c = (unsigned char)*s;
+		if (c == '"' || c == '\\')
+			buf_printf(b, "\\%c", c);
+		else if (c < 0x20)
+			buf_printf(b, "\\u%04x", c);
+		else
+			buf_printf(b, "%c", c);
+	}
+	buf_printf(b, "\"");
+}
+
+/* Appends ,"name":[i,...] for every set byte of flags (clearing it when clear is set). */
+static void buf_index_list(struct buf *b, const char *name, uint8_t *flags, size_t n, int clear)
+{
+	int first = 1;
+	buf_printf(b, ",\"%s\":[", name);
+	for (size_t i = 0; i < n; i++) {
+		if (!flags[i])
+			continue;
+		if (clear)
+			flags[i] = 0;
+		buf_printf(b, first ? "%zu" : ",%zu", i);
+		first = 0;
+	}
+	buf_printf(b, "]");
+}
+
+static void reply(struct buf *b)
+{
+	buf_printf(b, "}\n");
+	fwrite(b->p, 1, b->len, stdout);
+	fflush(stdout);
+	free(b->p);
+}
+
+static void reply_error(const char *what, int err)
+{
+	struct buf b = {0};
+	char msg[512];
+	snprintf(msg, sizeof(msg), "%s: %s", what, strerror(err));
+	buf_printf(&b, "{\"ok\":false,\"error\":");
+	buf_json_string(&b, msg);
+	reply(&b);
+}
+
+/* Starts an ok reply; callers append fields and call reply(). */
+static struct buf reply_ok(void)
+{
+	struct buf b = {0};
+	buf_printf(&b, "{\"ok\":true");
+	return b;
+}
+
+/* Appends the faults the handler resolved during this command, and forgets them. */
+static void drain_faults(struct buf *b)
+{
+	pthread_mutex_lock(&hits_lock);
+	buf_index_list(b, "missing", hit_missing, npages, 1);
+	buf_index_list(b, "wp", hit_wp, npages, 1);
+	pthread_mutex_unlock(&hits_lock);
+}
+
+/* ---- page contents ---- */
+
+static uint64_t pattern_word(size_t idx, int kind)
+{
+	switch (kind) {
+	case STAMP:
+		return STAMP_MAGIC | idx;
+	case WRITTEN:
+		return WRITTEN_MAGIC | idx;
+	default:
+		return 0;
+	}
+}
+
+static void fill_pattern(uint64_t *dst, size_t idx, int kind)
+{
+	uint64_t w = pattern_word(idx, kind);
+	for (size_t i = 0; i < WORDS; i++)
+		dst[i] = w;
+}
+
+/* ---- the fault handler thread ---- */
+
+static void handler_log(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	fprintf(stderr, "uffd_helper handler: ");
+	vfprintf(stderr, fmt, ap);
+	fprintf(stderr, "\n");
+	va_end(ap);
+}
+
+static int wake(unsigned long addr)
+{
+	struct uffdio_range r = {.start = addr, .len = PAGE};
+	if (ioctl(uffd, UFFDIO_WAKE, &r)) {
+		handler_log("UFFDIO_WAKE 0x%lx: %s", addr, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+static void resolve_missing(unsigned long addr, size_t idx, uint64_t *pagebuf)
+{
+	int kind = __atomic_load_n(&expected[idx], __ATOMIC_ACQUIRE);
+	for (;;) {
+		int rc, err;
+		if (kind == ZERO) {
+			struct uffdio_zeropage z = {.range = {.start = addr, .len = PAGE}, .mode = 0};
+			rc = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
+			err = errno;
+		} else {
+			fill_pattern(pagebuf, idx, kind);
+			struct uffdio_copy c = {.dst = addr, .src = (unsigned long)pagebuf, .len = PAGE, .mode = 0};
+			rc = ioctl(uffd, UFFDIO_COPY, &c);
+			err = errno;
+		}
+		if (rc == 0)
+			return;
+		if (err == EAGAIN) /* the mm is changing under us: try again */
+			continue;
+		if (err == EEXIST) { /* someone mapped it meanwhile: the faulting thread only needs waking */
+			wake(addr);
+			return;
+		}
+		/* Leave the faulter blocked: the caller sees a stall and this message on stderr. */
+		handler_log("%s page %zu (0x%lx): %s", kind == ZERO ? "UFFDIO_ZEROPAGE" : "UFFDIO_COPY", idx, addr,
+			    strerror(err));
+		return;
+	}
+}
+
+static void resolve_wp(unsigned long addr, size_t idx)
+{
+	/* Like QEMU's background snapshot once the page is saved: unprotect it, which wakes the writer. */
+	struct uffdio_writeprotect w = {.range = {.start = addr, .len = PAGE}, .mode = 0};
+	while (ioctl(uffd, UFFDIO_WRITEPROTECT, &w)) {
+		if (errno == EAGAIN)
+			continue;
+		handler_log("UFFDIO_WRITEPROTECT(0) page %zu (0x%lx): %s", idx, addr, strerror(errno));
+		return;
+	}
+}
+
+static void *handler(void *arg)
+{
+	(void)arg;
+	uint64_t *pagebuf;
+	if (posix_memalign((void **)&pagebuf, PAGE, PAGE)) {
+		handler_log("no memory for the page buffer");
+		exit(2);
+	}
+	struct uffd_msg msgs[16];
+	for (;;) {
+		struct pollfd pfd = {.fd = uffd, .events = POLLIN};
+		int n = poll(&pfd, 1, 500);
+		if (n < 0 && errno != EINTR) {
+			handler_log("poll: %s", strerror(errno));
+			exit(2);
+		}
+		/* Our parent died (reparented): nobody will ever send quit. Don't outlive it, even if stalled. */
+		if (getppid() != parent_pid)
+			_exit(3);
+		if (n <= 0)
+			continue;
+		if (pfd.revents & (POLLERR | POLLHUP)) {
+			handler_log("poll: userfaultfd revents 0x%x", pfd.revents);
+			exit(2);
+		}
+		ssize_t got = read(uffd, msgs, sizeof(msgs));
+		if (got < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				continue;
+			handler_log("read: %s", strerror(errno));
+			exit(2);
+		}
+		for (size_t i = 0; i < (size_t)got / sizeof(msgs[0]); i++) {
+			struct uffd_msg *m = &msgs[i];
+			if (m->event != UFFD_EVENT_PAGEFAULT) {
+				handler_log("unexpected event 0x%x", m->event);
+				continue;
+			}
+			unsigned long addr = (unsigned long)m->arg.pagefault.address & ~(PAGE - 1);
+			if (addr < (unsigned long)region || addr >= (unsigned long)region + region_size) {
+				handler_log("fault outside the region at 0x%lx", addr);
+				continue;
+			}
+			size_t idx = (addr - (unsigned long)region) / PAGE;
+			int is_wp = (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0;
+			/* Record before resolving: the faulting command cannot reply before we wake it. */
+			pthread_mutex_lock(&hits_lock);
+			(is_wp ? hit_wp : hit_missing)[idx] = 1;
+			pthread_mutex_unlock(&hits_lock);
+			if (is_wp)
+				resolve_wp(addr, idx);
+			else
+				resolve_missing(addr, idx, pagebuf);
+		}
+	}
+	return NULL;
+}
+
+/* ---- commands ---- */
+
+/* Parses a decimal or 0x-hex byte count (no octal: "010" is ten). */
+static int parse_num(const char *s, unsigned long *out)
+{
+	if (!s || !*s || *s == '-' || *s == '+')
+		return -1;
+	int base = (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) ? 16 : 10;
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, base);
+	if (errno || *end || end == s || (base == 16 && end == s + 2))
+		return -1;
+	*out = (unsigned long)v;
+	return 0;
+}
+
+/* Parses OFF LEN into a page range of the region, or replies with an error. */
+static int parse_range(const char *cmd, char *off_s, char *len_s, unsigned long *off, unsigned long *len)
+{
+	char what[256];
+	if (!region) {
+		snprintf(what, sizeof(what), "%s: no region (map first)", cmd);
+		reply_error(what, EINVAL);
+		return -1;
+	}
+	if (parse_num(off_s, off) || parse_num(len_s, len)) {
+		snprintf(what, sizeof(what), "%s: expected OFF LEN, got '%s' '%s'", cmd, off_s ? off_s : "",
+			 len_s ? len_s : "");
+		reply_error(what, EINVAL);
+		return -1;
+	}
+	if (*off % PAGE || *len % PAGE) {
+		snprintf(what, sizeof(what), "%s: 0x%lx+0x%lx not 4 KiB aligned", cmd, *off, *len);
+		reply_error(what, EINVAL);
+		return -1;
+	}
+	if (*off > region_size || *len > region_size - *off) {
+		snprintf(what, sizeof(what), "%s: 0x%lx+0x%lx beyond the 0x%zx-byte region", cmd, *off, *len,
+			 region_size);
+		reply_error(what, ERANGE);
+		return -1;
+	}
+	return 0;
+}
+
+static void cmd_map(char *size_s)
+{
+	unsigned long size;
+	if (region) {
+		reply_error("map: a region is already mapped", EBUSY);
+		return;
+	}
+	if (parse_num(size_s, &size) || size == 0 || size % PAGE) {
+		reply_error("map: SIZE must be a non-zero multiple of 4 KiB", EINVAL);
+		return;
+	}
+	/* Over-map by 2 MiB and trim, so the region starts on a PMD boundary and can hold THPs. */
+	char *raw = mmap(NULL, size + HPAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (raw == MAP_FAILED) {
+		reply_error("map: mmap", errno);
+		return;
+	}
+	char *start = (char *)(((uintptr_t)raw + HPAGE - 1) & ~(HPAGE - 1));
+	if (start > raw)
+		munmap(raw, (size_t)(start - raw));
+	if (start + size < raw + size + HPAGE)
+		munmap(start + size, (size_t)(raw + size + HPAGE - (start + size)));
+	npages = size / PAGE;
+	expected = calloc(npages, 1);
+	hit_missing = calloc(npages, 1);
+	hit_wp = calloc(npages, 1);
+	if (!expected || !hit_missing || !hit_wp) {
+		reply_error("map: calloc", ENOMEM);
+		exit(2);
+	}
+	region_size = size;
+	region = start;
+	struct buf b = reply_ok();
+	buf_printf(&b, ",\"addr\":%" PRIuPTR ",\"pid\":%d", (uintptr_t)region, (int)getpid());
+	reply(&b);
+}
+
+static void cmd_madvise(char *advice_s, char *off_s, char *len_s)
+{
+	static const struct {
+		const char *name;
+		int advice;
+	} advices[] = {
+		{"hugepage", MADV_HUGEPAGE},
+		{"nohugepage", MADV_NOHUGEPAGE},
+		{"dontneed", MADV_DONTNEED}, /* expected stays: the handler re-supplies it, as QEMU's source re-sends */
+		{"populate_read", MADV_POPULATE_READ},
+	};
+	int advice = -1;
+	for (size_t i = 0; advice_s && i < sizeof(advices) / sizeof(advices[0]); i++)
+		if (!strcmp(advice_s, advices[i].name))
+			advice = advices[i].advice;
+	if (advice < 0) {
+		reply_error("madvise: advice must be hugepage|nohugepage|dontneed|populate_read", EINVAL);
+		return;
+	}
+	unsigned long off, len;
+	if (parse_range("madvise", off_s, len_s, &off, &len))
+		return;
+	if (madvise(region + off, len, advice)) {
+		char what[128];
+		snprintf(what, sizeof(what), "madvise %s", advice_s);
+		reply_error(what, errno);
+		return;
+	}
+	struct buf b = reply_ok();
+	drain_faults(&b);
+	reply(&b);
+}
+
+/* Fills pages with their pattern using plain stores (faulting in THPs, or uffd faults, as any writer would). */
+static void write_pages(unsigned long off, unsigned long len, int kind)
+{
+	for (size_t idx = off / PAGE; idx < (off + len) / PAGE; idx++) {
+		/* expected first: a fault on the store below is resolved with this very content */
+		__atomic_store_n(&expected[idx], (uint8_t)kind, __ATOMIC_RELEASE);
+		fill_pattern((uint64_t *)(region + idx * PAGE), idx, kind);
+	}
+}
+
+static void cmd_place(char *off_s, char *len_s)
+{
+	unsigned long off, len;
+	if (parse_range("place", off_s, len_s, &off, &len))
+		return;
+	write_pages(off, len, STAMP);
+	struct buf b = reply_ok();
+	drain_faults(&b);
+	reply(&b);
+}
+
+static void cmd_register(char *modes_s)
+{
+	if (!region) {
+		reply_error("register: no region (map first)", EINVAL);
+		return;
+	}
+	if (uffd >= 0) {
+		reply_error("register: already registered", EBUSY);
+		return;
+	}
+	__u64 mode = 0;
+	int bad = 0;
+	char *save = NULL;
+	for (char *m = strtok_r(modes_s, ",", &save); m; m = strtok_r(NULL, ",", &save)) {
+		if (!strcmp(m, "missing"))
+			mode |= UFFDIO_REGISTER_MODE_MISSING;
+		else if (!strcmp(m, "wp"))
+			mode |= UFFDIO_REGISTER_MODE_WP;
+		else
+			bad = 1;
+	}
+	if (!mode || bad) {
+		reply_error("register: modes must be missing|wp|missing,wp", EINVAL);
+		return;
+	}
+	int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	if (fd < 0 && (errno == EPERM || errno == ENOSYS)) {
+		/* vm.unprivileged_userfaultfd=0 without CAP_SYS_PTRACE: /dev/userfaultfd is the other door */
+		int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+		if (dev < 0) {
+			reply_error("register: userfaultfd syscall refused and open /dev/userfaultfd", errno);
+			return;
+		}
+		fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+		int err = errno;
+		close(dev);
+		if (fd < 0) {
+			reply_error("register: USERFAULTFD_IOC_NEW", err);
+			return;
+		}
+	} else if (fd < 0) {
+		reply_error("register: userfaultfd", errno);
+		return;
+	}
+	/* Only PAGEFAULT_FLAG_WP, never WP_UNPOPULATED: unpopulated pages must stay plain holes, as for QEMU. */
+	struct uffdio_api api = {.api = UFFD_API,
+				 .features = (mode & UFFDIO_REGISTER_MODE_WP) ? UFFD_FEATURE_PAGEFAULT_FLAG_WP : 0};
+	if (ioctl(fd, UFFDIO_API, &api)) {
+		reply_error("register: UFFDIO_API", errno);
+		close(fd);
+		return;
+	}
+	struct uffdio_register reg = {.range = {.start = (unsigned long)region, .len = region_size}, .mode = mode};
+	if (ioctl(fd, UFFDIO_REGISTER, &reg)) {
+		reply_error("register: UFFDIO_REGISTER", errno);
+		close(fd);
+		return;
+	}
+	uffd = fd;
+	pthread_t t;
+	int err = pthread_create(&t, NULL, handler, NULL);
+	if (err) {
+		reply_error("register: pthread_create", err);
+		exit(2); /* registered without a handler: any fault would hang forever */
+	}
+	pthread_detach(t);
+	struct buf b = reply_ok();
+	buf_printf(&b, ",\"features\":%llu,\"ioctls\":%llu", (unsigned long long)api.features,
+		   (unsigned long long)reg.ioctls);
+	reply(&b);
+}
+
+static void cmd_wp(char *off_s, char *len_s, char *on_s)
+{
+	unsigned long off, len;
+	if (parse_range("wp", off_s, len_s, &off, &len))
+		return;
+	if (!on_s || (strcmp(on_s, "1") && strcmp(on_s, "0"))) {
+		reply_error("wp: expected OFF LEN 1|0", EINVAL);
+		return;
+	}
+	if (uffd < 0) {
+		reply_error("wp: not registered", EINVAL);
+		return;
+	}
+	struct uffdio_writeprotect w = {.range = {.start = (unsigned long)region + off, .len = len},
+					.mode = on_s[0] == '1' ? UFFDIO_WRITEPROTECT_MODE_WP : 0};
+	int rc;
+	while ((rc = ioctl(uffd, UFFDIO_WRITEPROTECT, &w)) && errno == EAGAIN)
+		;
+	if (rc) {
+		reply_error("wp: UFFDIO_WRITEPROTECT", errno);
+		return;
+	}
+	struct buf b = reply_ok();
+	drain_faults(&b);
+	reply(&b);
+}
+
+static void cmd_touch(char *kind_s, char *off_s, char *len_s)
+{
+	int write;
+	if (kind_s && !strcmp(kind_s, "read"))
+		write = 0;
+	else if (kind_s && !strcmp(kind_s, "write"))
+		write = 1;
+	else {
+		reply_error("touch: expected read|write OFF LEN", EINVAL);
+		return;
+	}
+	unsigned long off, len;
+	if (parse_range("touch", off_s, len_s, &off, &len))
+		return;
+	if (write) {
+		write_pages(off, len, WRITTEN);
+	} else {
+		for (unsigned long o = off; o < off + len; o += PAGE)
+			(void)*(volatile char *)(region + o);
+	}
+	struct buf b = reply_ok();
+	drain_faults(&b);
+	reply(&b);
+}
+
+static void cmd_verify(char *off_s, char *len_s)
+{
+	unsigned long off, len;
+	if (parse_range("verify", off_s, len_s, &off, &len))
+		return;
+	uint8_t *bad = calloc(npages, 1);
+	if (!bad) {
+		reply_error("verify: calloc", ENOMEM);
+		return;
+	}
+	for (size_t idx = off / PAGE; idx < (off + len) / PAGE; idx++) {
+		uint64_t want = pattern_word(idx, __atomic_load_n(&expected[idx], __ATOMIC_ACQUIRE));
+		const volatile uint64_t *p = (const volatile uint64_t *)(region + idx * PAGE);
+		for (size_t i = 0; i < WORDS; i++) {
+			if (p[i] != want) {
+				bad[idx] = 1;
+				break;
+			}
+		}
+	}
+	struct buf b = reply_ok();
+	buf_index_list(&b, "mismatch", bad, npages, 0);
+	free(bad);
+	drain_faults(&b);
+	reply(&b);
+}
+
+int main(void)
+{
+	parent_pid = getppid();
+	char *line = NULL;
+	size_t cap = 0;
+	ssize_t n;
+	while ((n = getline(&line, &cap, stdin)) >= 0) {
+		char *save = NULL;
+		char *argv[6] = {0};
+		int argc = 0;
+		for (char *t = strtok_r(line, " \t\r\n", &save); t; t = strtok_r(NULL, " \t\r\n", &save)) {
+			if (argc < 6)
+				argv[argc] = t;
+			argc++;
+		}
+		const char *c = argv[0] ? argv[0] : "";
+		if (!strcmp(c, "quit")) {
+			struct buf b = reply_ok();
+			reply(&b);
+			free(line);
+			return 0;
+		} else if (!strcmp(c, "map") && argc == 2) {
+			cmd_map(argv[1]);
+		} else if (!strcmp(c, "madvise") && argc == 4) {
+			cmd_madvise(argv[1], argv[2], argv[3]);
+		} else if (!strcmp(c, "place") && argc == 3) {
+			cmd_place(argv[1], argv[2]);
+		} else if (!strcmp(c, "register") && argc == 2) {
+			cmd_register(argv[1]);
+		} else if (!strcmp(c, "wp") && argc == 4) {
+			cmd_wp(argv[1], argv[2], argv[3]);
+		} else if (!strcmp(c, "touch") && argc == 4) {
+			cmd_touch(argv[1], argv[2], argv[3]);
+		} else if (!strcmp(c, "verify") && argc == 3) {
+			cmd_verify(argv[1], argv[2]);
+		} else {
+			char what[160];
+			snprintf(what, sizeof(what), "unknown command or wrong argument count: '%.100s' (%d args)", c,
+				 argc - (argc > 0));
+			reply_error(what, EINVAL);
+		}
+	}
+	free(line);
+	return 0;
+}

@@ -1,0 +1,102 @@
+"""Synthetic userfaultfd sequences: QEMU's postcopy destination and background snapshot, without QEMU.
+
+Each cell places registration and the shrink at chosen points; the oracle judges every 4 KiB page.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from suite import pagemap
+from suite import scenario as sc
+from suite.thp import ThpSettings
+
+pytestmark = pytest.mark.host
+
+THP_SETTINGS = [ThpSettings(max_ptes_none=409), ThpSettings(max_ptes_none=511)]
+POINTS = sc.POSTCOPY_POINTS
+POSTCOPY_CELLS = (
+    [(r, s) for r, s in itertools.product(POINTS, POINTS)]
+    + [("after-shrink", s) for s in POINTS]
+    + [(r, "after-register") for r in POINTS]
+)
+
+
+def split_expected(scenario: sc.Scenario, thp_settings: ThpSettings, register_at: str, shrink_at: str) -> bool:
+    """Should this cell's shrink split THPs? Not when no THP exists yet or registration preceded the first
+    fault (then UFFDIO_COPY places 4 KiB pages), nor when the knobs disable underused splits."""
+    shrink_point = register_at if shrink_at == "after-register" else shrink_at
+    return (thp_settings.max_ptes_none is not None and thp_settings.max_ptes_none < 511
+            and shrink_point != "before-first-fault" and register_at != "before-first-fault")
+
+
+@pytest.mark.parametrize("thp_settings", THP_SETTINGS, ids=lambda t: t.id)
+@pytest.mark.parametrize(("register_at", "shrink_at"), POSTCOPY_CELLS,
+                         ids=[f"register@{r}-shrink@{s}" for r, s in POSTCOPY_CELLS])
+def test_postcopy_style(target, check_verdict, register_at, shrink_at, thp_settings):
+    """No placed page may turn into a hole, and no placed page may raise a MISSING fault."""
+    scenario = sc.postcopy_style(register_at, shrink_at, thp=thp_settings)
+    verdict = target.run(scenario)
+    check_verdict(verdict)
+    expected = split_expected(scenario, thp_settings, register_at, shrink_at)
+    assert verdict.split_expected == expected, (
+        f"cell was to {'split' if expected else 'not split'} THPs: {verdict.summary()}")
+
+
+@pytest.mark.parametrize("thp_settings", THP_SETTINGS, ids=lambda t: t.id)
+@pytest.mark.parametrize("shrink_at", sc.SNAPSHOT_SHRINK_POINTS, ids=lambda p: f"shrink@{p}")
+def test_snapshot_style(target, check_verdict, shrink_at, thp_settings):
+    """Every write to a write-protected page must trap, and no uffd-wp bit may be lost across the split."""
+    verdict = target.run(sc.snapshot_style(shrink_at, thp=thp_settings))
+    check_verdict(verdict)
+    assert verdict.split_expected == (thp_settings.max_ptes_none < 511), verdict.summary()
+
+
+@pytest.mark.parametrize("thp_settings", THP_SETTINGS[:1], ids=lambda t: t.id)
+def test_snapshot_style_soft_dirty(target, check_verdict, thp_settings):
+    """Soft-dirty bits reported before the split must still be reported after it."""
+    if not pagemap.soft_dirty_supported():
+        pytest.skip("kernel lacks CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 is never set")
+    verdict = target.run(sc.soft_dirty_style(thp=thp_settings))
+    check_verdict(verdict)
+    assert verdict.split_expected, verdict.summary()
+
+
+def _sabotaged(scenario: sc.Scenario, base: int) -> list[int]:
+    return [base + int(i) * pagemap.PAGE for i in np.nonzero(scenario.selector("sabotage"))[0]]
+
+
+def _findings(verdict, kind: str):
+    return [f for f in verdict.findings if f.kind == kind]
+
+
+def test_negative_control_holes(target):
+    """Holes punched into placed zero subpages must be named exactly: as holes, then as MISSING faults."""
+    scenario = sc.postcopy_style("after-discard", "after-place", sabotage=True)
+    verdict = target.run(scenario)
+    assert not verdict.ok, "the oracle missed holes punched on purpose"
+    holes, faults = _findings(verdict, "hole"), _findings(verdict, "missing-fault")
+    assert [f.phase for f in holes] == ["sabotage-punch(sabotage)"], verdict.failure_message()
+    assert [f.phase for f in faults] == ["touch(read)"], verdict.failure_message()
+    base = holes[0].addresses[0] - int(np.nonzero(scenario.selector("sabotage"))[0][0]) * pagemap.PAGE
+    assert holes[0].addresses == faults[0].addresses == _sabotaged(scenario, base)
+    assert {f.kind for f in verdict.findings} <= {"hole", "missing-fault", "lost-soft-dirty"}
+    assert "sabotage-punch(sabotage)] 5 placed pages became pte_none holes (first va 0x" in verdict.failure_message()
+
+
+def test_negative_control_unprotect(target):
+    """Pages un-protected behind the model's back must be named exactly: writes went through untrapped."""
+    scenario = sc.snapshot_style("after-protect", sabotage=True)
+    verdict = target.run(scenario)
+    assert not verdict.ok, "the oracle missed pages un-protected on purpose"
+    untrapped = _findings(verdict, "no-wp-fault")
+    assert [f.phase for f in untrapped] == ["touch(write, zero)"], verdict.failure_message()
+    idx = np.nonzero(scenario.selector("sabotage"))[0]
+    base = untrapped[0].addresses[0] - int(idx[0]) * pagemap.PAGE
+    assert untrapped[0].addresses == _sabotaged(scenario, base)
+    lost = _findings(verdict, "lost-uffd-wp")
+    if any(p.counts["uffd_wp"] for p in verdict.phases):  # the kernel reports bit 57: the oracle must see it go
+        assert [f.addresses for f in lost] == [untrapped[0].addresses], verdict.failure_message()
+    assert {f.kind for f in verdict.findings} <= {"no-wp-fault", "lost-uffd-wp"}
