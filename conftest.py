@@ -95,15 +95,38 @@ def target(kernel_spec: KernelSpec, target_options: TargetOptions, request: pyte
     return t
 
 
+MIN_QEMU = (7, 1, 0)  # postcopy + background snapshot + pause-before-switchover as this suite drives them
+
+
+@pytest.fixture(scope="session")
+def qemu(target_options: TargetOptions) -> str:
+    """The QEMU the real-migration scenarios run; an unusable or too old one stops the session with one line."""
+    from suite.machine import qemu_version
+
+    try:
+        version = qemu_version(target_options.qemu)
+    except SetupError as exc:
+        pytest.exit(f"holecheck: {exc}", returncode=4)
+    if version < MIN_QEMU:
+        pytest.exit(f"holecheck: {target_options.qemu} is QEMU {'.'.join(map(str, version))}; "
+                    f"holecheck needs >= {'.'.join(map(str, MIN_QEMU))}", returncode=4)
+    return target_options.qemu
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _leave_machine_as_found() -> Iterator[None]:
     """Belt and braces over the per-scenario context managers: THP knobs and cgroups as found."""
-    saved = thp.current() if thp.SYSFS.exists() else {}
+    if not thp.SYSFS.exists():
+        yield
+        return
+    with thp.exclusive():  # under the lock: no other run's scenario has the knobs changed right now
+        saved = thp.current()
     for stale in memcg.leftovers():
         with contextlib.suppress(OSError):
             stale.rmdir()
     yield
-    thp.restore(saved)
+    with thp.exclusive():
+        thp.restore(saved)
     for left in memcg.leftovers():
         with contextlib.suppress(OSError):
             left.rmdir()

@@ -6,6 +6,8 @@ missing after. All vectorised over the per-page arrays of ``pagemap.PageStates``
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from .pagemap import PageStates
@@ -36,3 +38,10 @@ def thp_chunks(states: PageStates) -> int:
 
 def addresses(states: PageStates, indices: np.ndarray) -> list[int]:
     return [states.start + int(i) * 4096 for i in indices]
+
+
+def runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(first page, page count) of each run of True in ``mask``."""
+    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    for lo, hi in zip(np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0], strict=True):
+        yield int(lo), int(hi - lo)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import memcg, oracle, pagemap, shrinker, thp
+from . import memcg, oracle, pagemap, qemu_runner, shrinker, thp
 from .errors import StallError
+from .oracle import runs
 from .pagemap import PAGE, PageStates
 from .scenario import OPS, Scenario, Step
 from .uffd import Faults, UffdHelper
@@ -29,15 +30,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunOptions:
     trigger: str | None = None  # overrides the scenario's shrinker trigger
-    timeout: float = 10.0  # per helper command: longer means a stall
+    timeout: float = 10.0  # per helper command / destination read: longer means a stall
     artifacts: Path | None = None
-
-
-def runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
-    """(first page, page count) of each run of True in ``mask``."""
-    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
-    for lo, hi in zip(np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0], strict=True):
-        yield int(lo), int(hi - lo)
+    qemu: str = "qemu-system-x86_64"  # for the real-QEMU kinds
+    accel: str = "auto"
 
 
 @contextlib.contextmanager
@@ -50,7 +46,11 @@ def _scope(trigger: str) -> Iterator[memcg.Memcg | None]:
 
 
 def run(scenario: Scenario, options: RunOptions | None = None) -> Verdict:
+    """Run any scenario where this process runs (the host, or the agent inside L1)."""
     opts = options or RunOptions()
+    if not scenario.synthetic:
+        return qemu_runner.run(scenario, qemu_runner.QemuOptions(
+            qemu=opts.qemu, accel=opts.accel, trigger=opts.trigger, timeout=opts.timeout, artifacts=opts.artifacts))
     trigger = opts.trigger or scenario.trigger
     verdict = Verdict(scenario=f"{scenario.kind}[{scenario.name}-{scenario.thp.id}-{scenario.fill.id}]",
                       kernel=os.uname().release)
@@ -154,6 +154,7 @@ class SyntheticRun:
         raise AssertionError(f"op {op} has no implementation")
 
     def shrink(self, step: Step) -> None:
+        thp.verify(self.s.thp)
         before = self.snapshot(with_thp=True)
         result = shrinker.fire(self.trigger, self.cg)
         after = self.snapshot(with_thp=True)
@@ -172,8 +173,8 @@ class SyntheticRun:
             return
         self.v.split_expected = True
         if thp_after >= thp_before:
-            self.v.findings.append(Finding.of(
-                "no-split", step.phase, [],
+            self.v.findings.append(Finding(
+                "no-split", step.phase, thp_after,
                 detail=f"{thp_before} underused THPs before, {thp_after} after {result.trigger} "
                        f"(thp_underused_split_page +{result.underused_splits})"))
 

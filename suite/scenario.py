@@ -29,7 +29,22 @@ OPS: dict[str, bool] = {
     "sabotage-punch": True,  # MADV_DONTNEED on placed pages (a re-created hole)
     "sabotage-unprotect": True,  # UFFDIO_WRITEPROTECT mode 0 (a re-created lost uffd-wp bit)
 }
-SELECTORS = ("all", "data", "zero", "discard", "sabotage")
+# Real-QEMU kinds: a phase op advances the migration to that phase; an action op acts where the migration is.
+POSTCOPY_PHASES = ("before-migrate", "mid-precopy", "precopy-done", "pre-switchover", "nohugepage-window",
+                   "postcopy-running", "completed")
+SNAPSHOT_PHASES = ("before-snapshot", "snapshot-running", "snapshot-done", "restored")
+ACTIONS = {
+    "shrink": "fire the shrinker; arg: src, dst or both (each side in its own memcg)",
+    "read-received": "bounded qtest reads of every page the destination has received (a stuck read is a stall)",
+    "write": "qtest writes of the selected pages on the source (arg: src) while the migration runs",
+}
+KIND_OPS: dict[str, frozenset[str]] = {
+    "postcopy-style": frozenset(OPS),
+    "snapshot-style": frozenset(OPS),
+    "postcopy": frozenset(POSTCOPY_PHASES) | frozenset(ACTIONS),
+    "snapshot": frozenset(SNAPSHOT_PHASES) | frozenset(ACTIONS),
+}
+SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage")
 
 
 @dataclass(frozen=True)
@@ -40,7 +55,7 @@ class Step:
     label: str = ""  # phase name in verdicts; defaults to op(arg)
 
     def __post_init__(self) -> None:
-        if self.op not in OPS:
+        if not any(self.op in ops for ops in KIND_OPS.values()):
             raise ValueError(f"unknown step op {self.op!r}")
         if self.pages not in SELECTORS:
             raise ValueError(f"unknown page selector {self.pages!r}")
@@ -85,9 +100,19 @@ class Scenario:
     thp: ThpSettings = field(default_factory=ThpSettings)
     trigger: str = "auto"  # shrinker trigger: auto (memcg-scoped where possible), memcg, drop_caches
 
+    def __post_init__(self) -> None:
+        if self.kind not in KIND_OPS:
+            raise ValueError(f"unknown scenario kind {self.kind!r} (one of {', '.join(KIND_OPS)})")
+        if bad := [st.op for st in self.steps if st.op not in KIND_OPS[self.kind]]:
+            raise ValueError(f"{self.kind} scenario cannot have steps {', '.join(bad)}")
+
     @property
     def npages(self) -> int:
         return self.size_mib * 256
+
+    @property
+    def synthetic(self) -> bool:
+        return self.kind.endswith("-style")
 
     def selector(self, name: str) -> np.ndarray:
         """Bool mask over the region's pages for a page selector."""
@@ -99,6 +124,8 @@ class Scenario:
             return data
         if name == "zero":
             return ~data
+        if name == "zero-some":  # every 8th subpage where it is zero-filled: written, THPs stay underused
+            return ~data & (np.arange(n) % 8 == 4)
         chunk = np.arange(n) // PAGES_PER_THP
         sub = np.arange(n) % PAGES_PER_THP
         if name == "discard":  # QEMU discards re-dirtied ranges: the first 64 subpages of every 4th chunk
@@ -193,3 +220,40 @@ def soft_dirty_style(*, fill: Fill | None = None, thp: ThpSettings | None = None
 
 def with_thp(scenario: Scenario, thp: ThpSettings) -> Scenario:
     return replace(scenario, thp=thp)
+
+
+def postcopy(shrink_at: str, *, side: str = "both", fill: Fill | None = None, thp: ThpSettings | None = None,
+             size_mib: int = 256) -> Scenario:
+    """A real QEMU postcopy migration walked through every phase, the shrinker fired at ``shrink_at``; the
+    destination's received pages are read (bounded) while postcopy runs, and compared with the source at the end."""
+    if shrink_at not in POSTCOPY_PHASES:
+        raise ValueError(f"unknown postcopy phase {shrink_at!r} (one of {', '.join(POSTCOPY_PHASES)})")
+    steps: list[Step] = []
+    for phase in POSTCOPY_PHASES:
+        steps.append(Step(phase))
+        if phase == shrink_at:
+            steps.append(Step("shrink", side, label=f"shrink@{phase}"))
+        if phase == "postcopy-running":
+            steps.append(Step("read-received"))
+    return Scenario(name=f"shrink@{shrink_at}", kind="postcopy", steps=tuple(steps), size_mib=size_mib,
+                    fill=fill or Fill(), thp=thp or ThpSettings())
+
+
+def snapshot(shrink_at: str = "snapshot-running", *, fill: Fill | None = None, thp: ThpSettings | None = None,
+             size_mib: int = 256) -> Scenario:
+    """A real QEMU background snapshot: shrink at ``shrink_at``, write zero-filled and data subpages while it
+    runs, restore into a fresh QEMU and compare with the content at snapshot start.
+
+    Only every 8th zero-filled subpage is written, so the THPs stay underused for a shrink after the writes; the
+    oracle still checks the uffd-wp bit of every page across the shrink."""
+    if shrink_at not in SNAPSHOT_PHASES[:-1]:
+        raise ValueError(f"unknown snapshot phase {shrink_at!r} (one of {', '.join(SNAPSHOT_PHASES[:-1])})")
+    steps: list[Step] = []
+    for phase in SNAPSHOT_PHASES:
+        steps.append(Step(phase))
+        if phase == shrink_at:
+            steps.append(Step("shrink", "src", label=f"shrink@{phase}"))
+        if phase == "snapshot-running":
+            steps += [Step("write", "src", pages="zero-some"), Step("write", "src", pages="data")]
+    return Scenario(name=f"shrink@{shrink_at}", kind="snapshot", steps=tuple(steps), size_mib=size_mib,
+                    fill=fill or Fill(), thp=thp or ThpSettings())

@@ -49,7 +49,8 @@ class HostTarget:
         return os.uname().release
 
     def run(self, scenario: Scenario, artifacts: Path | None = None) -> Verdict:
-        opts = runner.RunOptions(trigger=self.options.trigger, timeout=self.options.timeout, artifacts=artifacts)
+        opts = runner.RunOptions(trigger=self.options.trigger, timeout=self.options.timeout, artifacts=artifacts,
+                                 qemu=self.options.qemu, accel=self.options.accel)
         return runner.run(scenario, opts)
 
     def close(self) -> None:

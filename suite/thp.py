@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SetupError
+from .errors import HolecheckError, SetupError
+from .waits import wait_for
 
 log = logging.getLogger(__name__)
 SYSFS = Path("/sys/kernel/mm/transparent_hugepage")
@@ -17,7 +20,9 @@ KNOBS = {
     "max_ptes_none": SYSFS / "khugepaged" / "max_ptes_none",
     "shrink_underused": SYSFS / "shrink_underused",
 }
-NO_SPLIT_MAX_PTES_NONE = 511  # thp_underused() returns false early at 511: the shrinker never splits
+NO_SPLIT_MAX_PTES_NONE = 511
+LOCK = "/run/lock/holecheck-thp.lock"  # the knobs are host-wide: one holecheck scenario at a time sets them
+LOCK_TIMEOUT = 900.0  # thp_underused() returns false early at 511: the shrinker never splits
 
 
 @dataclass(frozen=True)
@@ -63,10 +68,52 @@ def _write(name: str, value: str) -> None:
 
 
 @contextlib.contextmanager
+def exclusive() -> Iterator[None]:
+    """Hold the host-wide knob lock: a second holecheck run on this kernel waits instead of changing the knobs
+    under the first one's scenario (and restoring them mid-way)."""
+    os.makedirs(os.path.dirname(LOCK), exist_ok=True)
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        def take() -> str:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f"held by pid {os.pread(fd, 32, 0).decode().strip() or '?'}"
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            return ""
+
+        wait_for(take, lambda held_by: not held_by, timeout=LOCK_TIMEOUT, interval=0.1, max_interval=1.0,
+                 what=f"the THP knob lock {LOCK} (another holecheck run is using this kernel)")
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
 def applied(settings: ThpSettings) -> Iterator[dict[str, str]]:
-    """Apply ``settings``; yield the knobs as now in force; restore every knob found, even on error."""
+    """Apply ``settings`` under the knob lock; yield the knobs as now in force; restore every knob found, even
+    on error."""
     if not KNOBS["enabled"].exists():
         raise SetupError("kernel has no transparent hugepages (CONFIG_TRANSPARENT_HUGEPAGE=n)")
+    with exclusive(), _applied(settings) as knobs:
+        yield knobs
+
+
+def verify(settings: ThpSettings) -> None:
+    """The knobs are still what the scenario set (a process outside holecheck may have changed them)."""
+    now = current()
+    for name in KNOBS:
+        want = getattr(settings, name)
+        if want is None or name not in now:
+            continue
+        want = str(int(want)) if isinstance(want, bool) else str(want)
+        if now[name] != want:
+            raise HolecheckError(f"THP {name} changed under the scenario: it is {now[name]}, the scenario set {want}")
+
+
+@contextlib.contextmanager
+def _applied(settings: ThpSettings) -> Iterator[dict[str, str]]:
     saved = current()
     try:
         for name in KNOBS:

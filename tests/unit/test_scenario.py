@@ -7,7 +7,7 @@ import pytest
 from suite import scenario as sc
 from suite.errors import SetupError
 from suite.kernelspec import KernelSpec, parse, parse_many
-from suite.runner import runs
+from suite.oracle import runs
 from suite.verdict import Finding, PhaseRecord, Verdict
 
 

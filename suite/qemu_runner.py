@@ -1,0 +1,456 @@
+"""Runs a real-QEMU scenario (postcopy migration or background snapshot) and judges every guest page.
+
+Phases are walked in order; a phase step advances the migration to that point and holds it there (throttles,
+pause-before-switchover, strace on the destination's uffd creation), an action step acts where it is held.
+After every step the oracle snapshots the side under test, so a finding names the first phase it showed at.
+Addresses in findings are guest-physical (the RAM block starts at gpa 0 on ``pc``).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import memcg, migration, pagemap, shrinker, thp
+from .errors import HolecheckError, StallError
+from .machine import MachineConfig, RamMachine
+from .memreader import MemReader
+from .oracle import runs
+from .pagemap import PAGE, PAGES_PER_THP, PageStates
+from .procs import descendants, signal_all
+from .scenario import Scenario, Step
+from .verdict import Finding, PhaseRecord, Verdict
+from .waits import wait_for
+
+log = logging.getLogger(__name__)
+
+LOW_CHUNKS = 1  # gpa < 2 MiB: ROM/BIOS shadows below 1 MiB and the dirtier's pages; never filled with data
+DIRTIER_GPA = 0x100000  # the dirtier rewrites this MiB: far more pending RAM than a 1 ms downtime can take
+DIRTIER_PAGES = 256
+STAMP = 0x484F4C45_00000000  # "HOLE" | page index: every data page is unique
+MIB = 1 << 20
+HOLD = 60.0  # strace holds the destination's uffd creation at most this long (released earlier by the driver)
+
+
+@dataclass
+class QemuOptions:
+    qemu: str = "qemu-system-x86_64"
+    accel: str = "auto"
+    trigger: str | None = None
+    timeout: float = 10.0  # a destination read or QMP wait longer than this is a stall
+    artifacts: Path | None = None
+    snapshot_rate: int = 4 * MIB  # bytes/s of the background snapshot's stream
+
+
+@dataclass
+class Side:
+    """One QEMU and what the oracle knows about its RAM."""
+
+    name: str
+    machine: RamMachine
+    cg: memcg.Memcg | None
+    placed: np.ndarray  # known placed: present at some snapshot, not a page that is meant to change
+    reported_holes: np.ndarray
+    last: PageStates | None = None
+
+    def snapshot(self, with_thp: bool = False) -> PageStates:
+        start, size = self.machine.ram_mapping()
+        self.last = pagemap.snapshot(self.machine.pid, start, size, with_thp=with_thp)
+        return self.last
+
+
+@dataclass
+class Dirtier:
+    """Keeps a few source pages dirty through qtest, so precopy never converges while it is held open."""
+
+    machine: RamMachine
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    error: str = ""
+
+    def start(self) -> None:
+        def loop() -> None:
+            n = 0
+            while not self.stop.is_set():
+                try:
+                    self.machine.qtest.memset(DIRTIER_GPA, DIRTIER_PAGES * PAGE, n % 255 + 1, timeout=5.0)
+                except HolecheckError as exc:
+                    self.error = str(exc)
+                    return
+                n += 1
+                self.stop.wait(0.001)
+
+        self.thread = threading.Thread(target=loop, name="holecheck-dirtier", daemon=True)
+        self.thread.start()
+
+    def halt(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+
+class Aborted(Exception):
+    """A stall was recorded; nothing after it can be trusted."""
+
+
+class MigrationRun:
+    def __init__(self, scenario: Scenario, opts: QemuOptions, verdict: Verdict, stack: contextlib.ExitStack,
+                 workdir: Path) -> None:
+        self.s, self.opts, self.v, self.stack, self.workdir = scenario, opts, verdict, stack, workdir
+        self.trigger = opts.trigger or scenario.trigger
+        self.sides: dict[str, Side] = {}
+        n = scenario.npages
+        self.volatile = np.zeros(n, dtype=bool)  # pages the driver itself keeps changing
+        first = DIRTIER_GPA // PAGE
+        self.volatile[first : first + DIRTIER_PAGES] = True
+        self.data = scenario.selector("data") & (np.arange(n) >= LOW_CHUNKS * PAGES_PER_THP)
+
+    # --- machines ------------------------------------------------------------------------------------------
+
+    def start_side(self, name: str, incoming: bool) -> Side:
+        cg = None
+        if self.trigger != "drop_caches" and memcg.available() is not None:
+            cg = self.stack.enter_context(memcg.scope(name))
+        config = MachineConfig(mem_mib=self.s.size_mib, accel=self.opts.accel, qemu=self.opts.qemu,
+                               incoming=incoming)
+        machine = self.stack.enter_context(RamMachine(config, name=name, argv_prefix=cg.wrap if cg else None))
+        self.v.qemu = machine.version
+        self.stack.callback(self.save_machine_artifacts, machine)
+        n = self.s.npages
+        side = Side(name, machine, cg, np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))
+        self.sides[name] = side
+        return side
+
+    def save_machine_artifacts(self, machine: RamMachine) -> None:
+        if self.opts.artifacts is None or self.v.ok:
+            return
+        with contextlib.suppress(OSError):
+            machine.transcript.write(self.opts.artifacts / f"qmp-{machine.name}.txt")
+            (self.opts.artifacts / f"stderr-{machine.name}.txt").write_text(machine.stderr_text())
+
+    def fill(self, side: Side) -> None:
+        """Data into the selected subpages of every chunk (above the low chunk), through QEMU's own qtest."""
+        q = side.machine.qtest
+        for i in np.nonzero(self.data)[0]:
+            q.write(int(i) * PAGE, np.full(PAGE // 8, STAMP | int(i), dtype="<u8").tobytes())
+
+    # --- the oracle ----------------------------------------------------------------------------------------
+
+    def observe(self, side: Side, step: Step, with_thp: bool = False) -> PageStates:
+        """Snapshot ``side``; new holes among its placed pages are findings; then present pages count as placed."""
+        states = side.snapshot(with_thp)
+        holes = side.placed & states.hole & ~side.reported_holes & ~self.volatile
+        side.reported_holes |= holes
+        self.report("hole", step, np.nonzero(holes)[0], f"{side.name} RAM")
+        side.placed |= states.present & ~self.volatile
+        return states
+
+    def report(self, kind: str, step: Step, indices: np.ndarray | list[int], detail: str = "") -> None:
+        if len(indices):
+            self.v.findings.append(Finding.of(kind, step.phase, [int(i) * PAGE for i in indices], "gpa", detail))
+
+    def record(self, step: Step, states: PageStates, t0: float) -> None:
+        self.v.phases.append(PhaseRecord(step.phase, states.counts(), round(time.monotonic() - t0, 4)))
+
+    def shrink(self, step: Step, sides: list[Side]) -> None:
+        thp.verify(self.s.thp)
+        support = thp.ShrinkerSupport.now()
+        for side in sides:
+            before = side.snapshot(with_thp=True)
+            result = shrinker.fire(self.trigger, side.cg)
+            after = self.observe(side, step, with_thp=True)
+            assert before.thp is not None and after.thp is not None
+            thp_before, thp_after = int(before.thp.sum()) // 512, int(after.thp.sum()) // 512
+            reason = support.no_split_reason(self.s.fill.data_per_thp)
+            if not reason and thp_before == 0:
+                reason = f"no THP was mapped in the {side.name} RAM"
+            self.v.shrinks.append({"phase": step.phase, "side": side.name, "trigger": result.trigger,
+                                   "seconds": round(result.seconds, 4), "thp_before": thp_before,
+                                   "thp_after": thp_after, "vmstat": result.vmstat_delta,
+                                   "split_expected": not reason, "no_split_reason": reason})
+            lost = before.uffd_wp & ~after.uffd_wp
+            self.report("lost-uffd-wp", step, np.nonzero(lost)[0], f"{side.name} RAM")
+            self.report("lost-soft-dirty", step, np.nonzero(before.soft_dirty & ~after.soft_dirty)[0],
+                        f"{side.name} RAM")
+            if reason:
+                self.v.no_split_reason = self.v.no_split_reason or f"{side.name}: {reason}"
+                continue
+            self.v.split_expected = True
+            if thp_after >= thp_before:
+                self.v.findings.append(Finding(
+                    "no-split", step.phase, thp_after, [], "gpa",
+                    f"{side.name}: {thp_before} THPs before, {thp_after} after {result.trigger} "
+                    f"(thp_underused_split_page +{result.underused_splits})"))
+
+    def compare(self, step: Step, a: RamMachine, expected: np.ndarray, what: str) -> None:
+        """Every page of ``a``'s RAM must equal ``expected`` (uint8 array of the whole RAM)."""
+        got = np.frombuffer(a.read_ram(0, self.s.npages * PAGE), dtype=np.uint8)
+        bad = np.nonzero((got.reshape(-1, PAGE) != expected.reshape(-1, PAGE)).any(axis=1))[0]
+        self.report("content", step, bad, what)
+
+    def save_page_states(self) -> None:
+        if self.opts.artifacts is None or self.v.ok:
+            return
+        for side in self.sides.values():
+            if side.last is not None:
+                np.savez_compressed(self.opts.artifacts / f"pagemap-{side.name}.npz", raw=side.last.raw,
+                                    start=side.last.start, zero_small=side.last.zero_pfns.small,
+                                    zero_huge=side.last.zero_pfns.huge, placed=side.placed)
+
+
+# --- postcopy --------------------------------------------------------------------------------------------------
+
+class PostcopyRun(MigrationRun):
+    """Source → destination over a unix socket; the destination is the side under test."""
+
+    def execute(self) -> None:
+        self.hold: migration.HoldUffdRegistration | None = None
+        self.dirtier: Dirtier | None = None
+        try:
+            for step in self.s.steps:
+                t0 = time.monotonic()
+                getattr(self, "phase_" + step.op.replace("-", "_"))(step)
+                if self.dst.last is not None:
+                    self.record(step, self.dst.last, t0)
+            self.final_compare()
+        except Aborted:
+            pass
+        finally:
+            if self.dirtier:
+                self.dirtier.halt()
+            if self.hold:
+                self.hold.release()
+            self.save_page_states()
+
+    def query(self, machine: RamMachine) -> dict:
+        return migration.query(machine, timeout=self.opts.timeout)
+
+    def ram_stats(self) -> dict:
+        return self.query(self.src.machine).get("ram", {})
+
+    def stalled(self, step: Step, exc: Exception, indices: list[int] | None = None, detail: str = "") -> Aborted:
+        requests = "?"
+        with contextlib.suppress(HolecheckError):
+            requests = str(self.ram_stats().get("postcopy-requests", "?"))
+        text = f"{exc}; source postcopy-requests={requests}" + (f"; {detail}" if detail else "")
+        self.v.findings.append(Finding.of("stall", step.phase, [i * PAGE for i in indices or []], "gpa", text))
+        return Aborted()
+
+    # phases
+
+    def phase_before_migrate(self, step: Step) -> None:
+        self.src = self.start_side("src", incoming=False)
+        self.dst = self.start_side("dst", incoming=True)
+        self.fill(self.src)
+        migration.set_capabilities(self.src.machine, postcopy_ram=True, pause_before_switchover=True)
+        migration.set_capabilities(self.dst.machine, postcopy_ram=True)
+        # precopy completes once pending RAM fits into downtime × bandwidth; the dirtier keeps 1 MiB pending
+        migration.set_parameters(self.src.machine, max_bandwidth=8 * MIB, downtime_limit=1,
+                                 max_postcopy_bandwidth=4096)
+        migration.start_incoming(self.dst.machine, migration.migration_uri(self.dst.machine))
+        self.observe(self.src, step)
+        self.observe(self.dst, step)
+
+    def phase_mid_precopy(self, step: Step) -> None:
+        migration.start_migrate(self.src.machine, migration.migration_uri(self.dst.machine))
+        total = self.s.npages * PAGE
+        self.wait_ram(lambda r: 0 < r.get("remaining", total) <= total // 2, "half of RAM sent")
+        migration.set_parameters(self.src.machine, max_bandwidth=1024)  # hold here
+        self.observe(self.dst, step)
+
+    def phase_precopy_done(self, step: Step) -> None:
+        self.dirtier = Dirtier(self.src.machine)
+        self.dirtier.start()
+        # not faster: QEMU's bandwidth estimate spikes after a throttle is lifted, and at 64 MiB/s it then thinks
+        # the dirtier's 1 MiB fits into 1 ms of downtime (converged in 2 of 4 runs; 0 of 4 at 8 MiB/s)
+        migration.set_parameters(self.src.machine, max_bandwidth=8 * MIB)
+        self.wait_ram(lambda r: r.get("dirty-sync-count", 0) >= 2, "the first full pass (dirty-sync-count >= 2)")
+        migration.set_parameters(self.src.machine, max_bandwidth=1024)  # hold: the dirtier keeps pages pending
+        self.observe(self.dst, step)
+
+    def phase_pre_switchover(self, step: Step) -> None:
+        self.hold = migration.HoldUffdRegistration(self.dst.machine, hold=HOLD)
+        self.hold.attach()
+        assert self.dirtier is not None
+        self.dirtier.halt()
+        if self.dirtier.error:
+            raise HolecheckError(f"dirtier failed: {self.dirtier.error}")
+        migration.start_postcopy(self.src.machine)
+        migration.wait_status(self.src.machine, {"pre-switchover"}, timeout=self.opts.timeout)
+        self.observe(self.dst, step)
+
+    def phase_nohugepage_window(self, step: Step) -> None:
+        migration.set_parameters(self.src.machine, max_bandwidth=64 * MIB)
+        self.src.machine.qmp("migrate-continue", state="pre-switchover")
+        assert self.hold is not None
+        self.hold.wait_open(timeout=self.opts.timeout)
+        self.observe(self.dst, step)
+
+    def phase_postcopy_running(self, step: Step) -> None:
+        assert self.hold is not None
+        self.hold.release()
+        migration.wait_ram_flags(self.dst.machine, present={"um"}, timeout=self.opts.timeout)
+        migration.wait_status(self.src.machine, {"postcopy-active"}, timeout=self.opts.timeout)
+        self.observe(self.dst, step)
+
+    def phase_completed(self, step: Step) -> None:
+        migration.set_parameters(self.src.machine, max_postcopy_bandwidth=1 << 30)
+        migration.wait_status(self.src.machine, {"completed"}, timeout=30)
+        migration.wait_status(self.dst.machine, {"completed"}, timeout=30)
+        self.observe(self.dst, step)
+
+    # actions
+
+    def phase_shrink(self, step: Step) -> None:
+        sides = [self.sides[n] for n in (("src", "dst") if step.arg == "both" else (step.arg,)) if n in self.sides]
+        self.shrink(step, sides)
+
+    def phase_read_received(self, step: Step) -> None:
+        """Read every received page of the destination, each 2 MiB chunk bounded: a stuck read is a stall."""
+        start, _ = self.dst.machine.ram_mapping()
+        received = self.dst.placed
+        with MemReader(self.dst.machine.pid) as reader:
+            for chunk in range(self.s.npages // PAGES_PER_THP):
+                sel = np.nonzero(received[chunk * PAGES_PER_THP : (chunk + 1) * PAGES_PER_THP])[0]
+                if not sel.size:
+                    continue
+                lo, hi = int(sel[0]), int(sel[-1]) + 1
+                first = chunk * PAGES_PER_THP
+                try:
+                    reader.read(start + (first + lo) * PAGE, (hi - lo) * PAGE, self.opts.timeout)
+                except StallError as exc:
+                    reader.close()
+                    raise self.stalled(step, exc, *self.explain_stall(first + lo, first + hi)) from None
+        self.observe(self.dst, step)
+
+    def explain_stall(self, lo: int, hi: int) -> tuple[list[int], str]:
+        """Which received pages of the stuck range are holes, and does QEMU itself stall on the first one?"""
+        states = self.dst.snapshot()
+        holes = [i for i in range(lo, hi) if self.dst.placed[i] and states.hole[i]]
+        if not holes:
+            return [lo], "no received page in that range is a hole"
+        gpa = holes[0] * PAGE
+        try:
+            self.dst.machine.qtest.read(gpa, PAGE, timeout=2.0)
+            qtest = f"a qtest read of gpa {gpa:#x} returned"
+        except StallError:
+            qtest = f"QEMU's own read of gpa {gpa:#x} (qtest) stalled too"
+        return holes, (f"{len(holes)} received page(s) in that range are pte_none and QEMU will not re-request "
+                       f"them (they are in its received set); {qtest}")
+
+    def wait_ram(self, done, what: str) -> dict:
+        return wait_for(self.ram_stats, done, what=f"src: {what}", timeout=30, interval=0.005, max_interval=0.05)
+
+    def final_compare(self) -> None:
+        """After completion the destination must hold exactly the source's RAM."""
+        step = Step("completed", label="compare")
+        expected = np.frombuffer(self.src.machine.read_ram(0, self.s.npages * PAGE), dtype=np.uint8)
+        self.compare(step, self.dst.machine, expected, "destination differs from source")
+
+
+# --- background snapshot ---------------------------------------------------------------------------------------
+
+class SnapshotRun(MigrationRun):
+    """The source is the side under test: its RAM is write-protected with uffd-wp while the snapshot runs."""
+
+    def execute(self) -> None:
+        self.frozen: list[int] = []
+        try:
+            for step in self.s.steps:
+                t0 = time.monotonic()
+                getattr(self, "phase_" + step.op.replace("-", "_"))(step)
+                if self.src.last is not None:
+                    self.record(step, self.src.last, t0)
+        except Aborted:
+            pass
+        finally:
+            self.thaw()
+            self.save_page_states()
+
+    def freeze(self) -> None:
+        """Stop the stream's sink: QEMU's snapshot thread soon blocks on the pipe and un-protects nothing more,
+        so the uffd-wp bits before and after a shrink can be compared exactly."""
+        self.frozen = descendants(self.src.machine.pid)
+        signal_all(self.frozen, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        signal_all(self.frozen, signal.SIGCONT)
+        self.frozen = []
+
+    def phase_before_snapshot(self, step: Step) -> None:
+        self.src = self.start_side("src", incoming=False)
+        self.fill(self.src)
+        self.start_content = np.frombuffer(self.src.machine.read_ram(0, self.s.npages * PAGE), dtype=np.uint8)
+        self.observe(self.src, step)
+
+    def phase_snapshot_running(self, step: Step) -> None:
+        self.file = self.workdir / "snapshot.bin"
+        migration.start_snapshot(self.src.machine, self.file, self.opts.snapshot_rate)
+        migration.wait_ram_flags(self.src.machine, present={"uw"}, timeout=self.opts.timeout)
+        self.freeze()
+        # settled: QEMU's thread is blocked on the full pipe when two snapshots show the same uffd-wp bits
+        prev = [-1]
+
+        def wp_count() -> int:
+            n = int(self.src.snapshot().uffd_wp.sum())
+            same, prev[0] = n == prev[0], n
+            return n if same else -1
+
+        wait_for(wp_count, lambda n: n >= 0, what="src: the snapshot stream to stall on its stopped sink",
+                 timeout=self.opts.timeout, interval=0.02)
+        self.observe(self.src, step)
+
+    def phase_shrink(self, step: Step) -> None:
+        self.shrink(step, [self.src])
+
+    def phase_write(self, step: Step) -> None:
+        """Write the selected pages while the snapshot runs: each write must be trapped and the old content saved."""
+        self.thaw()
+        sel = self.s.selector(step.pages) & (np.arange(self.s.npages) >= LOW_CHUNKS * PAGES_PER_THP)
+        q = self.src.machine.qtest
+        for first, count in runs(sel):
+            try:
+                q.memset(first * PAGE, count * PAGE, 0x5A, timeout=self.opts.timeout)
+            except StallError as exc:
+                self.v.findings.append(Finding.of("stall", step.phase, [first * PAGE], "gpa", str(exc)))
+                raise Aborted() from None
+        self.observe(self.src, step)
+
+    def phase_snapshot_done(self, step: Step) -> None:
+        self.thaw()
+        migration.wait_status(self.src.machine, {"completed"}, timeout=60)
+        self.observe(self.src, step)
+
+    def phase_restored(self, step: Step) -> None:
+        dst = self.start_side("restore", incoming=True)
+        migration.restore(dst.machine, self.file, timeout=60)
+        self.compare(step, dst.machine, self.start_content, "restored RAM differs from RAM at snapshot start")
+
+
+# --- entry point -------------------------------------------------------------------------------------------------
+
+def run(scenario: Scenario, opts: QemuOptions) -> Verdict:
+    verdict = Verdict(scenario=f"{scenario.kind}[{scenario.name}-{scenario.thp.id}-{scenario.fill.id}]",
+                      kernel=os.uname().release)
+    t0 = time.monotonic()
+    cls = PostcopyRun if scenario.kind == "postcopy" else SnapshotRun
+    with thp.applied(scenario.thp), contextlib.ExitStack() as stack, _workdir() as workdir:
+        cls(scenario, opts, verdict, stack, workdir).execute()
+    verdict.seconds = round(time.monotonic() - t0, 3)
+    log.info("%s", verdict.summary())
+    return verdict
+
+
+@contextlib.contextmanager
+def _workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="holecheck-") as d:  # 0700: QEMU sockets and the snapshot live here
+        yield Path(d)

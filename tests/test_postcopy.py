@@ -1,0 +1,29 @@
+"""Real QEMU postcopy migrations, the shrinker fired at each phase (issue: the destination must never turn a
+received page into a hole, never stall on one, and end with exactly the source's RAM)."""
+from __future__ import annotations
+
+import pytest
+
+from suite import scenario as sc
+from suite.thp import ThpSettings
+
+pytestmark = [pytest.mark.host, pytest.mark.qemu]
+
+THP_SETTINGS = [ThpSettings(max_ptes_none=409), ThpSettings(max_ptes_none=511)]
+FILLS = [sc.Fill(8, "spread"), sc.Fill(64, "head")]
+DST_HAS_THPS = set(sc.POSTCOPY_PHASES[1:])  # from mid-precopy on, the destination holds received THPs
+
+
+@pytest.mark.parametrize("fill", FILLS, ids=lambda f: f.id)
+@pytest.mark.parametrize("thp_settings", THP_SETTINGS, ids=lambda t: t.id)
+@pytest.mark.parametrize("phase", sc.POSTCOPY_PHASES, ids=lambda p: f"shrink@{p}")
+def test_postcopy(target, qemu, check_verdict, phase, thp_settings, fill):
+    verdict = target.run(sc.postcopy(phase, fill=fill, thp=thp_settings))
+    check_verdict(verdict)
+    splits = {s["side"]: s for s in verdict.shrinks}
+    if thp_settings.max_ptes_none < 511:
+        side = "dst" if phase in DST_HAS_THPS else "src"
+        assert splits[side]["split_expected"] and splits[side]["thp_after"] < splits[side]["thp_before"], (
+            f"the shrink at {phase} was to split the {side}'s THPs: {verdict.summary()}")
+    else:
+        assert not verdict.split_expected and "max_ptes_none" in verdict.no_split_reason, verdict.summary()

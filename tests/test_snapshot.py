@@ -1,0 +1,26 @@
+"""Real QEMU background snapshots, the shrinker fired before, during and after (issue: the restored RAM must
+equal the RAM at snapshot start, and no uffd-wp bit may be lost across the split)."""
+from __future__ import annotations
+
+import pytest
+
+from suite import scenario as sc
+from suite.thp import ThpSettings
+
+pytestmark = [pytest.mark.host, pytest.mark.qemu]
+
+THP_SETTINGS = [ThpSettings(max_ptes_none=409), ThpSettings(max_ptes_none=511)]
+FILLS = [sc.Fill(8, "spread"), sc.Fill(64, "head")]
+
+
+@pytest.mark.parametrize("fill", FILLS, ids=lambda f: f.id)
+@pytest.mark.parametrize("thp_settings", THP_SETTINGS, ids=lambda t: t.id)
+@pytest.mark.parametrize("phase", sc.SNAPSHOT_PHASES[:-1], ids=lambda p: f"shrink@{p}")
+def test_snapshot(target, qemu, check_verdict, phase, thp_settings, fill):
+    verdict = target.run(sc.snapshot(phase, fill=fill, thp=thp_settings))
+    check_verdict(verdict)
+    (split,) = verdict.shrinks
+    if thp_settings.max_ptes_none < 511:
+        assert split["split_expected"] and split["thp_after"] < split["thp_before"], verdict.summary()
+    else:
+        assert not verdict.split_expected and "max_ptes_none" in verdict.no_split_reason, verdict.summary()
