@@ -36,6 +36,28 @@ def thp_chunks(states: PageStates) -> int:
     return int(states.thp[:n].reshape(-1, 512).all(axis=1).sum())
 
 
+def underused_thps(states: PageStates, nonzero: np.ndarray, max_ptes_none: int) -> int:
+    """THP-mapped chunks that the shrinker should split: more than ``max_ptes_none`` of their subpages are
+    zero-filled according to ``nonzero`` (the model's content; pagemap cannot see inside a THP)."""
+    if states.thp is None:
+        raise ValueError("snapshot taken without kpageflags (with_thp=False)")
+    n = states.npages // 512 * 512
+    thp = states.thp[:n].reshape(-1, 512).all(axis=1)
+    zero = 512 - nonzero[:n].reshape(-1, 512).sum(axis=1)
+    return int((thp & (zero > max_ptes_none)).sum())
+
+
+def split_expectation(before: PageStates, nonzero: np.ndarray, knobs_reason: str, max_ptes_none: int) -> str:
+    """Why no split is expected at this shrink ('' when one is)."""
+    if knobs_reason:
+        return knobs_reason
+    if before.thp is None or not before.thp.any():
+        return "no THP was mapped at the shrink"
+    if not underused_thps(before, nonzero, max_ptes_none):
+        return f"no mapped THP is underused (none has more than max_ptes_none {max_ptes_none} zero subpages)"
+    return ""
+
+
 def addresses(states: PageStates, indices: np.ndarray) -> list[int]:
     return [states.start + int(i) * 4096 for i in indices]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import memcg, migration, pagemap, shrinker, thp
+from . import memcg, migration, oracle, pagemap, shrinker, thp
 from .errors import HolecheckError, StallError
 from .machine import MachineConfig, RamMachine
 from .memreader import MemReader
@@ -113,6 +113,8 @@ class MigrationRun:
         first = DIRTIER_GPA // PAGE
         self.volatile[first : first + DIRTIER_PAGES] = True
         self.data = scenario.selector("data") & (np.arange(n) >= LOW_CHUNKS * PAGES_PER_THP)
+        # content the model expects to be non-zero: the fill, the dirtier's MiB, and what the scenario writes
+        self.nonzero = self.data | self.volatile
 
     # --- machines ------------------------------------------------------------------------------------------
 
@@ -170,9 +172,7 @@ class MigrationRun:
             after = self.observe(side, step, with_thp=True)
             assert before.thp is not None and after.thp is not None
             thp_before, thp_after = int(before.thp.sum()) // 512, int(after.thp.sum()) // 512
-            reason = support.no_split_reason(self.s.fill.data_per_thp)
-            if not reason and thp_before == 0:
-                reason = f"no THP was mapped in the {side.name} RAM"
+            reason = oracle.split_expectation(before, self.nonzero, support.no_split_reason(), support.max_ptes_none)
             self.v.shrinks.append({"phase": step.phase, "side": side.name, "trigger": result.trigger,
                                    "seconds": round(result.seconds, 4), "thp_before": thp_before,
                                    "thp_after": thp_after, "vmstat": result.vmstat_delta,
@@ -416,6 +416,7 @@ class SnapshotRun(MigrationRun):
         """Write the selected pages while the snapshot runs: each write must be trapped and the old content saved."""
         self.thaw()
         sel = self.s.selector(step.pages) & (np.arange(self.s.npages) >= LOW_CHUNKS * PAGES_PER_THP)
+        self.nonzero |= sel
         q = self.src.machine.qtest
         for first, count in runs(sel):
             try:

@@ -71,6 +71,7 @@ class SyntheticRun:
         self.placed = np.zeros(n, dtype=bool)  # known placed: present once, not discarded on purpose
         self.wp_expected = np.zeros(n, dtype=bool)  # must be write-protected
         self.reported_holes = np.zeros(n, dtype=bool)
+        self.nonzero = np.zeros(n, dtype=bool)  # content the model expects to be non-zero (place, touch write)
         self.wp_registered = False
         self.prev: PageStates | None = None
 
@@ -117,6 +118,7 @@ class SyntheticRun:
             self.prev = self.snapshot()
             return none
         if op == "place":
+            self.nonzero |= sel
             return self.each_run(sel, h.place)
         if op == "nohugepage":
             return h.madvise("nohugepage", 0, self.s.npages * PAGE)
@@ -138,6 +140,8 @@ class SyntheticRun:
             self.shrink(step)
             return none
         if op == "touch":
+            if step.arg == "write":
+                self.nonzero |= sel
             return self.each_run(sel, lambda o, n: h.touch(step.arg, o, n))
         if op == "verify":
             bad: list[int] = []
@@ -160,9 +164,8 @@ class SyntheticRun:
         after = self.snapshot(with_thp=True)
         assert before.thp is not None and after.thp is not None
         thp_before, thp_after = int(before.thp.sum()) // 512, int(after.thp.sum()) // 512
-        reason = thp.ShrinkerSupport.now().no_split_reason(self.s.fill.data_per_thp)
-        if not reason and thp_before == 0:
-            reason = "no THP was mapped at the shrink"
+        support = thp.ShrinkerSupport.now()
+        reason = oracle.split_expectation(before, self.nonzero, support.no_split_reason(), support.max_ptes_none)
         self.v.shrinks.append({
             "phase": step.phase, "trigger": result.trigger, "seconds": round(result.seconds, 4),
             "thp_before": thp_before, "thp_after": thp_after, "vmstat": result.vmstat_delta,

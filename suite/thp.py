@@ -151,15 +151,12 @@ class ShrinkerSupport:
             max_ptes_none=int(knobs.get("max_ptes_none", NO_SPLIT_MAX_PTES_NONE)),
         )
 
-    def no_split_reason(self, data_pages_per_thp: int | None = None) -> str:
-        """Why no underused split is expected ('' when one is)."""
+    def no_split_reason(self) -> str:
+        """Why the knobs rule out any underused split ('' when they allow one)."""
         if not self.has_shrinker:
             return "no underused shrinker in this kernel (no shrink_underused knob)"
         if not self.enabled:
             return "shrink_underused is 0"
         if self.max_ptes_none >= NO_SPLIT_MAX_PTES_NONE:
             return f"max_ptes_none is {self.max_ptes_none}: underused splits disabled"
-        if data_pages_per_thp is not None and 512 - data_pages_per_thp <= self.max_ptes_none:
-            return (f"THPs hold {data_pages_per_thp} data subpages: {512 - data_pages_per_thp} zero subpages "
-                    f"is not more than max_ptes_none {self.max_ptes_none}")
         return ""
