@@ -12,6 +12,7 @@ import pytest
 from suite import memcg, thp
 from suite.errors import SetupError
 from suite.kernelspec import KernelSpec, parse_many
+from suite.scenario import Scenario
 from suite.target import Target, TargetOptions, open_target
 from suite.verdict import Verdict
 
@@ -139,6 +140,12 @@ def artifacts(request: pytest.FixtureRequest) -> Path:
     path = Path(request.config.getoption("artifacts")) / safe
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture
+def run(target: Target, artifacts: Path) -> Callable[[Scenario], Verdict]:
+    """Run a scenario on the target under test, with this test's artifacts directory."""
+    return lambda scenario: target.run(scenario, artifacts)
 
 
 @pytest.fixture

@@ -108,6 +108,7 @@ class MigrationRun:
         self.s, self.opts, self.v, self.stack, self.workdir = scenario, opts, verdict, stack, workdir
         self.trigger = opts.trigger or scenario.trigger
         self.sides: dict[str, Side] = {}
+        self.around_shrinks: dict[str, PageStates] = {}  # oracle snapshots before/after each shrink, per side
         n = scenario.npages
         self.volatile = np.zeros(n, dtype=bool)  # pages the driver itself keeps changing
         first = DIRTIER_GPA // PAGE
@@ -170,6 +171,8 @@ class MigrationRun:
             before = side.snapshot(with_thp=True)
             result = shrinker.fire(self.trigger, side.cg)
             after = self.observe(side, step, with_thp=True)
+            self.around_shrinks[f"{side.name}-before-{step.phase}"] = before
+            self.around_shrinks[f"{side.name}-after-{step.phase}"] = after
             assert before.thp is not None and after.thp is not None
             thp_before, thp_after = int(before.thp.sum()) // 512, int(after.thp.sum()) // 512
             reason = oracle.split_expectation(before, self.nonzero, support.no_split_reason(), support.max_ptes_none)
@@ -198,13 +201,15 @@ class MigrationRun:
         self.report("content", step, bad, what)
 
     def save_page_states(self) -> None:
+        """On failure: the oracle's snapshots around each shrink and at the end (pagemap.decode reads them)."""
         if self.opts.artifacts is None or self.v.ok:
             return
-        for side in self.sides.values():
-            if side.last is not None:
-                np.savez_compressed(self.opts.artifacts / f"pagemap-{side.name}.npz", raw=side.last.raw,
-                                    start=side.last.start, zero_small=side.last.zero_pfns.small,
-                                    zero_huge=side.last.zero_pfns.huge, placed=side.placed)
+        states = {**self.around_shrinks, **{f"{n}-last": s.last for n, s in self.sides.items() if s.last}}
+        for name, st in states.items():
+            placed = self.sides[name.split("-")[0]].placed
+            np.savez_compressed(self.opts.artifacts / f"pagemap-{name}.npz", raw=st.raw, start=st.start,
+                                zero_small=st.zero_pfns.small, zero_huge=st.zero_pfns.huge, placed=placed,
+                                thp=st.thp if st.thp is not None else np.zeros(0, dtype=bool))
 
 
 # --- postcopy --------------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ DST_HAS_THPS = set(sc.POSTCOPY_PHASES[1:])  # from mid-precopy on, the destinati
 @pytest.mark.parametrize("fill", FILLS, ids=lambda f: f.id)
 @pytest.mark.parametrize("thp_settings", THP_SETTINGS, ids=lambda t: t.id)
 @pytest.mark.parametrize("phase", sc.POSTCOPY_PHASES, ids=lambda p: f"shrink@{p}")
-def test_postcopy(target, qemu, check_verdict, phase, thp_settings, fill):
-    verdict = target.run(sc.postcopy(phase, fill=fill, thp=thp_settings))
+def test_postcopy(run, qemu, check_verdict, phase, thp_settings, fill):
+    verdict = run(sc.postcopy(phase, fill=fill, thp=thp_settings))
     check_verdict(verdict)
     splits = {s["side"]: s for s in verdict.shrinks}
     if thp_settings.max_ptes_none < 511:

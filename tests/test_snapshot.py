@@ -16,8 +16,8 @@ FILLS = [sc.Fill(8, "spread"), sc.Fill(64, "head")]
 @pytest.mark.parametrize("fill", FILLS, ids=lambda f: f.id)
 @pytest.mark.parametrize("thp_settings", THP_SETTINGS, ids=lambda t: t.id)
 @pytest.mark.parametrize("phase", sc.SNAPSHOT_PHASES[:-1], ids=lambda p: f"shrink@{p}")
-def test_snapshot(target, qemu, check_verdict, phase, thp_settings, fill):
-    verdict = target.run(sc.snapshot(phase, fill=fill, thp=thp_settings))
+def test_snapshot(run, qemu, check_verdict, phase, thp_settings, fill):
+    verdict = run(sc.snapshot(phase, fill=fill, thp=thp_settings))
     check_verdict(verdict)
     (split,) = verdict.shrinks
     if thp_settings.max_ptes_none < 511:

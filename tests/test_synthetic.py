@@ -35,10 +35,10 @@ def split_expected(scenario: sc.Scenario, thp_settings: ThpSettings, register_at
 @pytest.mark.parametrize("thp_settings", THP_SETTINGS, ids=lambda t: t.id)
 @pytest.mark.parametrize(("register_at", "shrink_at"), POSTCOPY_CELLS,
                          ids=[f"register@{r}-shrink@{s}" for r, s in POSTCOPY_CELLS])
-def test_postcopy_style(target, check_verdict, register_at, shrink_at, thp_settings):
+def test_postcopy_style(run, check_verdict, register_at, shrink_at, thp_settings):
     """No placed page may turn into a hole, and no placed page may raise a MISSING fault."""
     scenario = sc.postcopy_style(register_at, shrink_at, thp=thp_settings)
-    verdict = target.run(scenario)
+    verdict = run(scenario)
     check_verdict(verdict)
     expected = split_expected(scenario, thp_settings, register_at, shrink_at)
     assert verdict.split_expected == expected, (
@@ -47,19 +47,19 @@ def test_postcopy_style(target, check_verdict, register_at, shrink_at, thp_setti
 
 @pytest.mark.parametrize("thp_settings", THP_SETTINGS, ids=lambda t: t.id)
 @pytest.mark.parametrize("shrink_at", sc.SNAPSHOT_SHRINK_POINTS, ids=lambda p: f"shrink@{p}")
-def test_snapshot_style(target, check_verdict, shrink_at, thp_settings):
+def test_snapshot_style(run, check_verdict, shrink_at, thp_settings):
     """Every write to a write-protected page must trap, and no uffd-wp bit may be lost across the split."""
-    verdict = target.run(sc.snapshot_style(shrink_at, thp=thp_settings))
+    verdict = run(sc.snapshot_style(shrink_at, thp=thp_settings))
     check_verdict(verdict)
     assert verdict.split_expected == (thp_settings.max_ptes_none < 511), verdict.summary()
 
 
 @pytest.mark.parametrize("thp_settings", THP_SETTINGS[:1], ids=lambda t: t.id)
-def test_snapshot_style_soft_dirty(target, check_verdict, thp_settings):
+def test_snapshot_style_soft_dirty(run, check_verdict, thp_settings):
     """Soft-dirty bits reported before the split must still be reported after it."""
     if not pagemap.soft_dirty_supported():
         pytest.skip("kernel lacks CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 is never set")
-    verdict = target.run(sc.soft_dirty_style(thp=thp_settings))
+    verdict = run(sc.soft_dirty_style(thp=thp_settings))
     check_verdict(verdict)
     assert verdict.split_expected, verdict.summary()
 
@@ -72,10 +72,10 @@ def _findings(verdict, kind: str):
     return [f for f in verdict.findings if f.kind == kind]
 
 
-def test_negative_control_holes(target):
+def test_negative_control_holes(run):
     """Holes punched into placed zero subpages must be named exactly: as holes, then as MISSING faults."""
     scenario = sc.postcopy_style("after-discard", "after-place", sabotage=True)
-    verdict = target.run(scenario)
+    verdict = run(scenario)
     assert not verdict.ok, "the oracle missed holes punched on purpose"
     holes, faults = _findings(verdict, "hole"), _findings(verdict, "missing-fault")
     assert [f.phase for f in holes] == ["sabotage-punch(sabotage)"], verdict.failure_message()
@@ -86,10 +86,10 @@ def test_negative_control_holes(target):
     assert "sabotage-punch(sabotage)] 5 placed pages became pte_none holes (first va 0x" in verdict.failure_message()
 
 
-def test_negative_control_unprotect(target):
+def test_negative_control_unprotect(run):
     """Pages un-protected behind the model's back must be named exactly: writes went through untrapped."""
     scenario = sc.snapshot_style("after-protect", sabotage=True)
-    verdict = target.run(scenario)
+    verdict = run(scenario)
     assert not verdict.ok, "the oracle missed pages un-protected on purpose"
     untrapped = _findings(verdict, "no-wp-fault")
     assert [f.phase for f in untrapped] == ["touch(write, zero)"], verdict.failure_message()
