@@ -478,8 +478,9 @@ class RamMachine:
         """Guest RAM through /proc/PID/mem: ~1 GB/s, no QEMU involvement (qtest reads ~50 MB/s).
 
         Reading faults untouched pages in (zero page or huge zero page), like any read would.
-        Unbounded if the range is registered with userfaultfd and a page is missing: the read waits for the
-        fault to be resolved like any other access. Use ``qtest.read`` (bounded) there.
+        Not an access QEMU sees: in a userfaultfd-registered range a missing page makes the remote read fail at
+        once (SIGBUS in handle_userfault: remote GUP cannot retry) and QEMU gets no fault. Use ``qtest.read``
+        (QEMU's own, bounded access) to observe what a vCPU would.
         """
         start = self._hva(gpa, size)
         out = bytearray(size)

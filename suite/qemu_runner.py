@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import memcg, migration, oracle, pagemap, shrinker, thp
+from . import inject, memcg, migration, oracle, pagemap, shrinker, thp
 from .errors import HolecheckError, StallError
 from .machine import MachineConfig, RamMachine
-from .memreader import MemReader
 from .oracle import runs
 from .pagemap import PAGE, PAGES_PER_THP, PageStates
 from .procs import descendants, signal_all
@@ -319,38 +318,34 @@ class PostcopyRun(MigrationRun):
         sides = [self.sides[n] for n in (("src", "dst") if step.arg == "both" else (step.arg,)) if n in self.sides]
         self.shrink(step, sides)
 
-    def phase_read_received(self, step: Step) -> None:
-        """Read every received page of the destination, each 2 MiB chunk bounded: a stuck read is a stall."""
+    def phase_sabotage_punch(self, step: Step) -> None:
+        """Negative control: holes in received pages, as a kernel that leaves pte_none after a split would."""
         start, _ = self.dst.machine.ram_mapping()
-        received = self.dst.placed
-        with MemReader(self.dst.machine.pid) as reader:
-            for chunk in range(self.s.npages // PAGES_PER_THP):
-                sel = np.nonzero(received[chunk * PAGES_PER_THP : (chunk + 1) * PAGES_PER_THP])[0]
-                if not sel.size:
-                    continue
-                lo, hi = int(sel[0]), int(sel[-1]) + 1
-                first = chunk * PAGES_PER_THP
-                try:
-                    reader.read(start + (first + lo) * PAGE, (hi - lo) * PAGE, self.opts.timeout)
-                except StallError as exc:
-                    reader.close()
-                    raise self.stalled(step, exc, *self.explain_stall(first + lo, first + hi)) from None
+        sel = self.s.selector(step.pages) & self.dst.placed
+        inject.madvise_in(self.dst.machine.pid, [(start + f * PAGE, n * PAGE) for f, n in runs(sel)])
         self.observe(self.dst, step)
 
-    def explain_stall(self, lo: int, hi: int) -> tuple[list[int], str]:
-        """Which received pages of the stuck range are holes, and does QEMU itself stall on the first one?"""
+    def phase_read_received(self, step: Step) -> None:
+        """QEMU's own bounded reads (qtest) of the received pages a vCPU could stall on: those not present.
+
+        A present page cannot fault, so reading it proves nothing; a received page that is pte_none raises a
+        MISSING fault QEMU ignores (it is in its received set), and the reader waits for ever. (/proc/PID/mem is
+        no substitute: a remote read of a missing page gets SIGBUS at once, and QEMU never sees a fault.)
+        """
         states = self.dst.snapshot()
-        holes = [i for i in range(lo, hi) if self.dst.placed[i] and states.hole[i]]
-        if not holes:
-            return [lo], "no received page in that range is a hole"
-        gpa = holes[0] * PAGE
-        try:
-            self.dst.machine.qtest.read(gpa, PAGE, timeout=2.0)
-            qtest = f"a qtest read of gpa {gpa:#x} returned"
-        except StallError:
-            qtest = f"QEMU's own read of gpa {gpa:#x} (qtest) stalled too"
-        return holes, (f"{len(holes)} received page(s) in that range are pte_none and QEMU will not re-request "
-                       f"them (they are in its received set); {qtest}")
+        q = self.dst.machine.qtest
+        present = np.nonzero(self.dst.placed & states.present)[0]
+        if present.size:  # liveness: the destination answers reads of what it has
+            q.read(int(present[-1]) * PAGE, PAGE, timeout=self.opts.timeout)
+        missing = [int(i) for i in np.nonzero(self.dst.placed & states.hole & ~self.volatile)[0]]
+        for n, i in enumerate(missing):
+            try:
+                q.read(i * PAGE, PAGE, timeout=self.opts.timeout)
+            except StallError as exc:
+                raise self.stalled(step, exc, missing[n:], (
+                    f"{len(missing)} received page(s) are pte_none; QEMU will not re-request a page in its "
+                    "received set, so the faulting reader (a vCPU, here qtest) waits for ever")) from None
+        self.observe(self.dst, step)
 
     def wait_ram(self, done, what: str) -> dict:
         return wait_for(self.ram_stats, done, what=f"src: {what}", timeout=30, interval=0.005, max_interval=0.05)

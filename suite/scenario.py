@@ -37,6 +37,7 @@ ACTIONS = {
     "shrink": "fire the shrinker; arg: src, dst or both (each side in its own memcg)",
     "read-received": "bounded qtest reads of every page the destination has received (a stuck read is a stall)",
     "write": "qtest writes of the selected pages on the source (arg: src) while the migration runs",
+    "sabotage-punch": "negative control: MADV_DONTNEED inside the QEMU (arg: dst) on the selected received pages",
 }
 KIND_OPS: dict[str, frozenset[str]] = {
     "postcopy-style": frozenset(OPS),
@@ -223,7 +224,7 @@ def with_thp(scenario: Scenario, thp: ThpSettings) -> Scenario:
 
 
 def postcopy(shrink_at: str, *, side: str = "both", fill: Fill | None = None, thp: ThpSettings | None = None,
-             size_mib: int = 256) -> Scenario:
+             size_mib: int = 256, sabotage_at: str = "") -> Scenario:
     """A real QEMU postcopy migration walked through every phase, the shrinker fired at ``shrink_at``; the
     destination's received pages are read (bounded) while postcopy runs, and compared with the source at the end."""
     if shrink_at not in POSTCOPY_PHASES:
@@ -233,9 +234,12 @@ def postcopy(shrink_at: str, *, side: str = "both", fill: Fill | None = None, th
         steps.append(Step(phase))
         if phase == shrink_at:
             steps.append(Step("shrink", side, label=f"shrink@{phase}"))
+        if phase == sabotage_at:  # holes a buggy split would leave, punched by hand into the destination
+            steps.append(Step("sabotage-punch", "dst", pages="sabotage"))
         if phase == "postcopy-running":
             steps.append(Step("read-received"))
-    return Scenario(name=f"shrink@{shrink_at}", kind="postcopy", steps=tuple(steps), size_mib=size_mib,
+    name = f"shrink@{shrink_at}" + (f"-sabotage@{sabotage_at}" if sabotage_at else "")
+    return Scenario(name=name, kind="postcopy", steps=tuple(steps), size_mib=size_mib,
                     fill=fill or Fill(), thp=thp or ThpSettings())
 
 

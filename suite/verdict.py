@@ -13,7 +13,7 @@ KINDS = {
     "lost-soft-dirty": "pages lost their soft-dirty bit (pagemap bit 55)",
     "no-wp-fault": "writes to write-protected pages raised no WP fault (the write went through untrapped)",
     "content": "pages differ from the expected content",
-    "stall": "reads did not return in time",
+    "stall": "received pages a reader stalls on (a read did not return in time)",
     "no-split": "THPs were not split although the shrinker should have split them",
 }
 FIRST_SHOWN = 8  # addresses shown in a message

@@ -2,6 +2,7 @@
 received page into a hole, never stall on one, and end with exactly the source's RAM)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from suite import scenario as sc
@@ -27,3 +28,17 @@ def test_postcopy(run, qemu, check_verdict, phase, thp_settings, fill):
             f"the shrink at {phase} was to split the {side}'s THPs: {verdict.summary()}")
     else:
         assert not verdict.split_expected and "max_ptes_none" in verdict.no_split_reason, verdict.summary()
+
+
+def test_negative_control_postcopy_stall(run, qemu):
+    """Holes punched into received destination pages (what a kernel that leaves pte_none after a split does)
+    must be named as holes at once and as a stall of QEMU's own read once postcopy runs."""
+    scenario = sc.postcopy("postcopy-running", sabotage_at="precopy-done")
+    verdict = run(scenario)
+    sabotaged = [int(i) * 4096 for i in np.nonzero(scenario.selector("sabotage"))[0]]
+    by_kind = {f.kind: f for f in verdict.findings}
+    assert set(by_kind) == {"hole", "stall"}, verdict.failure_message()
+    assert by_kind["hole"].phase == "sabotage-punch(dst, sabotage)" and by_kind["hole"].addresses == sabotaged
+    stall = by_kind["stall"]
+    assert stall.phase == "read-received" and stall.addresses == sabotaged, verdict.failure_message()
+    assert "postcopy-requests=0" in stall.detail and "will not re-request" in stall.detail
