@@ -45,7 +45,7 @@ KIND_OPS: dict[str, frozenset[str]] = {
     "postcopy": frozenset(POSTCOPY_PHASES) | frozenset(ACTIONS),
     "snapshot": frozenset(SNAPSHOT_PHASES) | frozenset(ACTIONS),
 }
-SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage")
+SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed")
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,9 @@ class Scenario:
             return (chunk % 4 == 3) & (sub < 64)
         if name == "sabotage":  # a few zero subpages of two chunks, not discarded
             return ~data & ((chunk == 1) & (sub >= 300) & (sub < 303) | (chunk == 5) & (sub >= 500) & (sub < 502))
+        if name == "sabotage-mixed":  # the same, plus the first data subpage of chunk 3
+            first_data = (chunk == 3) & data & (np.cumsum(data & (chunk == 3)) == 1)
+            return self.selector("sabotage") | first_data
         raise ValueError(f"unknown page selector {name!r}")
 
     def to_json(self) -> str:
@@ -235,7 +238,7 @@ def postcopy(shrink_at: str, *, side: str = "both", fill: Fill | None = None, th
         if phase == shrink_at:
             steps.append(Step("shrink", side, label=f"shrink@{phase}"))
         if phase == sabotage_at:  # holes a buggy split would leave, punched by hand into the destination
-            steps.append(Step("sabotage-punch", "dst", pages="sabotage"))
+            steps.append(Step("sabotage-punch", "dst", pages="sabotage-mixed"))
         if phase == "postcopy-running":
             steps.append(Step("read-received"))
     name = f"shrink@{shrink_at}" + (f"-sabotage@{sabotage_at}" if sabotage_at else "")

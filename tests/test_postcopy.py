@@ -30,15 +30,24 @@ def test_postcopy(run, qemu, check_verdict, phase, thp_settings, fill):
         assert not verdict.split_expected and "max_ptes_none" in verdict.no_split_reason, verdict.summary()
 
 
-def test_negative_control_postcopy_stall(run, qemu):
-    """Holes punched into received destination pages (what a kernel that leaves pte_none after a split does)
-    must be named as holes at once and as a stall of QEMU's own read once postcopy runs."""
+def test_negative_control_postcopy_holes(run, qemu):
+    """Holes punched into received destination pages (zero subpages, as a kernel that leaves pte_none after a
+    split would, plus one data page) must be named at once, and must not pass silently once postcopy runs:
+    QEMU 7.2 stalls for ever on them (it never re-requests a received page); QEMU 10.0 does not stall but
+    fills them with zeros without asking the source, which corrupts the data page."""
     scenario = sc.postcopy("postcopy-running", sabotage_at="precopy-done")
     verdict = run(scenario)
-    sabotaged = [int(i) * 4096 for i in np.nonzero(scenario.selector("sabotage"))[0]]
+    punched = [int(i) * 4096 for i in np.nonzero(scenario.selector("sabotage-mixed"))[0]]
     by_kind = {f.kind: f for f in verdict.findings}
-    assert set(by_kind) == {"hole", "stall"}, verdict.failure_message()
-    assert by_kind["hole"].phase == "sabotage-punch(dst, sabotage)" and by_kind["hole"].addresses == sabotaged
-    stall = by_kind["stall"]
-    assert stall.phase == "read-received" and stall.addresses == sabotaged, verdict.failure_message()
-    assert "postcopy-requests=0" in stall.detail and "will not re-request" in stall.detail
+    assert by_kind.get("hole") and by_kind["hole"].addresses == punched, verdict.failure_message()
+    assert by_kind["hole"].phase == "sabotage-punch(dst, sabotage-mixed)"
+    if "stall" in by_kind:
+        stall = by_kind["stall"]
+        assert stall.phase == "read-received" and stall.addresses == punched, verdict.failure_message()
+        assert "postcopy-requests=0" in stall.detail and "will not re-request" in stall.detail
+        assert set(by_kind) == {"hole", "stall"}, verdict.failure_message()
+    else:
+        data_page = [a for a in punched if scenario.selector("data")[a // 4096]]
+        assert "content" in by_kind and by_kind["content"].addresses == data_page, (
+            "a hole among received pages passed silently:\n" + verdict.failure_message())
+        assert set(by_kind) == {"hole", "content"}, verdict.failure_message()
