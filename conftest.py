@@ -5,6 +5,7 @@ import contextlib
 import re
 import signal
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    if "debian:list" in ",".join(config.getoption("kernel")):
+        from kernels import debian
+
+        try:
+            print("\n".join(debian.list_versions()))
+        except SetupError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        pytest.exit("those are the Debian kernels --kernel=debian:VERSION can boot", returncode=0)
     try:
         config.holecheck_kernels = parse_many(config.getoption("kernel"))  # type: ignore[attr-defined]
     except SetupError as exc:
@@ -66,12 +75,13 @@ def kernel_spec(request: pytest.FixtureRequest) -> KernelSpec:
 def target_options(request: pytest.FixtureRequest) -> TargetOptions:
     opt = request.config.getoption
     return TargetOptions(qemu=opt("qemu"), accel=opt("accel"), backend=opt("backend"), trigger=opt("trigger"),
-                         timeout=opt("helper_timeout"))
+                         timeout=opt("helper_timeout"), artifacts=opt("artifacts"))
 
 
 @pytest.fixture(scope="session")
-def _targets() -> Iterator[dict[KernelSpec, Target | SetupError]]:
+def _targets(request: pytest.FixtureRequest) -> Iterator[dict[KernelSpec, Target | SetupError]]:
     opened: dict[KernelSpec, Target | SetupError] = {}
+    request.config.holecheck_summary = {}  # type: ignore[attr-defined]
     yield opened
     for t in opened.values():
         if not isinstance(t, SetupError):
@@ -85,15 +95,32 @@ def target(kernel_spec: KernelSpec, target_options: TargetOptions, request: pyte
     fails that kernel's tests with it (a matrix)."""
     if kernel_spec not in _targets:
         try:
-            _targets[kernel_spec] = open_target(kernel_spec, target_options)
+            _targets[kernel_spec] = t = open_target(kernel_spec, target_options)
+            request.config.holecheck_summary[kernel_spec] = describe(t)  # type: ignore[attr-defined]
         except SetupError as exc:
             _targets[kernel_spec] = exc
+            request.config.holecheck_summary[kernel_spec] = f"unusable: {exc}"  # type: ignore[attr-defined]
     t = _targets[kernel_spec]
     if isinstance(t, SetupError):
         if len(request.config.holecheck_kernels) == 1:  # type: ignore[attr-defined]
             pytest.exit(f"holecheck: {t}", returncode=4)
         pytest.fail(f"{kernel_spec}: {t}", pytrace=False)
     return t
+
+
+def describe(t: Target) -> str:
+    """One line per kernel for the terminal summary: what it is and what it offers the scenarios."""
+    f = t.features()
+    boot = getattr(t, "boot_seconds", None)
+    parts = [t.kernel_release, f"booted in {boot:.1f} s" if boot else "",
+             "underused-THP shrinker" if f["shrink_underused"] else "no underused shrinker: no split expected",
+             "soft-dirty" if f["soft_dirty"] else "no soft-dirty"]
+    return ", ".join(p for p in parts if p)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    for spec, line in getattr(config, "holecheck_summary", {}).items():
+        terminalreporter.write_line(f"holecheck kernel {spec}: {line}")
 
 
 MIN_QEMU = (7, 1, 0)  # postcopy + background snapshot + pause-before-switchover as this suite drives them
@@ -144,8 +171,21 @@ def artifacts(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture
 def run(target: Target, artifacts: Path) -> Callable[[Scenario], Verdict]:
-    """Run a scenario on the target under test, with this test's artifacts directory."""
-    return lambda scenario: target.run(scenario, artifacts)
+    """Run a scenario on the target under test, with this test's artifacts directory; real-QEMU guests are
+    sized for the target (256 MiB, 128 MiB inside a TCG L1)."""
+
+    def _run(scenario: Scenario) -> Verdict:
+        if not scenario.synthetic and scenario.size_mib > target.l2_ram_mib:
+            scenario = replace(scenario, size_mib=target.l2_ram_mib)
+        return target.run(scenario, artifacts)
+
+    return _run
+
+
+@pytest.fixture(scope="session")
+def kernel_features(target: Target) -> dict[str, bool]:
+    """What the kernel under test offers (soft_dirty, shrink_underused), answered by that kernel."""
+    return target.features()
 
 
 @pytest.fixture

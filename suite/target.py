@@ -23,6 +23,7 @@ class TargetOptions:
     backend: str = "qemu"
     trigger: str | None = None
     timeout: float = 10.0
+    artifacts: str = ".holecheck"  # the guest writes artifacts through a share of this directory
 
 
 class Target(Protocol):
@@ -31,9 +32,25 @@ class Target(Protocol):
     @property
     def kernel_release(self) -> str: ...
 
+    @property
+    def l2_ram_mib(self) -> int:
+        """Largest L2 guest RAM the real-QEMU scenarios use here (small under TCG, where every page costs)."""
+        ...
+
+    def features(self) -> dict[str, bool]:
+        """What the kernel under test offers: ``soft_dirty`` (CONFIG_MEM_SOFT_DIRTY), ``shrink_underused``."""
+        ...
+
     def run(self, scenario: Scenario, artifacts: Path | None = None) -> Verdict: ...
 
     def close(self) -> None: ...
+
+
+def local_features() -> dict[str, bool]:
+    """Target.features() answered by the kernel this process runs on (the host's, or the guest's in the agent)."""
+    from . import pagemap, thp
+
+    return {"soft_dirty": pagemap.soft_dirty_supported(), "shrink_underused": thp.KNOBS["shrink_underused"].exists()}
 
 
 class HostTarget:
@@ -48,6 +65,11 @@ class HostTarget:
     def kernel_release(self) -> str:
         return os.uname().release
 
+    l2_ram_mib = 256
+
+    def features(self) -> dict[str, bool]:
+        return local_features()
+
     def run(self, scenario: Scenario, artifacts: Path | None = None) -> Verdict:
         opts = runner.RunOptions(trigger=self.options.trigger, timeout=self.options.timeout, artifacts=artifacts,
                                  qemu=self.options.qemu, accel=self.options.accel)
@@ -60,4 +82,11 @@ class HostTarget:
 def open_target(spec: KernelSpec, options: TargetOptions) -> Target:
     if spec.kind == "host":
         return HostTarget(spec, options)
-    raise SetupError(f"--kernel={spec}: booting a kernel under test in a VM is not available yet (use --kernel=host)")
+    from .guest import GuestTarget  # lazy: a host run imports nothing VM-related
+
+    if spec.kind == "build":
+        from kernels import build
+
+        image = build.build_tree(Path(spec.value).expanduser())  # SetupError: not a tree, does not build
+        return GuestTarget(KernelSpec("path", str(image)), options)
+    return GuestTarget(spec, options)

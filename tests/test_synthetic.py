@@ -24,44 +24,49 @@ POSTCOPY_CELLS = (
 )
 
 
-def split_expected(scenario: sc.Scenario, thp_settings: ThpSettings, register_at: str, shrink_at: str) -> bool:
+def splits(features: dict[str, bool], thp_settings: ThpSettings) -> bool:
+    """Do the kernel and the knobs allow underused splits at all?"""
+    return features["shrink_underused"] and thp_settings.max_ptes_none is not None and thp_settings.max_ptes_none < 511
+
+
+def split_expected(features: dict[str, bool], thp_settings: ThpSettings, register_at: str, shrink_at: str) -> bool:
     """Should this cell's shrink split THPs? Not when no THP exists yet or registration preceded the first
-    fault (then UFFDIO_COPY places 4 KiB pages), nor when the knobs disable underused splits."""
+    fault (then UFFDIO_COPY places 4 KiB pages), nor when the kernel or the knobs rule underused splits out."""
     shrink_point = register_at if shrink_at == "after-register" else shrink_at
-    return (thp_settings.max_ptes_none is not None and thp_settings.max_ptes_none < 511
+    return (splits(features, thp_settings)
             and shrink_point != "before-first-fault" and register_at != "before-first-fault")
 
 
 @pytest.mark.parametrize("thp_settings", THP_SETTINGS, ids=lambda t: t.id)
 @pytest.mark.parametrize(("register_at", "shrink_at"), POSTCOPY_CELLS,
                          ids=[f"register@{r}-shrink@{s}" for r, s in POSTCOPY_CELLS])
-def test_postcopy_style(run, check_verdict, register_at, shrink_at, thp_settings):
+def test_postcopy_style(run, check_verdict, kernel_features, register_at, shrink_at, thp_settings):
     """No placed page may turn into a hole, and no placed page may raise a MISSING fault."""
     scenario = sc.postcopy_style(register_at, shrink_at, thp=thp_settings)
     verdict = run(scenario)
     check_verdict(verdict)
-    expected = split_expected(scenario, thp_settings, register_at, shrink_at)
+    expected = split_expected(kernel_features, thp_settings, register_at, shrink_at)
     assert verdict.split_expected == expected, (
         f"cell was to {'split' if expected else 'not split'} THPs: {verdict.summary()}")
 
 
 @pytest.mark.parametrize("thp_settings", THP_SETTINGS, ids=lambda t: t.id)
 @pytest.mark.parametrize("shrink_at", sc.SNAPSHOT_SHRINK_POINTS, ids=lambda p: f"shrink@{p}")
-def test_snapshot_style(run, check_verdict, shrink_at, thp_settings):
+def test_snapshot_style(run, check_verdict, kernel_features, shrink_at, thp_settings):
     """Every write to a write-protected page must trap, and no uffd-wp bit may be lost across the split."""
     verdict = run(sc.snapshot_style(shrink_at, thp=thp_settings))
     check_verdict(verdict)
-    assert verdict.split_expected == (thp_settings.max_ptes_none < 511), verdict.summary()
+    assert verdict.split_expected == splits(kernel_features, thp_settings), verdict.summary()
 
 
 @pytest.mark.parametrize("thp_settings", THP_SETTINGS[:1], ids=lambda t: t.id)
-def test_snapshot_style_soft_dirty(run, check_verdict, thp_settings):
+def test_snapshot_style_soft_dirty(run, check_verdict, kernel_features, thp_settings):
     """Soft-dirty bits reported before the split must still be reported after it."""
-    if not pagemap.soft_dirty_supported():
-        pytest.skip("kernel lacks CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 is never set")
+    if not kernel_features["soft_dirty"]:
+        pytest.skip("kernel under test lacks CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 is never set")
     verdict = run(sc.soft_dirty_style(thp=thp_settings))
     check_verdict(verdict)
-    assert verdict.split_expected, verdict.summary()
+    assert verdict.split_expected == splits(kernel_features, thp_settings), verdict.summary()
 
 
 def _sabotaged(scenario: sc.Scenario, base: int) -> list[int]:

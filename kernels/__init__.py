@@ -1,0 +1,12 @@
+"""What to boot: Debian kernel packages fetched by version, the kconfig fragment the suite needs, and the pieces
+of a kernel an L1 VM boots from (an uncompressed PVH ``vmlinux``, the modules its initramfs loads).
+
+Where to start reading:
+
+- ``debian``       — ``debian:VERSION`` → a package fetched through a private apt configuration, extracted.
+- ``kernel``       — ``Kernel``: what a VM boots (image, config, modules) for a Debian package or a bzImage path.
+- ``vmlinux``      — the uncompressed ELF vmlinux out of a vmlinuz, and whether it has a PVH entry.
+- ``modules``      — ``.modinfo`` parsing and dependency order of the modules a boot needs.
+- ``elf``          — the few ELF64 reads the two above need (notes, sections): the host may lack binutils/kmod.
+- ``config_check`` — a kernel's config against ``holecheck.config``: one line per missing option.
+"""

@@ -1,0 +1,129 @@
+"""The kernel under test booted in an L1 VM (real QEMU, real Debian kernels, no mocks): the agent answers, a
+scenario runs inside and its verdict comes back; bad kernels fail fast with one clear message."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from suite import scenario as sc
+from suite.errors import SetupError
+from suite.guest import BootOptions, GuestTarget
+from suite.kernelspec import KernelSpec
+from suite.target import TargetOptions
+
+pytestmark = [pytest.mark.vm, pytest.mark.qemu]
+
+# The newest generic 6.12 from bookworm-backports (has the underused-THP shrinker) and the newest 6.1 (has not).
+KERNELS = ["newest-6.12+deb12", "newest-6.1"]
+PANIC_DEADLINE = 60.0
+
+
+def _prerequisites() -> str:
+    if os.geteuid() != 0:
+        return "booting L1 VMs needs root (virtiofsd)"
+    for tool in ("qemu-system-x86_64", "apt-get", "dpkg-deb"):
+        if not shutil.which(tool):
+            return f"{tool} not found"
+    return ""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _vm_capable() -> None:
+    if reason := _prerequisites():
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module", params=KERNELS, ids=lambda v: f"debian-{v}")
+def guest(request: pytest.FixtureRequest) -> Iterator[GuestTarget]:
+    target = GuestTarget(KernelSpec("debian", request.param), TargetOptions())
+    yield target
+    target.close()
+
+
+def _our_processes(marker: str) -> list[str]:
+    """Command lines of live processes that mention ``marker`` (a test's private path)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmd and str(os.getpid()) != proc.name:
+                found.append(cmd[:200])
+    return found
+
+
+def test_agent_reports_the_booted_release(guest: GuestTarget) -> None:
+    assert guest.kernel_release == guest.kernel.release  # the hello
+    assert guest.call("uname")["release"] == guest.kernel.release
+    assert "pong" in guest.call("ping")
+    features = guest.call("features")  # asked of the guest kernel, not the host's
+    assert features["soft_dirty"] is True  # Debian's 6.1 and 6.12 have CONFIG_MEM_SOFT_DIRTY (the host may not)
+    assert features["shrink_underused"] == (not guest.kernel.release.startswith("6.1."))
+    assert 0 < guest.boot_seconds < 60
+
+
+def test_synthetic_scenario_runs_in_the_guest(guest: GuestTarget) -> None:
+    scenario = dataclasses.replace(sc.postcopy_style("after-discard", "after-place"), size_mib=8)
+    verdict = guest.run(scenario)
+    assert verdict.kernel == guest.kernel.release
+    assert verdict.ok, verdict.failure_message()
+    assert [p.phase for p in verdict.phases][-1] == "verify"
+    if guest.kernel.release.startswith("6.1."):  # no underused-THP shrinker: a baseline where nothing splits
+        assert not verdict.split_expected and verdict.no_split_reason, verdict.summary()
+    else:
+        assert verdict.split_expected, verdict.summary()
+        assert verdict.shrinks[0]["thp_after"] < verdict.shrinks[0]["thp_before"], verdict.summary()
+
+
+def test_missing_kernel_path_is_one_line_setup_error(tmp_path: Path) -> None:
+    with pytest.raises(SetupError) as err:
+        GuestTarget(KernelSpec("path", str(tmp_path / "bzImage")), TargetOptions())
+    assert "no such kernel image" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_config_lacking_options_is_named_line_by_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOLECHECK_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "vmlinuz-9.9.9-test").write_bytes(b"MZ" + b"\0" * 4096)  # not bootable: never gets that far
+    (tmp_path / "config-9.9.9-test").write_text("CONFIG_TRANSPARENT_HUGEPAGE=y\n# CONFIG_USERFAULTFD is not set\n")
+    with pytest.raises(SetupError) as err:
+        GuestTarget(KernelSpec("path", str(tmp_path / "vmlinuz-9.9.9-test")), TargetOptions())
+    lines = str(err.value).splitlines()
+    assert "CONFIG_USERFAULTFD is not set: holecheck needs =y" in [ln.strip() for ln in lines]
+    assert not any("TRANSPARENT_HUGEPAGE" in ln for ln in lines)
+
+
+def test_kernel_panic_fails_fast_with_console_tail(tmp_path: Path) -> None:
+    """No /init in the initramfs → 'VFS: Unable to mount root fs' panic; reported at once, not at the timeout."""
+    boot = BootOptions(artifacts_root=tmp_path, extra_cmdline=("rdinit=/no-such-init",))
+    t0 = time.monotonic()
+    with pytest.raises(SetupError) as err:
+        GuestTarget(KernelSpec("debian", KERNELS[0]), TargetOptions(), boot)
+    elapsed = time.monotonic() - t0
+    message = str(err.value)
+    assert "Kernel panic - not syncing" in message.splitlines()[0]
+    assert "console" in message and len(message.splitlines()) > 3  # the tail came along
+    assert elapsed < PANIC_DEADLINE, f"took {elapsed:.1f} s"
+    assert not _our_processes(str(tmp_path)), "QEMU or virtiofsd outlived the failed boot"
+
+
+def test_init_failure_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """6.1 needs virtio modules: an initramfs without them cannot mount the host's root; /init says so."""
+    from kernels import kernel
+
+    monkeypatch.setattr(kernel, "needed_modules", lambda config, machine: [])
+    t0 = time.monotonic()
+    with pytest.raises(SetupError) as err:
+        GuestTarget(KernelSpec("debian", KERNELS[1]), TargetOptions(), BootOptions(artifacts_root=tmp_path))
+    first = str(err.value).splitlines()[0]  # the reason itself, before the console tail
+    assert "holecheck-init: [" in first and "FAILED: mount -t virtiofs" in first, first
+    assert time.monotonic() - t0 < PANIC_DEADLINE
+    assert not _our_processes(str(tmp_path))
