@@ -116,6 +116,32 @@ class MigrationRun:
         # content the model expects to be non-zero: the fill, the dirtier's MiB, and what the scenario writes
         self.nonzero = self.data | self.volatile
 
+    # --- the walk ------------------------------------------------------------------------------------------
+
+    under_test = ""  # the side whose page states the phase records show
+
+    def execute(self) -> None:
+        """Each step is a ``phase_<op>`` method; a stall aborts the walk (its finding is recorded)."""
+        try:
+            for step in self.s.steps:
+                t0 = time.monotonic()
+                getattr(self, "phase_" + step.op.replace("-", "_"))(step)
+                side = self.sides.get(self.under_test)
+                if side is not None and side.last is not None:
+                    self.record(step, side.last, t0)
+            self.finish()
+        except Aborted:
+            pass
+        finally:
+            self.release()
+            self.save_page_states()
+
+    def finish(self) -> None:
+        """Checks after the last step."""
+
+    def release(self) -> None:
+        """Let go of what holds the migration (throttles, strace, a stopped sink); runs whatever happened."""
+
     # --- machines ------------------------------------------------------------------------------------------
 
     def start_side(self, name: str, incoming: bool) -> Side:
@@ -216,24 +242,21 @@ class MigrationRun:
 class PostcopyRun(MigrationRun):
     """Source → destination over a unix socket; the destination is the side under test."""
 
-    def execute(self) -> None:
+    under_test = "dst"
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
         self.hold: migration.HoldUffdRegistration | None = None
         self.dirtier: Dirtier | None = None
-        try:
-            for step in self.s.steps:
-                t0 = time.monotonic()
-                getattr(self, "phase_" + step.op.replace("-", "_"))(step)
-                if self.dst.last is not None:
-                    self.record(step, self.dst.last, t0)
-            self.final_compare()
-        except Aborted:
-            pass
-        finally:
-            if self.dirtier:
-                self.dirtier.halt()
-            if self.hold:
-                self.hold.release()
-            self.save_page_states()
+
+    def finish(self) -> None:
+        self.final_compare()
+
+    def release(self) -> None:
+        if self.dirtier:
+            self.dirtier.halt()
+        if self.hold:
+            self.hold.release()
 
     def query(self, machine: RamMachine) -> dict:
         return migration.query(machine, timeout=self.opts.timeout)
@@ -362,19 +385,14 @@ class PostcopyRun(MigrationRun):
 class SnapshotRun(MigrationRun):
     """The source is the side under test: its RAM is write-protected with uffd-wp while the snapshot runs."""
 
-    def execute(self) -> None:
+    under_test = "src"
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
         self.frozen: list[int] = []
-        try:
-            for step in self.s.steps:
-                t0 = time.monotonic()
-                getattr(self, "phase_" + step.op.replace("-", "_"))(step)
-                if self.src.last is not None:
-                    self.record(step, self.src.last, t0)
-        except Aborted:
-            pass
-        finally:
-            self.thaw()
-            self.save_page_states()
+
+    def release(self) -> None:
+        self.thaw()
 
     def freeze(self) -> None:
         """Stop the stream's sink: QEMU's snapshot thread soon blocks on the pipe and un-protects nothing more,
