@@ -226,3 +226,20 @@ def soft_dirty_supported() -> bool:
 
         gc.collect()
         m.close()
+
+
+def save(path: str | os.PathLike[str], states: PageStates, **masks: np.ndarray) -> None:
+    """One oracle snapshot as an artifact (``load`` reads it back); ``masks`` add per-page model arrays
+    such as ``placed``."""
+    np.savez_compressed(path, raw=states.raw, start=states.start, zero_small=states.zero_pfns.small,
+                        zero_huge=states.zero_pfns.huge,
+                        thp=states.thp if states.thp is not None else np.zeros(0, dtype=bool), **masks)
+
+
+def load(path: str | os.PathLike[str]) -> tuple[PageStates, dict[str, np.ndarray]]:
+    """An artifact written by ``save``: the page states and the extra masks."""
+    z = np.load(path)
+    thp = z["thp"] if "thp" in z and z["thp"].size else None
+    states = decode(z["raw"], int(z["start"]), ZeroPfns(int(z["zero_small"]), int(z["zero_huge"])), thp)
+    extra = {k: z[k] for k in z.files if k not in ("raw", "start", "zero_small", "zero_huge", "thp")}
+    return states, extra

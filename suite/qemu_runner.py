@@ -231,10 +231,9 @@ class MigrationRun:
             return
         states = {**self.around_shrinks, **{f"{n}-last": s.last for n, s in self.sides.items() if s.last}}
         for name, st in states.items():
-            placed = self.sides[name.split("-")[0]].placed
-            np.savez_compressed(self.opts.artifacts / f"pagemap-{name}.npz", raw=st.raw, start=st.start,
-                                zero_small=st.zero_pfns.small, zero_huge=st.zero_pfns.huge, placed=placed,
-                                thp=st.thp if st.thp is not None else np.zeros(0, dtype=bool))
+            pagemap.save(self.opts.artifacts / f"pagemap-{name}.npz", st,
+                         placed=self.sides[name.split("-")[0]].placed)
+        (self.opts.artifacts / "scenario.json").write_text(self.s.to_json())
 
 
 # --- postcopy --------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def run(scenario: Scenario, options: RunOptions | None = None) -> Verdict:
     t0 = time.monotonic()
     with thp.applied(scenario.thp), _scope(trigger) as cg, \
             UffdHelper(argv_prefix=cg.wrap([]) if cg else None, timeout=opts.timeout) as helper:
-        SyntheticRun(scenario, helper, cg, trigger, verdict).execute()
+        SyntheticRun(scenario, helper, cg, trigger, verdict, opts.artifacts).execute()
     verdict.seconds = round(time.monotonic() - t0, 3)
     log.info("%s", verdict.summary())
     return verdict
@@ -65,8 +65,10 @@ def run(scenario: Scenario, options: RunOptions | None = None) -> Verdict:
 
 class SyntheticRun:
     def __init__(self, scenario: Scenario, helper: UffdHelper, cg: memcg.Memcg | None, trigger: str,
-                 verdict: Verdict) -> None:
+                 verdict: Verdict, artifacts: Path | None = None) -> None:
         self.s, self.h, self.cg, self.trigger, self.v = scenario, helper, cg, trigger, verdict
+        self.artifacts = artifacts
+        self.around_shrinks: dict[str, PageStates] = {}
         n = scenario.npages
         self.placed = np.zeros(n, dtype=bool)  # known placed: present once, not discarded on purpose
         self.wp_expected = np.zeros(n, dtype=bool)  # must be write-protected
@@ -78,6 +80,22 @@ class SyntheticRun:
     # --- driving -------------------------------------------------------------------------------------------
 
     def execute(self) -> None:
+        try:
+            self.walk()
+        finally:
+            self.save_page_states()
+
+    def save_page_states(self) -> None:
+        """On failure: the oracle's snapshots around each shrink and after the last step, with the model."""
+        if self.artifacts is None or self.v.ok:
+            return
+        states = {**self.around_shrinks, **({"last": self.prev} if self.prev is not None else {})}
+        for name, st in states.items():
+            pagemap.save(self.artifacts / f"pagemap-{name}.npz", st, placed=self.placed,
+                         wp_expected=self.wp_expected)
+        (self.artifacts / "scenario.json").write_text(self.s.to_json())
+
+    def walk(self) -> None:
         for step in self.s.steps:
             t = time.monotonic()
             sel = self.s.selector(step.pages)
@@ -162,6 +180,8 @@ class SyntheticRun:
         before = self.snapshot(with_thp=True)
         result = shrinker.fire(self.trigger, self.cg)
         after = self.snapshot(with_thp=True)
+        self.around_shrinks[f"before-{step.phase}"] = before
+        self.around_shrinks[f"after-{step.phase}"] = after
         assert before.thp is not None and after.thp is not None
         thp_before, thp_after = int(before.thp.sum()) // 512, int(after.thp.sum()) // 512
         support = thp.ShrinkerSupport.now()
