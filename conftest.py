@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-import re
+import shutil
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -13,6 +13,7 @@ import pytest
 from suite import memcg, thp
 from suite.errors import SetupError
 from suite.kernelspec import KernelSpec, parse_many
+from suite.report import artifact_dir_name
 from suite.scenario import Scenario
 from suite.target import Target, TargetOptions, open_target
 from suite.verdict import Verdict
@@ -38,6 +39,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="shrinker trigger (default: the scenario's, memcg-scoped where the kernel allows)")
     g.addoption("--helper-timeout", type=float, default=10.0, help="seconds before a blocked step is a stall")
     g.addoption("--artifacts", default=".holecheck", help="directory for per-test artifacts (default .holecheck/)")
+    g.addoption("--report", metavar="DIR", default=None,
+                help="write this session's summary.md and index.html (matrix, page maps, reproducers) into DIR")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -55,6 +58,11 @@ def pytest_configure(config: pytest.Config) -> None:
         config.holecheck_kernels = parse_many(config.getoption("kernel"))  # type: ignore[attr-defined]
     except SetupError as exc:
         raise pytest.UsageError(str(exc)) from None
+    if config.getoption("report"):
+        from suite.report import SessionPlugin
+
+        config.pluginmanager.register(
+            SessionPlugin(Path(config.getoption("report")), Path(config.getoption("artifacts"))), "holecheck-report")
     # SIGTERM (CI timeouts, kill) unwinds like Ctrl-C, so every context manager restores what it changed.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
@@ -162,10 +170,10 @@ def _leave_machine_as_found() -> Iterator[None]:
 
 @pytest.fixture
 def artifacts(request: pytest.FixtureRequest) -> Path:
-    """A fresh directory for this test's artifacts: <--artifacts>/<test id>/."""
-    safe = re.sub(r"[^A-Za-z0-9_.@=-]+", "_", request.node.nodeid)
-    path = Path(request.config.getoption("artifacts")) / safe
-    path.mkdir(parents=True, exist_ok=True)
+    """A fresh directory for this test's artifacts: <--artifacts>/<test id>/ (emptied: no stale evidence)."""
+    path = Path(request.config.getoption("artifacts")) / artifact_dir_name(request.node.nodeid)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
     return path
 
 
@@ -192,13 +200,14 @@ def kernel_features(target: Target) -> dict[str, bool]:
 def check_verdict(artifacts: Path, record_property: Callable[[str, object], None]) -> Callable[[Verdict], None]:
     """Save a verdict, put its key figures into the JUnit XML, and fail with its message if it has findings."""
 
-    def check(verdict: Verdict) -> None:
+    def check(verdict: Verdict, must_pass: bool = True) -> None:
+        """``must_pass=False``: a negative control records its (failing) verdict; the test judges it."""
         (artifacts / "verdict.json").write_text(verdict.to_json())
         record_property("kernel", verdict.kernel)
         record_property("split_expected", verdict.split_expected)
         for kind in {f.kind for f in verdict.findings}:
             record_property(kind, sum(f.count for f in verdict.findings if f.kind == kind))
-        if not verdict.ok:
+        if must_pass and not verdict.ok:
             pytest.fail(verdict.failure_message() + f"\n  artifacts: {artifacts}", pytrace=False)
 
     return check

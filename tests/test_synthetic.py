@@ -77,10 +77,11 @@ def _findings(verdict, kind: str):
     return [f for f in verdict.findings if f.kind == kind]
 
 
-def test_negative_control_holes(run):
+def test_negative_control_holes(run, check_verdict):
     """Holes punched into placed zero subpages must be named exactly: as holes, then as MISSING faults."""
     scenario = sc.postcopy_style("after-discard", "after-place", sabotage=True)
     verdict = run(scenario)
+    check_verdict(verdict, must_pass=False)
     assert not verdict.ok, "the oracle missed holes punched on purpose"
     holes, faults = _findings(verdict, "hole"), _findings(verdict, "missing-fault")
     assert [f.phase for f in holes] == ["sabotage-punch(sabotage)"], verdict.failure_message()
@@ -91,10 +92,11 @@ def test_negative_control_holes(run):
     assert "sabotage-punch(sabotage)] 5 placed pages became pte_none holes (first va 0x" in verdict.failure_message()
 
 
-def test_negative_control_unprotect(run):
+def test_negative_control_unprotect(run, check_verdict):
     """Pages un-protected behind the model's back must be named exactly: writes went through untrapped."""
     scenario = sc.snapshot_style("after-protect", sabotage=True)
     verdict = run(scenario)
+    check_verdict(verdict, must_pass=False)
     assert not verdict.ok, "the oracle missed pages un-protected on purpose"
     untrapped = _findings(verdict, "no-wp-fault")
     assert [f.phase for f in untrapped] == ["touch(write, zero)"], verdict.failure_message()

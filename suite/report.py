@@ -1,0 +1,476 @@
+"""A per-run summary of the matrix: kernel × QEMU × scenario → pass/fail/skip, finding counts, splits, durations.
+
+Inputs are what a session leaves behind: JUnit XML (``--junitxml``; or outcomes collected by a pytest hook) and
+the per-test artifacts directories (``verdict.json``, ``pagemap-*.npz``, QMP transcripts, …). Outputs, in
+``--out``: ``summary.md``, a static ``index.html`` (inline CSS, no JS) whose failing cells show their failure
+message, page-map pictures of their oracle snapshots, links to their artifacts and, for synthetic cells, a
+standalone C reproducer.
+
+    python -m suite.report [--artifacts .holecheck] [--junit FILE ...] [--out DIR]
+
+Without ``--junit`` every ``verdict.json`` under the artifacts directory is a cell (its findings decide
+pass/fail), which mixes runs if the directory was not fresh. ``SessionPlugin`` writes the report at the end of a
+pytest session from the outcomes pytest reported (registered by conftest for ``--report DIR``).
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import re
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from . import pagemap_png, reproducer
+from .scenario import Scenario
+from .verdict import KINDS, Verdict
+
+STATUSES = ("failed", "error", "passed", "skipped")
+# Finding kinds shown as columns, with short headers.
+COLUMNS = {"hole": "holes", "missing-fault": "missing", "lost-uffd-wp": "lost wp", "lost-soft-dirty": "lost sd",
+           "no-wp-fault": "no wp fault", "content": "content", "stall": "stalls", "no-split": "no split"}
+MESSAGE_LINES = 60  # a traceback longer than this is cut in the report (the JUnit XML keeps it whole)
+PX_PER_PAGE = 2  # page maps 1024 px wide: a single marked page stays visible
+EXTRA_ARTIFACTS = ("verdict.json", "scenario.json", "qmp-*.txt", "stderr-*.txt", "*.log")
+
+
+def artifact_dir_name(nodeid: str) -> str:
+    """The directory conftest's ``artifacts`` fixture gives a test (same rule: keep it in step)."""
+    return re.sub(r"[^A-Za-z0-9_.@=-]+", "_", nodeid)
+
+
+@dataclass
+class Outcome:
+    """One test's result, from JUnit XML or straight from pytest reports."""
+
+    nodeid: str
+    status: str  # passed | failed | error | skipped
+    seconds: float = 0.0
+    message: str = ""
+    properties: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Cell:
+    """One test of the matrix with what its artifacts say."""
+
+    outcome: Outcome
+    artifacts: Path | None
+    verdict: Verdict | None
+    fallback_kernel: str = "?"  # for cells without a verdict: the run's kernel when it had only one
+
+    @property
+    def nodeid(self) -> str:
+        return self.outcome.nodeid
+
+    @property
+    def status(self) -> str:
+        return self.outcome.status
+
+    @property
+    def module(self) -> str:
+        return self.nodeid.split("::")[0]
+
+    @property
+    def test(self) -> str:
+        return self.nodeid.split("::")[-1]
+
+    @property
+    def kernel(self) -> str:
+        return self.verdict.kernel if self.verdict else self.outcome.properties.get("kernel", self.fallback_kernel)
+
+    @property
+    def qemu(self) -> str:
+        return self.verdict.qemu if self.verdict else ""
+
+    @property
+    def column(self) -> str:
+        return self.kernel + (f" · QEMU {self.qemu}" if self.qemu else "")
+
+    @property
+    def scenario(self) -> str:
+        """The row: the verdict's scenario (the same on every kernel), else the test's name."""
+        return self.verdict.scenario if self.verdict else self.test
+
+    @property
+    def counts(self) -> dict[str, int]:
+        if self.verdict is not None:
+            out: dict[str, int] = {}
+            for f in self.verdict.findings:
+                out[f.kind] = out.get(f.kind, 0) + f.count
+            return out
+        return {k: int(v) for k, v in self.outcome.properties.items() if k in KINDS and v.isdigit()}
+
+    @property
+    def splits(self) -> str:
+        """THPs before→after each shrink, e.g. 'dst shrink@completed: 127→0'."""
+        if self.verdict is None:
+            return ""
+        return "; ".join(f"{s.get('side', '') + ' ' if s.get('side') else ''}{s['phase']}: "
+                         f"{s['thp_before']}→{s['thp_after']}" for s in self.verdict.shrinks)
+
+    @property
+    def no_split_reason(self) -> str:
+        return self.verdict.no_split_reason if self.verdict and not self.verdict.split_expected else ""
+
+    @property
+    def seconds(self) -> float:
+        return self.outcome.seconds or (self.verdict.seconds if self.verdict else 0.0)
+
+    @property
+    def anchor(self) -> str:
+        return "cell-" + artifact_dir_name(self.nodeid)
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.verdict and self.verdict.scenario.split("[")[0].endswith("-style"))
+
+
+# --- collecting --------------------------------------------------------------------------------------------
+
+def parse_junit(path: Path, artifacts: Path | None = None) -> list[Outcome]:
+    """Every <testcase> of a JUnit XML file (pytest's, xunit1 or xunit2)."""
+    out = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        status, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            el = case.find(tag)
+            if el is not None:
+                status = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                text = (el.text or "").strip()
+                message = text if tag != "skipped" and text else el.get("message", "") or text
+                break
+        props = {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
+        nodeid = _nodeid(case.get("classname", ""), case.get("name", ""), artifacts)
+        out.append(Outcome(nodeid, status, float(case.get("time", 0) or 0), message, props))
+    return out
+
+
+def _nodeid(classname: str, name: str, artifacts: Path | None) -> str:
+    """JUnit splits the node id into 'tests.test_x[.Class]' and 'test[param]': the file is the longest dotted
+    prefix whose artifacts directory exists (else the whole classname)."""
+    parts = classname.split(".")
+    candidates = ["::".join(["/".join(parts[:k]) + ".py", *parts[k:], name]) for k in range(len(parts), 0, -1)]
+    if artifacts is not None:
+        for nodeid in candidates:
+            if (artifacts / artifact_dir_name(nodeid)).is_dir():
+                return nodeid
+    return candidates[0]
+
+
+def _cell(outcome: Outcome, artifacts: Path) -> Cell:
+    d = artifacts / artifact_dir_name(outcome.nodeid)
+    vpath = d / "verdict.json"
+    verdict = Verdict.from_json(vpath.read_text()) if vpath.is_file() else None
+    return Cell(outcome, d if d.is_dir() else None, verdict)
+
+
+def collect(artifacts: Path, junit: Sequence[Path] = (), outcomes: Iterable[Outcome] = ()) -> list[Cell]:
+    """The run's cells: from JUnit files and/or outcomes; with neither, from every verdict.json found."""
+    found = [*outcomes, *(o for j in junit for o in parse_junit(j, artifacts))]
+    if not found and artifacts.is_dir():
+        for vpath in sorted(artifacts.glob("*/verdict.json")):
+            v = Verdict.from_json(vpath.read_text())
+            msg = "" if v.ok else v.failure_message()
+            found.append(Outcome(vpath.parent.name, "passed" if v.ok else "failed", v.seconds, msg))
+    cells = [_cell(o, artifacts) for o in found]
+    kernels = {c.kernel for c in cells if c.verdict or "kernel" in c.outcome.properties}
+    if len(kernels) == 1:
+        for c in cells:
+            c.fallback_kernel = next(iter(kernels))
+    return cells
+
+
+# --- per failing cell: pictures, reproducer, links ----------------------------------------------------------
+
+@dataclass
+class Extras:
+    pictures: list[tuple[str, Path]] = field(default_factory=list)  # (caption, png)
+    links: list[tuple[str, Path]] = field(default_factory=list)
+    reproducer: Path | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def _npz_order(p: Path) -> tuple[int, str]:
+    """'last' snapshots first (the end state), then the shrinks' before/after pairs."""
+    return (0 if p.stem.endswith("last") else 1, p.stem)
+
+
+def extras(cell: Cell, out: Path) -> Extras:
+    ex = Extras()
+    d = cell.artifacts
+    if d is None:
+        return ex
+    img_dir = out / "img" / d.name
+    for npz in sorted(d.glob("pagemap-*.npz"), key=_npz_order):
+        png = img_dir / (npz.stem + ".png")
+        try:
+            img_dir.mkdir(parents=True, exist_ok=True)
+            pagemap_png.render_file(npz, png, cell.verdict, px_per_page=PX_PER_PAGE)
+            ex.pictures.append((npz.name, png))
+        except (OSError, ValueError, KeyError) as exc:
+            ex.problems.append(f"{npz.name}: cannot render ({exc})")
+    for pattern in EXTRA_ARTIFACTS:
+        ex.links += [(p.name, p) for p in sorted(d.glob(pattern))]
+    ex.links += [(p.name, p) for p in sorted(d.glob("pagemap-*.npz"))]
+    if (d / "scenario.json").is_file():
+        try:
+            scenario = Scenario.from_json((d / "scenario.json").read_text())
+            if scenario.synthetic:
+                ex.reproducer = out / "repro" / f"{d.name}.c"
+                ex.reproducer.parent.mkdir(parents=True, exist_ok=True)
+                ex.reproducer.write_text(reproducer.generate(scenario, cell.verdict))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            ex.problems.append(f"reproducer: {exc}")
+    return ex
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+
+def _rel(path: Path, out: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), out.resolve())).as_posix()
+
+
+def _counts_text(cell: Cell, sep: str = " · ") -> str:
+    return sep.join(f"{COLUMNS.get(k, k)} {n:,}" for k, n in cell.counts.items())
+
+
+def _totals(cells: Sequence[Cell]) -> dict[str, int]:
+    return {s: sum(c.status == s for c in cells) for s in STATUSES}
+
+
+Matrix = tuple[list[str], list[str], dict[tuple[str, str], list[Cell]]]  # rows, columns, cells at (row, column)
+
+
+def _matrix(cells: Sequence[Cell]) -> dict[str, Matrix]:
+    """Per test module: its rows (scenarios), columns (kernel · QEMU) and cells at each intersection."""
+    out: dict[str, Matrix] = {}
+    for c in cells:
+        rows, cols, grid = out.setdefault(c.module, ([], [], {}))
+        if c.scenario not in rows:
+            rows.append(c.scenario)
+        if c.column not in cols:
+            cols.append(c.column)
+        grid.setdefault((c.scenario, c.column), []).append(c)
+    return out
+
+
+def _worst(cells: Sequence[Cell]) -> str:
+    return min((c.status for c in cells), key=STATUSES.index)
+
+
+def summary_md(cells: Sequence[Cell], extras_by_cell: dict[str, Extras], out: Path, title: str) -> str:
+    t = _totals(cells)
+    lines = [f"# {title}", "", f"{len(cells)} tests: " + ", ".join(f"{n} {s}" for s, n in t.items() if n), ""]
+    for module, (rows, cols, grid) in _matrix(cells).items():
+        lines += [f"## {module}", "", "| scenario | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for row in rows:
+            tds = []
+            for col in cols:
+                here = grid.get((row, col), [])
+                tds.append("; ".join(f"**{c.status}**" + (f" ({_counts_text(c, ', ')})" if c.counts else "")
+                                     + f" {c.seconds:.1f} s" for c in here) or "—")
+            lines.append(f"| `{row}` | " + " | ".join(tds) + " |")
+        lines.append("")
+    bad = [c for c in cells if c.status in ("failed", "error")]
+    if bad:
+        lines += ["## Failures", ""]
+    for c in bad:
+        ex = extras_by_cell.get(c.nodeid, Extras())
+        where = f"kernel {c.kernel}" + (f", QEMU {c.qemu}" if c.qemu else "")
+        where += f"; THPs before→after each shrink: {c.splits}" if c.splits else ""
+        lines += [f"### `{c.nodeid}`", "", where, "", "```", *_message(c).splitlines(), "```", ""]
+        lines += [f"- page map: [{cap}]({_rel(p, out)})" for cap, p in ex.pictures]
+        lines += [f"- [{name}]({_rel(p, out)})" for name, p in ex.links if not name.endswith(".npz")]
+        if ex.reproducer:
+            lines.append(f"- C reproducer: [{ex.reproducer.name}]({_rel(ex.reproducer, out)}) "
+                         f"(`{reproducer.BUILD}`, run as root)")
+        lines += [f"- {p}" for p in ex.problems] + [""]
+    return "\n".join(lines) + "\n"
+
+
+def _message(c: Cell) -> str:
+    text = c.outcome.message or (c.verdict.failure_message() if c.verdict and not c.verdict.ok else "")
+    text = re.sub(r"^Failed: ", "", text)
+    lines = text.splitlines()
+    return "\n".join(lines[:MESSAGE_LINES] + ([f"… ({len(lines) - MESSAGE_LINES} more lines)"]
+                                              if len(lines) > MESSAGE_LINES else []))
+
+
+CSS = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; } h3 { font-size: 1em; font-family: monospace; }
+table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid #ccc; padding: 3px 6px; }
+th { background: #f3f3f3; text-align: left; } td.scn { font-family: monospace; font-size: 12px; }
+.passed { background: #e3f5e1; } .failed { background: #fbd9d7; } .error { background: #f9c9a6; }
+.skipped { background: #eee; color: #777; }
+.badge { font-weight: 600; } .counts { font-size: 12px; color: #900; } .secs { font-size: 11px; color: #777; }
+pre { background: #f8f8f8; border: 1px solid #ddd; padding: 8px; white-space: pre-wrap; font-size: 12px; }
+.pics { display: flex; flex-wrap: wrap; gap: 12px; } figure { margin: 0; }
+figcaption { font: 12px monospace; } img.map { image-rendering: pixelated; border: 1px solid #ccc; }
+.legend span.box { display: inline-block; width: 12px; height: 12px; border: 1px solid #888;
+  vertical-align: middle; margin: 0 4px 0 12px; }
+.cell { border-top: 2px solid #c33; margin-top: 1.5em; }
+"""
+
+
+def _h(text: object) -> str:
+    return html.escape(str(text))
+
+
+def _legend_html() -> str:
+    items = "".join(f'<span class="box" style="background: rgb{c}"></span>{_h(t)}'
+                    for c, t in pagemap_png.LEGEND_HTML.values())
+    return f'<p class="legend">Page maps — one row per 2 MiB chunk, one pixel per 4 KiB page: {items}</p>'
+
+
+def index_html(cells: Sequence[Cell], extras_by_cell: dict[str, Extras], out: Path, title: str) -> str:
+    t = _totals(cells)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_h(title)}</title><style>{CSS}</style>",
+             f"</head><body><h1>{_h(title)}</h1>",
+             f"<p>{len(cells)} tests: " + ", ".join(f'<span class="{s} badge">&nbsp;{n} {s}&nbsp;</span>'
+                                                    for s, n in t.items() if n) + "</p>"]
+    parts += [_matrix_html(module, *m) for module, m in _matrix(cells).items()]
+    bad = [c for c in cells if c.status in ("failed", "error")]
+    if bad:
+        parts += ["<h2>Failures</h2>", _legend_html()]
+    parts += [_failure_html(c, extras_by_cell.get(c.nodeid, Extras()), out) for c in bad]
+    parts.append(_all_tests_html(cells))
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts.append(f"<p class='secs'>generated by holecheck (suite/report.py) at {stamp}</p></body></html>")
+    return "\n".join(parts)
+
+
+def _matrix_html(module: str, rows: list[str], cols: list[str], grid: dict[tuple[str, str], list[Cell]]) -> str:
+    parts = [f"<h2>{_h(module)}</h2><table><tr><th>scenario</th>" + "".join(f"<th>{_h(c)}</th>" for c in cols)
+             + "</tr>"]
+    for row in rows:
+        tds = []
+        for col in cols:
+            here = grid.get((row, col), [])
+            tds.append(f"<td class='{_worst(here)}'>" + "<br>".join(_cell_html(c) for c in here) + "</td>"
+                       if here else "<td>—</td>")
+        parts.append(f"<tr><td class='scn'>{_h(row)}</td>{''.join(tds)}</tr>")
+    return "\n".join(parts) + "</table>"
+
+
+def _all_tests_html(cells: Sequence[Cell]) -> str:
+    """Every test, one row; finding columns only for kinds some test has."""
+    kinds = [k for k in COLUMNS if any(k in c.counts for c in cells)]
+    parts = ["<h2>All tests</h2><table><tr><th>status</th><th>test</th><th>kernel</th><th>QEMU</th>"
+             + "".join(f"<th>{_h(COLUMNS[k])}</th>" for k in kinds) + "<th>THPs before→after each shrink</th>"
+             "<th>s</th></tr>"]
+    for c in cells:
+        link = f"<a href='#{c.anchor}'>{_h(c.nodeid)}</a>" if c.status in ("failed", "error") else _h(c.nodeid)
+        splits = _h(c.splits)
+        if c.no_split_reason:
+            splits += f" <span class='secs' title='{_h(c.no_split_reason)}'>(no split expected)</span>"
+        parts.append(f"<tr class='{c.status}'><td>{c.status}</td><td class='scn'>{link}</td>"
+                     f"<td>{_h(c.kernel)}</td><td>{_h(c.qemu)}</td>"
+                     + "".join(f"<td>{c.counts.get(k, '')}</td>" for k in kinds)
+                     + f"<td>{splits}</td><td>{c.seconds:.1f}</td></tr>")
+    return "\n".join(parts) + "</table>"
+
+
+def _cell_html(c: Cell) -> str:
+    label = f"<span class='badge'>{c.status}</span>"
+    if c.status in ("failed", "error"):
+        label = f"<a href='#{c.anchor}'>{label}</a>"
+    counts = f" <span class='counts'>{_h(_counts_text(c))}</span>" if c.counts else ""
+    return f"{label}{counts} <span class='secs'>{c.seconds:.1f} s</span>"
+
+
+def _failure_html(c: Cell, ex: Extras, out: Path) -> str:
+    head = f"kernel {_h(c.kernel)}" + (f", QEMU {_h(c.qemu)}" if c.qemu else "")
+    if c.splits:
+        head += f"; THPs before→after each shrink: {_h(c.splits)}"
+    if c.no_split_reason:
+        head += f" (no split expected: {_h(c.no_split_reason)})"
+    parts = [f"<div class='cell' id='{c.anchor}'><h3>{_h(c.nodeid)}</h3><p>{head}</p><pre>{_h(_message(c))}</pre>"]
+    links = [f"<a href='{_h(_rel(p, out))}'>{_h(name)}</a>" for name, p in ex.links]
+    if ex.reproducer:
+        links.insert(0, f"<a href='{_h(_rel(ex.reproducer, out))}'><b>C reproducer</b></a> "
+                        f"(<code>{_h(reproducer.BUILD)}</code>, run as root)")
+    if links:
+        parts.append("<p>" + " · ".join(links) + "</p>")
+    parts += [f"<p>{_h(p)}</p>" for p in ex.problems]
+    if ex.pictures:
+        parts.append("<div class='pics'>" + "".join(
+            f"<figure><img class='map' src='{_h(_rel(p, out))}' alt='{_h(cap)}'><figcaption>{_h(cap)}</figcaption>"
+            "</figure>" for cap, p in ex.pictures) + "</div>")
+    return "\n".join(parts) + "</div>"
+
+
+def write(out: Path, artifacts: Path, junit: Sequence[Path] = (), outcomes: Iterable[Outcome] = (),
+          title: str = "holecheck run") -> Path:
+    """Write ``summary.md``, ``index.html`` and the failing cells' pictures and reproducers into ``out``;
+    returns the HTML's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    cells = collect(artifacts, junit, outcomes)
+    extras_by_cell = {c.nodeid: extras(c, out) for c in cells if c.status in ("failed", "error")}
+    (out / "summary.md").write_text(summary_md(cells, extras_by_cell, out, title))
+    index = out / "index.html"
+    index.write_text(index_html(cells, extras_by_cell, out, title))
+    return index
+
+
+class SessionPlugin:
+    """A pytest plugin that collects every test's outcome and writes the report at the end of the session
+    (conftest registers it for ``--report DIR``; no ``--junitxml`` needed)."""
+
+    def __init__(self, out: Path, artifacts: Path, title: str = "holecheck run") -> None:
+        self.out, self.artifacts, self.title = out, artifacts, title
+        self.outcomes: dict[str, Outcome] = {}
+        self.index: Path | None = None
+        self.error = ""
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """One outcome per test from its setup/call/teardown reports: a failed setup or teardown is an error."""
+        o = self.outcomes.setdefault(report.nodeid, Outcome(report.nodeid, "passed"))
+        o.seconds = round(o.seconds + report.duration, 3)
+        o.properties.update({str(k): str(v) for k, v in report.user_properties})
+        if report.skipped and o.status == "passed":
+            o.status = "skipped"
+            longrepr = report.longrepr
+            o.message = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr or "")
+            o.message = o.message.removeprefix("Skipped: ")
+        elif report.failed and o.status not in ("failed", "error"):
+            o.status = "failed" if report.when == "call" else "error"
+            o.message = report.longreprtext
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        try:
+            self.index = write(self.out, self.artifacts, outcomes=list(self.outcomes.values()), title=self.title)
+        except (OSError, ValueError) as exc:  # a report must never turn a run's result into a crash
+            self.error = str(exc)
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        text = f"holecheck report: {self.index}" if self.index else f"holecheck report not written: {self.error}"
+        terminalreporter.write_line(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m suite.report", description=__doc__.splitlines()[0])
+    p.add_argument("--artifacts", type=Path, default=Path(".holecheck"), help="per-test artifacts (.holecheck/)")
+    p.add_argument("--junit", type=Path, nargs="*", default=[], help="JUnit XML file(s) from pytest --junitxml")
+    p.add_argument("--out", type=Path, help="output directory (default: <artifacts>/report)")
+    p.add_argument("--title", default="holecheck run")
+    a = p.parse_args(argv)
+    try:
+        index = write(a.out or a.artifacts / "report", a.artifacts, a.junit, title=a.title)
+    except (OSError, ET.ParseError) as exc:
+        print(f"report: {exc}", file=sys.stderr)
+        return 2
+    print(index)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The standalone C reproducer, generated, built with cc and run for real on the running kernel: it names exactly
+the pages the negative control spoils (so it can fail), finds nothing where the suite finds nothing, and leaves
+the THP knobs and memory cgroups as found."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from suite import memcg, reproducer, thp
+from suite import scenario as sc
+from suite.verdict import Finding, Verdict
+
+BAD_LINE = re.compile(r"^(?P<kind>[a-z-]+) page (?P<page>\d+) \(chunk (?P<chunk>\d+) subpage (?P<sub>\d+), "
+                      r"va 0x[0-9a-f]+\) at (?P<phase>.+)$")
+SHRINK_LINE = re.compile(r"^# shrink@[^:]+: [^:]+: (?P<before>-?\d+) -> (?P<after>-?\d+) THPs")
+MAX_PTES_NONE = thp.KNOBS["max_ptes_none"]
+
+host = pytest.mark.skipif(os.geteuid() != 0 or not thp.SYSFS.exists() or not shutil.which("cc"),
+                          reason="needs root, transparent hugepages and a C compiler")
+
+
+@dataclass
+class Outcome:
+    rc: int
+    bad: list[tuple[str, int, str]]  # (kind, page index, phase) per bad-page line
+    stdout: str
+    stderr: str
+
+    def pages(self, kind: str | None = None, phase: str | None = None) -> list[int]:
+        return [p for k, p, ph in self.bad if (kind is None or k == kind) and (phase is None or ph == phase)]
+
+
+def build(tmp_path: Path, scenario: sc.Scenario) -> Path:
+    src = tmp_path / "repro.c"
+    src.write_text(reproducer.generate(scenario))
+    binary = tmp_path / "repro"
+    proc = subprocess.run(["cc", "-O2", "-pthread", "-Wall", "-Wextra", str(src), "-o", str(binary)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    return binary
+
+
+def run(binary: Path) -> Outcome:
+    """Run under the host-wide knob lock (the reproducer is told the caller holds it); the knobs and cgroups must
+    be as found afterwards."""
+    with thp.exclusive():
+        knobs, mpn = thp.current(), MAX_PTES_NONE.read_text()
+        proc = subprocess.Popen([str(binary), "--no-lock"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert MAX_PTES_NONE.read_text() == mpn, "the reproducer left khugepaged/max_ptes_none changed"
+        assert thp.current() == knobs
+    assert not [p for p in memcg.leftovers() if f"repro-{proc.pid}-" in p.name], "its memory cgroup is left"
+    bad = [(m["kind"], int(m["page"]), m["phase"]) for m in map(BAD_LINE.match, stdout.splitlines()) if m]
+    return Outcome(proc.returncode, bad, stdout, stderr)
+
+
+def test_header_says_what_where_and_how():
+    scenario = sc.postcopy_style("after-discard", "after-place", sabotage=True)
+    verdict = Verdict(scenario="postcopy-style[register@after-discard-shrink@after-place-mpn409-spread8]",
+                      kernel="6.18.44-test", findings=[Finding.of("hole", "sabotage-punch(sabotage)", [0x7f0000])])
+    text = reproducer.generate(scenario, verdict)
+    header = text[: text.index("*/")]
+    assert "Failed on kernel 6.18.44-test" in header and "5 placed pages" not in header
+    assert "[sabotage-punch(sabotage)] 1 placed pages became pte_none holes" in header
+    assert reproducer.BUILD in header and "max_ptes_none=409" in header
+    assert all(f". {st.phase}: " in header for st in scenario.steps)
+    assert "static void *handler(void *arg)" in text  # the suite helper's own fault handler
+    with pytest.raises(ValueError, match="synthetic"):
+        reproducer.generate(sc.postcopy("completed"))
+
+
+def test_written_from_a_failing_cells_artifacts(tmp_path: Path):
+    scenario = sc.snapshot_style("after-protect", sabotage=True)
+    (tmp_path / "scenario.json").write_text(scenario.to_json())
+    (tmp_path / "verdict.json").write_text(Verdict(scenario="s", kernel="6.1.0-56-amd64").to_json())
+    out = reproducer.write(tmp_path)
+    assert out == tmp_path / "repro.c" and "Failed on kernel 6.1.0-56-amd64" in out.read_text()
+    assert reproducer.main([str(tmp_path), "-o", str(tmp_path / "x.c")]) == 0 and (tmp_path / "x.c").exists()
+
+
+@pytest.mark.host
+@host
+def test_snapshot_style_reproducer_finds_nothing_and_splits(tmp_path: Path):
+    out = run(build(tmp_path, sc.snapshot_style("after-protect")))
+    assert (out.rc, out.bad) == (0, []), out.stdout + out.stderr
+    assert "# verdict: no bad page" in out.stdout
+    shrinks = [m for m in map(SHRINK_LINE.match, out.stdout.splitlines()) if m]
+    assert len(shrinks) == 1, out.stdout
+    if "shrink_underused" in thp.current():  # the kernel has the underused shrinker; mpn409 lets it split
+        assert int(shrinks[0]["after"]) < int(shrinks[0]["before"]), out.stdout
+
+
+@pytest.mark.host
+@host
+def test_sabotaged_postcopy_reproducer_names_exactly_the_punched_pages(tmp_path: Path):
+    scenario = sc.postcopy_style("after-discard", "after-place", sabotage=True)
+    punched = np.nonzero(scenario.selector("sabotage"))[0].tolist()
+    assert len(punched) == 5
+    out = run(build(tmp_path, scenario))
+    assert out.rc == 1, out.stdout + out.stderr
+    assert sorted(set(out.pages())) == punched, out.stdout
+    assert out.pages("hole") == out.pages("hole", "sabotage-punch(sabotage)") == punched
+    assert out.pages("missing-fault") == out.pages("missing-fault", "touch(read)") == punched
+    assert {k for k, _, _ in out.bad} <= {"hole", "missing-fault", "lost-soft-dirty"}  # DONTNEED clears soft-dirty
+    assert f"# verdict: {len(out.bad)} bad page report(s)" in out.stdout
