@@ -1,0 +1,621 @@
+"""Bisect kernels for the first version whose holecheck verdict changes: Debian packages, or your git tree.
+
+Debian packages (``debian`` subcommand)::
+
+    python -m suite.bisect debian --good debian:6.12.95 --bad debian:6.12.43 -k "snapshot_style and mpn409"
+
+The candidates are Debian's generic-flavour (``-amd64``) packages between the two ends, one build per upstream
+version (the build ``--kernel=debian:X.Y.Z`` would pick: bookworm-backports before trixie, then the newest
+rebuild), oldest first. ``--good``/``--bad`` say what the suite's verdict is at each end; which end is older
+decides what is searched, as with git's old/new terms:
+
+- good older than bad: a regression → ``first bad: debian:…``;
+- bad older than good: a fix → ``first good: debian:…``. ``--first-good`` states that intent, and is checked:
+  with it, a good end older than the bad end is an error instead of a silent regression search.
+
+Both ends are run first (the good end must pass and the bad end fail, else nothing is bisected), then a binary
+search, one pytest subprocess per step::
+
+    pytest -p no:cacheprovider tests --kernel=debian:ABI -k EXPR -m "host and not bench" --junitxml=… -q
+
+Each step is classified from pytest's exit code and its JUnit XML: every selected test that ran passed → good;
+at least one test failed → bad (a verdict); the kernel did not boot or the session could not set up (exit 4),
+only errors, nothing ran, or no result within ``--step-timeout`` → skip (not a verdict: like ``git bisect
+skip``, the candidate nearest the midpoint that is not skipped is tried instead). Interrupted or internal-error
+sessions, or a -k that selects nothing, abort the bisection: those are the suite's problems, not the kernel's.
+Every step prints one line; the log of steps is ``.holecheck/bisect/<time>.json`` and each step's pytest output,
+JUnit XML and artifacts are kept in ``.holecheck/bisect/<time>/``. ``--dry-run`` prints the candidates only.
+Exit status: 0 found; 1 an end does not hold its verdict; 2 bad input or the bisection aborted; 3 only skipped
+kernels are left between the last old and the first new one (all of them are named).
+
+Your kernel tree (``run-tree`` subcommand, for ``git bisect run``)::
+
+    cd linux
+    git bisect start BAD GOOD
+    git bisect run /path/to/holecheck/.venv/bin/python -m suite.bisect run-tree . -k postcopy_style
+
+Each step builds the checked-out tree with holecheck's config (``kernels.build.build_tree``: out of tree, in
+``~/.cache/holecheck/build/trees/``, incremental between steps; the tree must have no in-tree ``.config``),
+boots the bzImage and runs the selected tests. Exit 0: every selected test passed; 1: a test failed; 125: the
+tree does not build, the kernel does not boot or the session cannot set up (git skips the commit); 128: the
+suite itself is broken (a -k that selects nothing, a collection error, a usage error): git aborts the
+bisection. For a fix (old commits fail, new ones pass) add ``--first-good``, which swaps exits 0 and 1, and let
+git's own terms say so::
+
+    git bisect start --term-old=broken --term-new=fixed FIXED BROKEN
+    git bisect run /path/to/holecheck/.venv/bin/python -m suite.bisect run-tree . -k snapshot_style --first-good
+
+Every step is appended to ``.holecheck/bisect/run-tree.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TextIO
+
+from suite.errors import SetupError
+
+# kernels.* is imported where it is used, as elsewhere in suite/: kernels depends on suite, not the other way round.
+PROJECT = Path(__file__).resolve().parent.parent
+STEP_TIMEOUT = 3600.0  # one pytest session: fetch + boot (~5 s under TCG) + a small -k selection; minutes
+KILL_GRACE = 60.0  # after SIGTERM the session unwinds (VM, THP knobs, cgroups) before SIGKILL
+GIT_TIMEOUT = 60.0
+MARKEXPR = "host and not bench"
+EXIT_GOOD, EXIT_BAD, EXIT_SKIP, EXIT_ABORT = 0, 1, 125, 128  # git bisect run's meanings
+# pytest's exit codes (pytest.ExitCode), spelt out: the child is another process.
+PYTEST_OK, PYTEST_FAILED, PYTEST_INTERRUPTED, PYTEST_INTERNAL, PYTEST_USAGE, PYTEST_NO_TESTS = range(6)
+
+
+class StepVerdict(StrEnum):
+    GOOD = "good"
+    BAD = "bad"
+    SKIP = "skip"  # the kernel could not be judged: try a neighbour
+    ABORT = "abort"  # the suite (not the kernel) is broken: stop bisecting
+
+
+# --- Debian candidates ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Candidate:
+    """One Debian kernel package to bisect over (generic flavour)."""
+
+    abi: str  # "6.12.57+deb12", "6.12.90+deb12.1", "6.1.0-56"
+
+    @property
+    def upstream(self) -> str:
+        """"6.12.57" (new naming); for bookworm's 6.1 ABIs ("6.1.0-56") the ABI itself: no upstream in the name."""
+        return self.abi.partition("+")[0]
+
+    @property
+    def spec(self) -> str:
+        """What pytest gets: the exact ABI, so a step runs the very build the list chose."""
+        return f"debian:{self.abi}"
+
+    @property
+    def label(self) -> str:
+        from kernels import debian
+
+        return f"debian:{self.upstream} ({self.abi}-{debian.FLAVOURS['']})"
+
+
+def generic_abis(versions: Sequence[str]) -> list[str]:
+    """The generic-flavour ABIs of ``kernels.debian.list_versions()`` (the cloud flavour oopses under TCG)."""
+    return [v for v in versions if not v.endswith("-cloud")]
+
+
+def preferred_builds(abis: Sequence[str]) -> list[Candidate]:
+    """One build per upstream version, chosen by ``kernels.debian.preference``, ordered by upstream version."""
+    from kernels import debian
+
+    best: dict[str, str] = {}
+    for abi in abis:
+        up = Candidate(abi).upstream
+        if up not in best or debian.preference(abi) > debian.preference(best[up]):
+            best[up] = abi
+    return sorted((Candidate(a) for a in best.values()), key=lambda c: debian.abi_key(c.upstream))
+
+
+def resolve_endpoint(text: str, abis: Sequence[str]) -> Candidate:
+    """``debian:6.12.95`` (or ``6.12.95``, ``6.12.90+deb12.1``, ``newest-6.1``) → the package it names."""
+    from kernels import debian
+
+    value = text.removeprefix("debian:")
+    spec = debian.parse_spec(value)
+    if spec.flavour != debian.FLAVOURS[""]:
+        raise SetupError(f"{text}: bisection runs the generic flavour only (the cloud flavour oopses under TCG)")
+    chosen = debian.select(spec, [debian.package_name(a) for a in abis])
+    if chosen is None:
+        raise SetupError(f"{text}: no such Debian kernel package (python -m kernels.debian list shows them)")
+    return Candidate(debian.split_package(chosen)[0])
+
+
+def candidate_range(abis: Sequence[str], a: Candidate, b: Candidate) -> list[Candidate]:
+    """The ends (as given) and every preferred build strictly between them, oldest first."""
+    from kernels import debian
+
+    lo, hi = sorted((a, b), key=lambda c: debian.abi_key(c.upstream))
+    if lo.upstream == hi.upstream:
+        raise SetupError(f"debian:{a.abi} and debian:{b.abi} are the same upstream version: nothing to bisect")
+    lo_key, hi_key = debian.abi_key(lo.upstream), debian.abi_key(hi.upstream)
+    between = [c for c in preferred_builds(abis) if lo_key < debian.abi_key(c.upstream) < hi_key]
+    return [lo, *between, hi]
+
+
+# --- the binary search ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Search:
+    """Find the first index in the *new* state (git's terms) in a list whose index 0 is known to be old and whose
+    last index is known to be new. Skipped indices are never proposed again; the next proposal is the untested
+    index nearest the midpoint (the lower one on a tie)."""
+
+    size: int
+    old: int = 0
+    new: int = -1
+    skipped: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.size < 2:
+            raise ValueError("a search needs two ends")
+        if self.new < 0:
+            self.new = self.size - 1
+
+    def untested(self) -> list[int]:
+        return [i for i in range(self.old + 1, self.new) if i not in self.skipped]
+
+    def next(self) -> int | None:
+        """The index to test next, or None when the search is over."""
+        left = self.untested()
+        mid = (self.old + self.new) / 2
+        return min(left, key=lambda i: (abs(i - mid), i)) if left else None
+
+    def record(self, index: int, state: str) -> None:
+        """``state``: "old", "new" or "skip"."""
+        if not self.old < index < self.new:
+            raise ValueError(f"index {index} outside the open range ({self.old}, {self.new})")
+        if state == "skip":
+            self.skipped.add(index)
+        elif state == "old":
+            self.old = index
+        elif state == "new":
+            self.new = index
+        else:
+            raise ValueError(f"state {state!r}: expected old, new or skip")
+
+    def steps_left(self) -> int:
+        """Tests still needed if none is skipped: ceil(log2(untested + 1))."""
+        return math.ceil(math.log2(len(self.untested()) + 1))
+
+    def suspects(self) -> list[int]:
+        """Once over: the indices that may be the first new one (more than one only when skips are in the way)."""
+        return list(range(self.old + 1, self.new + 1))
+
+
+# --- judging one pytest session -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CaseResult:
+    name: str  # "test_snapshot_style[shrink@after-protect-mpn409]"
+    outcome: str  # passed | failed | error | skipped
+    summary: str = ""  # first line of JUnit's message attribute: 'suite.errors.SetupError: …', 'Failed: …'
+    text: str = ""  # the element text: the whole verdict of a failed scenario, or the traceback
+
+
+def parse_junit(text: str) -> list[CaseResult]:
+    """Test cases of a pytest JUnit XML, one per test (pytest may report a test's call and teardown separately:
+    failed wins over error, error over skipped, skipped over passed)."""
+    root = ET.fromstring(text)
+    rank = {"passed": 0, "skipped": 1, "error": 2, "failed": 3}
+    cases: dict[str, CaseResult] = {}
+    for tc in root.iter("testcase"):
+        name = tc.get("name", "?")
+        key = f"{tc.get('classname', '')}::{name}"
+        case = CaseResult(name, "passed")
+        for tag, kind in (("failure", "failed"), ("error", "error"), ("skipped", "skipped")):
+            el = tc.find(tag)
+            if el is not None:
+                summary = (el.get("message") or "").strip().split("\n", 1)[0]
+                case = CaseResult(name, kind, summary, (el.text or "").strip() or summary)
+                break
+        # A SetupError raised inside a test is the environment failing, not the kernel: an error, not a verdict.
+        if case.outcome == "failed" and re.match(r"(suite\.errors\.)?SetupError\b", case.summary):
+            case = CaseResult(name, "error", case.summary, case.text)
+        if key not in cases or rank[case.outcome] > rank[cases[key].outcome]:
+            cases[key] = case
+    return list(cases.values())
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One step's classification and the facts behind it."""
+
+    verdict: StepVerdict
+    reason: str  # "2 failed: a, b; 2 passed", "boot/setup failed: …"
+    exit_code: int | None  # None: no exit (timed out, killed by us)
+    cases: tuple[CaseResult, ...] = ()
+
+    def count(self, outcome: str) -> int:
+        return sum(c.outcome == outcome for c in self.cases)
+
+    @property
+    def failed(self) -> list[str]:
+        return [c.name for c in self.cases if c.outcome == "failed"]
+
+
+def _names(names: Sequence[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (", …" if len(names) > limit else "")
+
+
+def classify(exit_code: int | None, junit: str | None, note: str = "") -> Outcome:
+    """Good, bad, skip or abort from pytest's exit code and JUnit XML text (``note``: why there is no exit code,
+    or the session's own last word, e.g. the one-line reason a kernel did not boot)."""
+    suffix = f": {note}" if note else ""
+    if exit_code is None:
+        return Outcome(StepVerdict.SKIP, f"no result{suffix}", None)
+    if exit_code == PYTEST_USAGE:  # conftest's pytest.exit(returncode=4): the kernel did not boot or lacks config
+        return Outcome(StepVerdict.SKIP, f"boot/setup failed{suffix}", exit_code)
+    if exit_code == PYTEST_NO_TESTS:
+        return Outcome(StepVerdict.ABORT, "no tests collected: -k/-m select nothing", exit_code)
+    if exit_code in (PYTEST_INTERRUPTED, PYTEST_INTERNAL):
+        what = "interrupted (a collection error, or Ctrl-C)" if exit_code == PYTEST_INTERRUPTED else "internal error"
+        return Outcome(StepVerdict.ABORT, f"pytest {what}, exit {exit_code}{suffix}", exit_code)
+    if exit_code not in (PYTEST_OK, PYTEST_FAILED):
+        return Outcome(StepVerdict.SKIP, f"pytest died (exit {exit_code}){suffix}", exit_code)
+    if not junit:
+        return Outcome(StepVerdict.SKIP, f"exit {exit_code} but no JUnit XML{suffix}", exit_code)
+    try:
+        cases = tuple(parse_junit(junit))
+    except ET.ParseError as exc:
+        return Outcome(StepVerdict.SKIP, f"unreadable JUnit XML ({exc})", exit_code)
+    out = Outcome(StepVerdict.SKIP, "", exit_code, cases)
+    passed, errors, skipped = out.count("passed"), out.count("error"), out.count("skipped")
+    err = "error" if errors == 1 else "errors"
+    tail = "; ".join(f"{n} {w}" for n, w in ((passed, "passed"), (errors, err), (skipped, "skipped")) if n)
+    if failed := out.failed:
+        reason = f"{len(failed)} failed: {_names(failed)}" + (f"; {tail}" if tail else "")
+        return Outcome(StepVerdict.BAD, reason, exit_code, cases)
+    if errors:  # errors and no failure: fixtures could not set up, so nothing was judged
+        first = next(c for c in cases if c.outcome == "error").summary
+        return Outcome(StepVerdict.SKIP, f"{tail}, no verdict: {first[:160]}", exit_code, cases)
+    if not passed:
+        return Outcome(StepVerdict.SKIP, f"no test ran ({tail or 'no test cases'})", exit_code, cases)
+    return Outcome(StepVerdict.GOOD, tail, exit_code, cases)
+
+
+def last_word(log_text: str) -> str:
+    """The session's one-line reason for stopping (``holecheck: …`` from pytest.exit), else its last line."""
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if m := re.search(r"holecheck: (.+?)(?:\s*!+)?$", ln):
+            return m[1]
+    return lines[-1].strip("=! ") if lines else ""
+
+
+# --- running one step -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Runner:
+    """Runs the selected tests against one kernel in a pytest subprocess of the project."""
+
+    expr: str
+    timeout: float = STEP_TIMEOUT
+    extra: tuple[str, ...] = ()
+    project: Path = PROJECT
+
+    def argv(self, kernel: str, junit: Path, artifacts: Path) -> list[str]:
+        # The venv's interpreter with -m: the project dir (cwd) comes first on sys.path, so a worktree runs its own
+        # suite even though the venv's editable install points at another checkout.
+        return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests", f"--kernel={kernel}",
+                "-k", self.expr, "-m", MARKEXPR, f"--junitxml={junit}", "-q", f"--artifacts={artifacts}",
+                *self.extra]
+
+    def run(self, kernel: str, workdir: Path, name: str) -> tuple[Outcome, float]:
+        """Run and classify; pytest's output goes to ``workdir/name.log``, artifacts to ``workdir/name/``."""
+        junit, log_path, artifacts = workdir / f"{name}.xml", workdir / f"{name}.log", workdir / name
+        workdir.mkdir(parents=True, exist_ok=True)
+        junit.unlink(missing_ok=True)
+        t0 = time.monotonic()
+        argv = self.argv(kernel, junit, artifacts)
+        with open(log_path, "w") as log:
+            log.write(f"# {shlex.join(argv)}\n")
+            log.flush()
+            code = run_bounded(argv, self.project, log, self.timeout)
+        seconds = time.monotonic() - t0
+        note = (f"no result within {self.timeout:g} s (--step-timeout); session stopped, log {log_path}"
+                if code is None else last_word(log_path.read_text(errors="replace")))
+        xml = junit.read_text(errors="replace") if junit.exists() else None
+        # The session's last word only where the XML cannot explain the step (no exit, setup failure, no XML).
+        return classify(code, xml, note if code not in (PYTEST_OK, PYTEST_FAILED) or xml is None else ""), seconds
+
+
+def run_bounded(argv: list[str], cwd: Path, log: TextIO, timeout: float) -> int | None:
+    """Run ``argv`` in its own process group; on timeout (→ None) or Ctrl-C, SIGTERM the group (the session
+    unwinds: VM stopped, THP knobs and cgroups restored), then SIGKILL after KILL_GRACE."""
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        return None
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    for sig, grace in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# --- the Debian bisection -------------------------------------------------------------------------------------------
+
+@dataclass
+class Step:
+    """One pytest session in the log."""
+
+    role: str  # "old end (expected bad)", "new end (expected good)", "step 2/4"
+    candidate: str  # the label
+    spec: str
+    verdict: str
+    reason: str
+    exit_code: int | None
+    seconds: float
+    failures: dict[str, dict[str, str]]  # failed test → {"summary": JUnit message line, "text": the verdict}
+
+
+@dataclass
+class Plan:
+    """What a Debian bisection searches: candidates oldest first; which verdict the old end has."""
+
+    candidates: list[Candidate]
+    old_verdict: StepVerdict  # GOOD: a regression (find the first bad); BAD: a fix (find the first good)
+
+    @property
+    def new_verdict(self) -> StepVerdict:
+        return StepVerdict.BAD if self.old_verdict is StepVerdict.GOOD else StepVerdict.GOOD
+
+    @property
+    def looking_for(self) -> str:
+        return f"first {self.new_verdict}"
+
+
+def make_plan(abis: Sequence[str], good: str, bad: str, first_good: bool) -> Plan:
+    """Resolve the ends and order the candidates; the ends' version order decides regression vs fix."""
+    from kernels import debian
+
+    g, b = resolve_endpoint(good, abis), resolve_endpoint(bad, abis)
+    candidates = candidate_range(abis, g, b)
+    fix = debian.abi_key(g.upstream) > debian.abi_key(b.upstream)
+    if first_good and not fix:
+        raise SetupError(f"--first-good looks for a fix, so the good end must be the newer one; here {good} is older "
+                         f"than {bad} (for a regression, drop --first-good)")
+    return Plan(candidates, StepVerdict.BAD if fix else StepVerdict.GOOD)
+
+
+class Bisection:
+    """Runs a Plan: both ends first, then the search; prints one line per step and keeps the JSON log."""
+
+    def __init__(self, plan: Plan, runner: Runner, log_path: Path, args: dict[str, object]) -> None:
+        self.plan, self.runner, self.log_path, self.args = plan, runner, log_path, args
+        self.workdir = log_path.with_suffix("")
+        self.steps: list[Step] = []
+        self.result: dict[str, object] = {}
+
+    def _run(self, role: str, c: Candidate) -> Outcome:
+        outcome, seconds = self.runner.run(c.spec, self.workdir, c.abi)
+        failures = failure_report(outcome)
+        self.steps.append(Step(role, c.label, c.spec, outcome.verdict.value, outcome.reason, outcome.exit_code,
+                               round(seconds, 1), failures))
+        print(f"{role}: {c.label} → {outcome.verdict} ({outcome.reason}) in {seconds:.0f} s", flush=True)
+        self._save()
+        return outcome
+
+    def _save(self) -> None:
+        data = {"args": self.args, "candidates": [c.spec for c in self.plan.candidates],
+                "looking_for": self.plan.looking_for, "steps": [asdict(s) for s in self.steps], "result": self.result}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.log_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+        tmp.rename(self.log_path)
+
+    def _finish(self, code: int, **result: object) -> int:
+        self.result = {"exit": code, **result}
+        self._save()
+        print(f"log: {self.log_path}")
+        return code
+
+    def run(self) -> int:
+        plan, cands = self.plan, self.plan.candidates
+        search = Search(len(cands))
+        print(f"bisecting {len(cands)} Debian kernels, {cands[0].label} … {cands[-1].label}, for the "
+              f"{plan.looking_for} (old end expected {plan.old_verdict}, new end {plan.new_verdict}): both ends, then "
+              f"~{search.steps_left()} steps", flush=True)
+        for role, c, want in (("old end", cands[0], plan.old_verdict), ("new end", cands[-1], plan.new_verdict)):
+            got = self._run(f"{role} (expected {want})", c)
+            if got.verdict is not want:
+                what = ("could not be judged" if got.verdict in (StepVerdict.SKIP, StepVerdict.ABORT)
+                        else f"is {got.verdict}")
+                print(f"cannot bisect: {c.spec} was given as {want} but {what}; nothing bisected")
+                return self._finish(1, error=f"{c.spec} expected {want}, got {got.verdict}: {got.reason}")
+        done = 0
+        while (i := search.next()) is not None:
+            done += 1
+            got = self._run(f"step {done}/{done - 1 + search.steps_left()}", cands[i])
+            if got.verdict is StepVerdict.ABORT:
+                print(f"bisection aborted: {got.reason}")
+                return self._finish(2, error=got.reason)
+            search.record(i, {plan.old_verdict: "old", plan.new_verdict: "new"}.get(got.verdict, "skip"))
+        suspects = [cands[i] for i in search.suspects()]
+        last_old = cands[search.old]
+        if len(suspects) == 1:
+            print(f"{plan.looking_for}: {suspects[0].label}; last {plan.old_verdict}: {last_old.label}")
+            code, result = 0, {"found": suspects[0].spec, "last_old": last_old.spec}
+        else:
+            print(f"only skipped kernels left: the {plan.looking_for} is one of "
+                  f"{', '.join(c.spec for c in suspects)} (last {plan.old_verdict}: {last_old.label})")
+            code, result = 3, {"suspects": [c.spec for c in suspects], "last_old": last_old.spec}
+        self._show_failures(last_old if plan.old_verdict is StepVerdict.BAD else suspects[-1])
+        return self._finish(code, **result)
+
+    def _show_failures(self, c: Candidate) -> None:
+        """The verdicts on the bad side of the change: what the change is about, without opening the log."""
+        step = next((s for s in reversed(self.steps) if s.spec == c.spec and s.failures), None)
+        for name, failure in (step.failures.items() if step else ()):
+            print(f"  {c.spec} {name}:")
+            for ln in failure_lines(failure):
+                print(f"    {ln}")
+
+
+def failure_report(outcome: Outcome) -> dict[str, dict[str, str]]:
+    return {c.name: {"summary": c.summary, "text": c.text} for c in outcome.cases if c.outcome == "failed"}
+
+
+def failure_lines(failure: dict[str, str], limit: int = 4, width: int = 200) -> list[str]:
+    """A failure in a few lines: a holecheck verdict (``pytest.fail``: the text is the verdict itself) by its
+    header and findings, anything else (a traceback) by JUnit's one-line message."""
+    if failure["summary"].startswith("Failed: "):
+        lines = [ln.strip() for ln in failure["text"].splitlines() if not ln.strip().startswith("artifacts:")]
+    else:
+        lines = [failure["summary"]]
+    return [ln[:width] + ("…" if len(ln) > width else "") for ln in lines[:limit]]
+
+
+def bisect_debian(args: argparse.Namespace) -> int:
+    from kernels import debian
+
+    abis = generic_abis(debian.list_versions())
+    plan = make_plan(abis, args.good, args.bad, args.first_good)
+    if args.dry_run:
+        print("\n".join(c.label for c in plan.candidates))
+        return 0
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log_path = PROJECT / ".holecheck" / "bisect" / f"{stamp}.json"
+    runner = Runner(args.k, args.step_timeout, tuple(shlex.split(args.pytest_args)))
+    record = {"good": args.good, "bad": args.bad, "k": args.k, "first_good": args.first_good,
+              "pytest_args": args.pytest_args, "step_timeout": args.step_timeout}
+    return Bisection(plan, runner, log_path, record).run()
+
+
+# --- git bisect run helper --------------------------------------------------------------------------------------------
+
+def exit_status(verdict: StepVerdict, first_good: bool = False) -> int:
+    """git bisect run's exit code for a step (``first_good``: passing tests mean "bad" to git, i.e. new)."""
+    if verdict is StepVerdict.GOOD:
+        return EXIT_BAD if first_good else EXIT_GOOD
+    if verdict is StepVerdict.BAD:
+        return EXIT_GOOD if first_good else EXIT_BAD
+    return EXIT_SKIP if verdict is StepVerdict.SKIP else EXIT_ABORT
+
+
+def _head(tree: Path) -> str:
+    try:
+        proc = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=GIT_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return proc.stdout.strip() or "?"
+
+
+def run_tree(tree: Path, runner: Runner, jobs: int = os.cpu_count() or 1, first_good: bool = False) -> int:
+    """One ``git bisect run`` step: build ``tree``, run the selected tests on it; git's exit code."""
+    tree = tree.expanduser().resolve()  # relative to the caller's cwd (git bisect run runs in the tree)
+    head = _head(tree)
+    t0 = time.monotonic()
+    entry: dict[str, object] = {"tree": str(tree), "head": head, "k": runner.expr, "time": time.strftime("%FT%T%z")}
+    try:
+        from kernels.build import build_tree  # imported late: the Debian bisection does not need the builder
+
+        image = build_tree(tree, jobs)
+    except SetupError as exc:
+        code = EXIT_SKIP
+        print(f"run-tree {head}: does not build: {exc} → exit {code} (skip)", flush=True)
+        entry.update(verdict="skip", reason=f"build: {exc}", exit=code)
+    else:
+        built = time.monotonic() - t0
+        workdir = runner.project / ".holecheck" / "bisect" / f"run-tree-{time.strftime('%Y%m%d-%H%M%S')}-{head}"
+        outcome, seconds = runner.run(str(image), workdir, "tests")
+        code = exit_status(outcome.verdict, first_good)
+        print(f"run-tree {head}: {image} built in {built:.0f} s → {outcome.verdict} ({outcome.reason}) in "
+              f"{seconds:.0f} s → exit {code}", flush=True)
+        entry.update(image=str(image), verdict=outcome.verdict.value, reason=outcome.reason, exit=code,
+                     failures=failure_report(outcome), dir=str(workdir))
+    log = runner.project / ".holecheck" / "bisect" / "run-tree.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    return code
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m suite.bisect", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-k", required=True, metavar="EXPR", help="pytest -k: the tests that judge each kernel")
+    common.add_argument("--step-timeout", type=float, default=STEP_TIMEOUT, metavar="S",
+                        help=f"seconds one pytest session may take (default {STEP_TIMEOUT:g}); beyond: skip")
+    common.add_argument("--pytest-args", default="", metavar="ARGS", help='more pytest arguments, e.g. "--accel=tcg"')
+    common.add_argument("--first-good", action="store_true",
+                        help="looking for a fix: the newer end passes, the older end fails")
+    deb = sub.add_parser("debian", parents=[common], help="bisect Debian's kernel packages")
+    deb.add_argument("--good", required=True, metavar="debian:VERSION", help="the end whose tests pass")
+    deb.add_argument("--bad", required=True, metavar="debian:VERSION", help="the end whose tests fail")
+    deb.add_argument("--dry-run", action="store_true", help="print the candidates and stop")
+    tree = sub.add_parser("run-tree", parents=[common], help="one git bisect run step on a Linux tree")
+    tree.add_argument("tree", metavar="LINUX_TREE")
+    tree.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exc:
+        if exc.code and argv[:1] == ["run-tree"]:  # argparse's exit 2 would read as "bad" to git bisect run
+            return EXIT_ABORT
+        raise
+    if args.command == "run-tree":
+        try:
+            runner = Runner(args.k, args.step_timeout, tuple(shlex.split(args.pytest_args)))
+            return run_tree(Path(args.tree), runner, args.jobs, args.first_good)
+        except KeyboardInterrupt:
+            return EXIT_ABORT
+        except Exception as exc:  # any exit 1 would tell git "bad": a crash of ours must abort the bisection
+            print(f"run-tree: {type(exc).__name__}: {exc} → exit {EXIT_ABORT} (abort)", file=sys.stderr)
+            return EXIT_ABORT
+    try:
+        return bisect_debian(args)
+    except SetupError as exc:
+        print(f"holecheck: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
