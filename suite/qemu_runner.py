@@ -174,11 +174,13 @@ class MigrationRun:
     # --- the oracle ----------------------------------------------------------------------------------------
 
     def observe(self, side: Side, step: Step, with_thp: bool = False) -> PageStates:
-        """Snapshot ``side``; new holes among its placed pages are findings; then present pages count as placed."""
+        """Snapshot ``side``; new holes among the placed pages of the side under test are findings; then present
+        pages count as placed."""
         states = side.snapshot(with_thp)
-        holes = side.placed & states.hole & ~side.reported_holes & ~self.volatile
-        side.reported_holes |= holes
-        self.report("hole", step, np.nonzero(holes)[0], f"{side.name} RAM")
+        if side.name == self.under_test:  # elsewhere (the postcopy source) a pte_none zero page reads as zeros
+            holes = side.placed & states.hole & ~side.reported_holes & ~self.volatile
+            side.reported_holes |= holes
+            self.report("hole", step, np.nonzero(holes)[0], f"{side.name} RAM")
         side.placed |= states.present & ~self.volatile
         return states
 
