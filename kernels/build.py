@@ -37,7 +37,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from suite.errors import SetupError
+from suite.procs import stop_group
 from suite.uffd import cache_root
 
 from . import config_check, debian
@@ -181,7 +181,7 @@ def _run(argv: list[str], what: str, timeout: float, cwd: Path | None = None, lo
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            stop_group(proc)
             where = f"; see {log_path}" if log_path else ""
             raise SetupError(f"{what}: not done within {timeout:g} s, stopped{where}") from None
     finally:
@@ -194,17 +194,6 @@ def _run(argv: list[str], what: str, timeout: float, cwd: Path | None = None, lo
         where = f"; see {log_path}" if log_path else ""
         raise SetupError(f"{what} failed (exit {proc.returncode}): {_tail_error(text)}{where}")
     return text if capture else ""
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @contextlib.contextmanager

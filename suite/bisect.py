@@ -50,13 +50,11 @@ Every step is appended to ``.holecheck/bisect/run-tree.jsonl``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -68,6 +66,8 @@ from pathlib import Path
 from typing import TextIO
 
 from suite.errors import SetupError
+
+from .procs import stop_group
 
 # kernels.* is imported where it is used, as elsewhere in suite/: kernels depends on suite, not the other way round.
 PROJECT = Path(__file__).resolve().parent.parent
@@ -358,14 +358,7 @@ def run_bounded(argv: list[str], cwd: Path, log: TextIO, timeout: float) -> int 
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    for sig, grace in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    stop_group(proc, KILL_GRACE)
 
 
 # --- the Debian bisection -------------------------------------------------------------------------------------------

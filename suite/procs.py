@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 
@@ -28,3 +29,15 @@ def signal_all(pids: list[int], sig: signal.Signals) -> None:
     for p in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, sig)
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM the process group ``proc`` leads (so it can clean up), SIGKILL it after ``grace`` s; reap."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
