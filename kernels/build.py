@@ -478,8 +478,8 @@ def _configure_and_build(tree: Path, obj: Path, out: Path, fragment_text: str, k
     build_log = obj / "holecheck-build.log"
     build_log.write_text(f"# holecheck {kind} build of {source}; output dir {obj}"
                          f"{'; seeded from ' + seeded if seeded else ''}\n")
-    log.info("building %s (%s) with -j%d under nice 19; a cold build takes ~20-25 min on 2 cores; log: %s",
-             kind, source, jobs, build_log)
+    log.info("building %s (%s) with -j%d under nice 19 (cold: 20-25 min on 2 idle cores, longer on busy ones); "
+             "log: %s", kind, source, jobs, build_log)
     configure(tree, obj, fragment_text, LOCALVERSION[kind], build_log)
     seconds = _make_bzimage(tree, obj, jobs, timeout, build_log)
     info = BuildInfo(key=out.name, kind=kind, source=source, patch=patch_name, patch_sha256=patch_sha,
