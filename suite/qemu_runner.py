@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import inject, memcg, migration, oracle, pagemap, shrinker, thp
+from . import inject, memcg, migration, pagemap, shrinker, thp
 from .errors import HolecheckError, StallError
 from .machine import MachineConfig, RamMachine
 from .oracle import runs
@@ -193,33 +193,18 @@ class MigrationRun:
 
     def shrink(self, step: Step, sides: list[Side]) -> None:
         thp.verify(self.s.thp)
-        support = thp.ShrinkerSupport.now()
         for side in sides:
             before = side.snapshot(with_thp=True)
             result = shrinker.fire(self.trigger, side.cg)
             after = self.observe(side, step, with_thp=True)
             self.around_shrinks[f"{side.name}-before-{step.phase}"] = before
             self.around_shrinks[f"{side.name}-after-{step.phase}"] = after
-            assert before.thp is not None and after.thp is not None
-            thp_before, thp_after = int(before.thp.sum()) // 512, int(after.thp.sum()) // 512
-            reason = oracle.split_expectation(before, self.nonzero, support.no_split_reason(), support.max_ptes_none)
-            self.v.shrinks.append({"phase": step.phase, "side": side.name, "trigger": result.trigger,
-                                   "seconds": round(result.seconds, 4), "thp_before": thp_before,
-                                   "thp_after": thp_after, "vmstat": result.vmstat_delta,
-                                   "split_expected": not reason, "no_split_reason": reason})
+            shrinker.judge_split(self.v, step.phase, before, after, self.nonzero, result, side=side.name,
+                                 space="gpa")
             lost = before.uffd_wp & ~after.uffd_wp
             self.report("lost-uffd-wp", step, np.nonzero(lost)[0], f"{side.name} RAM")
             self.report("lost-soft-dirty", step, np.nonzero(before.soft_dirty & ~after.soft_dirty)[0],
                         f"{side.name} RAM")
-            if reason:
-                self.v.no_split_reason = self.v.no_split_reason or f"{side.name}: {reason}"
-                continue
-            self.v.split_expected = True
-            if thp_after >= thp_before:
-                self.v.findings.append(Finding(
-                    "no-split", step.phase, thp_after, [], "gpa",
-                    f"{side.name}: {thp_before} THPs before, {thp_after} after {result.trigger} "
-                    f"(thp_underused_split_page +{result.underused_splits})"))
 
     def compare(self, step: Step, a: RamMachine, expected: np.ndarray, what: str) -> None:
         """Every page of ``a``'s RAM must equal ``expected`` (uint8 array of the whole RAM)."""

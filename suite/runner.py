@@ -182,24 +182,7 @@ class SyntheticRun:
         after = self.snapshot(with_thp=True)
         self.around_shrinks[f"before-{step.phase}"] = before
         self.around_shrinks[f"after-{step.phase}"] = after
-        assert before.thp is not None and after.thp is not None
-        thp_before, thp_after = int(before.thp.sum()) // 512, int(after.thp.sum()) // 512
-        support = thp.ShrinkerSupport.now()
-        reason = oracle.split_expectation(before, self.nonzero, support.no_split_reason(), support.max_ptes_none)
-        self.v.shrinks.append({
-            "phase": step.phase, "trigger": result.trigger, "seconds": round(result.seconds, 4),
-            "thp_before": thp_before, "thp_after": thp_after, "vmstat": result.vmstat_delta,
-            "split_expected": not reason, "no_split_reason": reason,
-        })
-        if reason:
-            self.v.no_split_reason = self.v.no_split_reason or reason
-            return
-        self.v.split_expected = True
-        if thp_after >= thp_before:
-            self.v.findings.append(Finding(
-                "no-split", step.phase, thp_after,
-                detail=f"{thp_before} underused THPs before, {thp_after} after {result.trigger} "
-                       f"(thp_underused_split_page +{result.underused_splits})"))
+        shrinker.judge_split(self.v, step.phase, before, after, self.nonzero, result)
 
     # --- judging -------------------------------------------------------------------------------------------
 

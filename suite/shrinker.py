@@ -6,7 +6,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from . import oracle, thp
 from .memcg import Memcg
+from .pagemap import PageStates
+from .verdict import Finding, Verdict
 
 VMSTAT = Path("/proc/vmstat")
 COUNTERS = ("thp_underused_split_page", "thp_split_page", "thp_split_pmd", "thp_deferred_split_page")
@@ -54,3 +59,27 @@ def fire(trigger: str = "auto", memcg: Memcg | None = None) -> ShrinkResult:
     seconds = time.monotonic() - t0
     after = vmstat()
     return ShrinkResult(what, seconds, {k: after[k] - before.get(k, 0) for k in after})
+
+
+def judge_split(verdict: Verdict, phase: str, before: PageStates, after: PageStates, nonzero: np.ndarray,
+                result: ShrinkResult, *, side: str = "", space: str = "va") -> None:
+    """Record one shrink in ``verdict`` (THPs before/after, vmstat, whether a split was expected and why not),
+    and make a shrink that should have split THPs but did not a ``no-split`` finding. ``nonzero``: the pages the
+    model expects to hold data (pagemap cannot see inside a THP)."""
+    assert before.thp is not None and after.thp is not None, "shrinks are judged on with_thp snapshots"
+    support = thp.ShrinkerSupport.now()
+    reason = oracle.split_expectation(before, nonzero, support.no_split_reason(), support.max_ptes_none)
+    thp_before, thp_after = int(before.thp.sum()) // 512, int(after.thp.sum()) // 512
+    verdict.shrinks.append({"phase": phase, **({"side": side} if side else {}), "trigger": result.trigger,
+                            "seconds": round(result.seconds, 4), "thp_before": thp_before, "thp_after": thp_after,
+                            "vmstat": result.vmstat_delta, "split_expected": not reason, "no_split_reason": reason})
+    who = f"{side}: " if side else ""
+    if reason:
+        verdict.no_split_reason = verdict.no_split_reason or who + reason
+        return
+    verdict.split_expected = True
+    if thp_after >= thp_before:
+        verdict.findings.append(Finding(
+            "no-split", phase, thp_after, [], space,
+            f"{who}{thp_before} underused THPs before, {thp_after} after {result.trigger} "
+            f"(thp_underused_split_page +{result.underused_splits})"))
