@@ -435,6 +435,18 @@ def _cached(out: Path) -> Path | None:
     return out / "bzImage" if (out / "build.json").exists() and (out / "bzImage").exists() else None
 
 
+def _output(patched: bool, patch: Path, version: str | None) -> tuple[str, Path]:
+    """(source version, the cache directory its build lands in)."""
+    patch_sha = hashlib.sha256(patch.read_bytes()).hexdigest() if patched else None
+    version = source_version(version)
+    return version, build_root() / cache_key(version, patch_sha, recipe_sha(FRAGMENT.read_text()))
+
+
+def cached(patched: bool, *, patch: Path = DEFAULT_PATCH, version: str | None = None) -> Path | None:
+    """The known-bad kernel (``patched``) or its twin if the cache has it; never builds."""
+    return _cached(_output(patched, patch, version)[1])
+
+
 def build(patched: bool, jobs: int = os.cpu_count() or 1, *, patch: Path = DEFAULT_PATCH,
           version: str | None = None, timeout: float = BUILD_TIMEOUT, force: bool = False) -> Path:
     """Build Debian's linux-source-6.12 (``patched``: plus ``patch``) with holecheck's config; the bzImage path.
@@ -447,8 +459,7 @@ def build(patched: bool, jobs: int = os.cpu_count() or 1, *, patch: Path = DEFAU
     fragment_text = FRAGMENT.read_text()
     cfg = recipe_sha(fragment_text)
     patch_sha = hashlib.sha256(patch.read_bytes()).hexdigest() if patched else None
-    version = source_version(version)
-    out = build_root() / cache_key(version, patch_sha, cfg)
+    version, out = _output(patched, patch, version)
     if not force and (hit := _cached(out)):
         return hit
     preflight()

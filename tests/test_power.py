@@ -60,25 +60,12 @@ def run_suite(kernel: Path | str, cells: list[str], junit: Path) -> dict[str, Ce
     return out
 
 
-def cached_image(patched: bool) -> Path | None:
-    """The known-bad kernel (or its twin) if the build cache has it; never builds."""
-    import hashlib
-
-    from kernels import build
-
-    cfg = build.recipe_sha(build.FRAGMENT.read_text())
-    patch_sha = hashlib.sha256(build.DEFAULT_PATCH.read_bytes()).hexdigest() if patched else None
-    out = build.build_root() / build.cache_key(build.source_version(), patch_sha, cfg)
-    image = out / "bzImage"
-    return image if image.exists() and (out / "build.json").exists() else None
-
-
 def known_bad_image(patched: bool) -> Path | str:
     """The built kernel; built here only when allowed (a cold build takes ~20-40 min on 2 cores). Without a built
     twin, Debian's own binary of the same source version stands in for it (same code, Debian's config)."""
     from kernels import build
 
-    image = cached_image(patched)
+    image = build.cached(patched)
     if image is None and not patched and os.environ.get("HOLECHECK_BUILD_KNOWN_BAD") != "1":
         return "debian:" + build.source_version().split("-")[0]
     if image is None:
