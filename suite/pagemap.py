@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import mmap
 import os
 from dataclasses import dataclass
@@ -194,8 +195,6 @@ def _probe_read_fault(size: int, hugepage: bool) -> int:
             raise OSError("zero-page probe: pagemap shows no PFN (not root?)")
         return raw & PFN_MASK
     finally:
-        import gc
-
         gc.collect()  # drop the ctypes export so the mmap can close
         m.close()
 
@@ -222,8 +221,6 @@ def soft_dirty_supported() -> bool:
         addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
         return bool(int(read_raw("self", addr, PAGE)[0]) >> SOFT_DIRTY & 1)
     finally:
-        import gc
-
         gc.collect()
         m.close()
 
