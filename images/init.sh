@@ -9,6 +9,9 @@
 #   HC_PROJECT    the checkout the agent runs from; HC_PYTHON its venv's python
 #   HC_PORT       virtio-serial port name of the agent's channel
 #   HC_CACHE      holecheck's cache dir on the host (HOLECHECK_CACHE: the prebuilt uffd helper lives there)
+#   HC_KEEP0..3   host paths under /tmp, /run or /dev/shm the agent needs (the checkout, its venv, the cache):
+#                 the guest's own tmpfs mounts would hide them, so they are bound back on top
+# Values may contain spaces (the kernel strips the quotes of NAME="a b"); the host refuses quotes and newlines.
 export PATH=/bin
 /bin/busybox --install -s /bin
 
@@ -35,6 +38,14 @@ done
 say "modules loaded"
 R=/newroot
 mount -t virtiofs -o ro "$HC_ROOT_TAG" "$R" || die "mount -t virtiofs $HC_ROOT_TAG $R"
+# Hold on to the kept paths before /tmp, /run and /dev/shm are covered by the guest's own tmpfs mounts.
+mkdir -p /keep
+for i in 0 1 2 3; do
+    eval "p=\${HC_KEEP$i}"
+    [ -n "$p" ] || continue
+    mkdir -p "/keep/$i"
+    mount --bind "$R$p" "/keep/$i" || die "bind $p (HC_KEEP$i): no such path under the host's root?"
+done
 mount -t tmpfs -o mode=1777 tmpfs "$R/tmp" || die "tmpfs on /tmp"
 mount -t tmpfs -o mode=755 tmpfs "$R/run" || die "tmpfs on /run"
 mount -t proc proc "$R/proc" || die "proc"
@@ -43,6 +54,11 @@ mount -t devtmpfs devtmpfs "$R/dev" || die "devtmpfs"
 mount -t cgroup2 cgroup2 "$R/sys/fs/cgroup" || die "cgroup2 on /sys/fs/cgroup"
 mkdir -p "$R/dev/shm" "$R/dev/pts" "$R/dev/virtio-ports"
 mount -t tmpfs -o mode=1777 tmpfs "$R/dev/shm"
+for i in 0 1 2 3; do
+    eval "p=\${HC_KEEP$i}"
+    [ -n "$p" ] || continue
+    mkdir -p "$R$p" && mount --bind "/keep/$i" "$R$p" || die "bind $p (HC_KEEP$i) back over the guest's tmpfs"
+done
 if [ -n "$HC_RW_TAG" ]; then
     mkdir -p "$R$HC_RW_PATH" 2>/dev/null  # under /tmp (a tmpfs here) it must be made; elsewhere it exists
     mount -t virtiofs "$HC_RW_TAG" "$R$HC_RW_PATH" || die "mount -t virtiofs $HC_RW_TAG $HC_RW_PATH"

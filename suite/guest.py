@@ -55,12 +55,25 @@ def _artifacts_root(options: TargetOptions, boot: BootOptions) -> Path:
     return Path(getattr(options, "artifacts", None) or boot.artifacts_root).resolve()
 
 
-def _plain(path: Path, what: str) -> str:
-    """Paths go on the kernel command line: no whitespace or quotes allowed."""
-    text = str(path)
-    if re.search(r"[\s\"']", text):
-        raise SetupError(f"{what} {text!r} contains whitespace or quotes: it cannot be passed on a kernel command line")
-    return text
+def kernel_param(name: str, value: object) -> str:
+    """``NAME=value`` for the kernel command line, which init gets as its environment. A value with spaces is
+    quoted (the kernel strips the quotes); quotes and newlines cannot be carried at all."""
+    text = str(value)
+    if re.search(r'["\n]', text):
+        raise SetupError(f"{name}: {text!r} contains a quote or a newline: it cannot be passed on a kernel command "
+                         "line; use a path without them")
+    return f'{name}="{text}"' if re.search(r"\s", text) else f"{name}={text}"
+
+
+# The guest mounts its own tmpfs (and devtmpfs) over these: host paths below them are hidden unless bound back.
+GUEST_MASKED = (Path("/tmp"), Path("/run"), Path("/dev/shm"))
+MAX_KEPT = 4  # HC_KEEP0..3 in images/init.sh
+
+
+def hidden_paths(paths: list[Path], masked: tuple[Path, ...] = GUEST_MASKED) -> list[Path]:
+    """Of ``paths`` (resolved), those the guest's own mounts would hide, minus any inside another one."""
+    hidden = sorted({p for p in paths if any(p.is_relative_to(m) and p != m for m in masked)})
+    return [p for p in hidden if not any(p != q and p.is_relative_to(q) for q in hidden)]
 
 
 class GuestTarget:
@@ -82,10 +95,16 @@ class GuestTarget:
         # console.log, boot.json: one directory per boot, unique even for parallel sessions
         self.vm_dir = Path(tempfile.mkdtemp(prefix=f"{spec.id}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=root / "vm"))
         self.vm_dir.chmod(0o755)
+        python, cache = self._python(), uffd.cache_root().resolve()
+        # The checkout, its venv and the cache may live anywhere, also under a path the guest mounts over.
+        kept = hidden_paths([PROJECT, Path(sys.prefix).resolve(), cache])
+        if len(kept) > MAX_KEPT:
+            raise SetupError(f"{len(kept)} paths to bind into the guest, init takes {MAX_KEPT}: {kept}")
         cmdline = [*vm.base_cmdline(self.kernel.machine, self.accel), *self.boot.extra_cmdline,
-                   f"HC_ROOT_TAG={ROOT_TAG}", f"HC_RW_TAG={RW_TAG}", f"HC_RW_PATH={_plain(root, 'artifacts dir')}",
-                   f"HC_PROJECT={_plain(PROJECT, 'project dir')}", f"HC_PYTHON={_plain(self._python(), 'python')}",
-                   f"HC_PORT={PORT}", f"HC_CACHE={_plain(uffd.cache_root().resolve(), 'cache dir')}"]
+                   f"HC_ROOT_TAG={ROOT_TAG}", f"HC_RW_TAG={RW_TAG}", kernel_param("HC_RW_PATH", root),
+                   kernel_param("HC_PROJECT", PROJECT), kernel_param("HC_PYTHON", python),
+                   f"HC_PORT={PORT}", kernel_param("HC_CACHE", cache),
+                   *(kernel_param(f"HC_KEEP{i}", p) for i, p in enumerate(kept))]
         self.vm_spec = vm.VmSpec(
             kernel=self.kernel.image, initrd=initrd, cmdline=" ".join(cmdline),
             console_log=self.vm_dir / "console.log", machine=self.kernel.machine, accel=self.accel,
@@ -105,8 +124,9 @@ class GuestTarget:
 
     @staticmethod
     def _python() -> Path:
-        """The venv's python the guest runs (not resolved: the venv's own path makes it pick the venv)."""
-        return Path(sys.executable)
+        """The venv's python the guest runs: inside the venv's resolved directory (a symlinked checkout need not
+        exist in the guest), its last link not followed (the venv's own path makes python pick the venv)."""
+        return Path(sys.prefix).resolve() / "bin" / Path(sys.executable).name
 
     def _start(self) -> None:
         t0 = time.monotonic()

@@ -127,3 +127,51 @@ def test_init_failure_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert "holecheck-init: [" in first and "FAILED: mount -t virtiofs" in first, first
     assert time.monotonic() - t0 < PANIC_DEADLINE
     assert not _our_processes(str(tmp_path))
+
+
+def _copy_checkout(dest: Path) -> None:
+    """The project's files as a fresh clone would have them (tracked and new, not ignored), with a venv of its
+    own: site-packages copied from ours minus our editable install, so `suite` resolves to the copy."""
+    import subprocess
+    import sys
+
+    project = Path(__file__).resolve().parent.parent
+    files = subprocess.run(["git", "-C", str(project), "ls-files", "-z", "-co", "--exclude-standard"],
+                           capture_output=True, check=True, timeout=60).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        if (project / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(project / rel, dest / rel)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(dest / ".venv")], check=True, timeout=120)
+    ours = next(Path(sys.prefix).glob("lib/python3*/site-packages"))
+    theirs = next((dest / ".venv").glob("lib/python3*/site-packages"))
+    shutil.copytree(ours, theirs, dirs_exist_ok=True, symlinks=True,
+                    ignore=shutil.ignore_patterns("__editable__*", "holecheck-*", "__pycache__"))
+
+
+def test_checkout_anywhere_boots() -> None:
+    """A checkout under /tmp (the guest mounts its own tmpfs there), in a directory with a space, reached
+    through a symlink, with its venv inside and its cache under /dev/shm: the L1 VM still sees all three."""
+    import subprocess
+    import tempfile
+
+    real = Path(tempfile.mkdtemp(prefix="holecheck clone ", dir="/tmp"))
+    link = Path(tempfile.mkdtemp(prefix="holecheck-link-", dir="/run")) / "checkout"
+    cache = Path(tempfile.mkdtemp(prefix="holecheck-cache-", dir="/dev/shm"))
+    try:
+        _copy_checkout(real)
+        link.symlink_to(real)
+        ours = Path(os.environ.get("HOLECHECK_CACHE") or Path.home() / ".cache" / "holecheck")
+        for shared in ("apt", "kernels", "images"):  # host-side only: no second download of the kernel
+            if (ours / shared).exists():
+                (cache / shared).symlink_to(ours / shared)
+        cell = "tests/test_synthetic.py::test_postcopy_style[register@after-discard-shrink@after-place-mpn409]"
+        proc = subprocess.run(
+            [str(link / ".venv/bin/python"), "-m", "pytest", "-p", "no:cacheprovider", "-q",
+             f"--kernel=debian:{KERNELS[0]}", cell], cwd=link, capture_output=True, text=True, timeout=900,
+            env={**os.environ, "HOLECHECK_CACHE": str(cache)}, check=False)
+        assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+    finally:
+        shutil.rmtree(real, ignore_errors=True)
+        shutil.rmtree(link.parent, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
