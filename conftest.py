@@ -150,9 +150,13 @@ def qemu(target_options: TargetOptions) -> str:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _leave_machine_as_found() -> Iterator[None]:
-    """Belt and braces over the per-scenario context managers: THP knobs and cgroups as found."""
-    if not thp.SYSFS.exists():
+def _leave_machine_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Belt and braces over the per-scenario context managers: THP knobs and cgroups as found.
+
+    Only a session whose scenarios run on the host kernel takes the host's knob lock: an L1 VM's scenarios set
+    the guest's own knobs, and a bisect step or a run on another kernel must not queue behind a host run."""
+    kernels: list[KernelSpec] = request.config.holecheck_kernels  # type: ignore[attr-defined]
+    if not thp.SYSFS.exists() or not any(k.kind == "host" for k in kernels):
         yield
         return
     with thp.exclusive():  # under the lock: no other run's scenario has the knobs changed right now
