@@ -58,7 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.holecheck_kernels = parse_many(config.getoption("kernel"))  # type: ignore[attr-defined]
     except SetupError as exc:
         raise pytest.UsageError(str(exc)) from None
-    if config.getoption("report"):
+    if config.getoption("report") and not hasattr(config, "workerinput"):  # xdist: the controller writes it
         from suite.report import SessionPlugin
 
         config.pluginmanager.register(
@@ -71,6 +71,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     specs: list[KernelSpec] = metafunc.config.holecheck_kernels  # type: ignore[attr-defined]
     if "kernel_spec" in metafunc.fixturenames and len(specs) > 1:
         metafunc.parametrize("kernel_spec", specs, ids=[s.id for s in specs], scope="session")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n 2 --dist loadgroup``), all cells of one kernel go to one worker: one L1 VM per
+    kernel, kernels side by side on the machine's cores, host scenarios never racing each other for the knobs.
+    Other tests stay with their module, whose module-scoped VMs and builds are then made once."""
+    for item in items:
+        spec = item.callspec.params.get("kernel_spec") if hasattr(item, "callspec") else None
+        if spec is None and "target" in getattr(item, "fixturenames", ()):
+            spec = config.holecheck_kernels[0]  # type: ignore[attr-defined]
+        item.add_marker(pytest.mark.xdist_group(f"kernel-{spec.id}" if spec is not None else item.path.name))
 
 
 @pytest.fixture(scope="session")
@@ -124,6 +135,20 @@ def describe(t: Target) -> str:
              "underused-THP shrinker" if f["shrink_underused"] else "no underused shrinker: no split expected",
              "soft-dirty" if f["soft_dirty"] else "no soft-dirty"]
     return ", ".join(p for p in parts if p)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: hand the kernel lines to the controller
+        summary = getattr(session.config, "holecheck_summary", {})
+        session.config.workeroutput["holecheck_summary"] = {str(k): v for k, v in summary.items()}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    """xdist controller: collect each worker's kernel lines for the terminal summary."""
+    config = node.config  # type: ignore[attr-defined]
+    lines = getattr(node, "workeroutput", {}).get("holecheck_summary", {})
+    config.__dict__.setdefault("holecheck_summary", {}).update(lines)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
