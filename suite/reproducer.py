@@ -3,9 +3,9 @@
 ``generate`` turns a ``postcopy-style`` / ``snapshot-style`` scenario (and, if given, the verdict it failed with)
 into C: the scenario's steps and page selectors become tables (selectors as page runs computed here, so the C
 touches exactly the pages the runner did, with the same syscall granularity), the fault handler is copied from
-``uffd_helper.c`` at generation time (the very handler the suite ran), and a fixed runtime sets and restores the
-THP knobs, scopes the shrinker to a memory cgroup, reads /proc/self/pagemap after every step and judges pages
-exactly like ``runner.SyntheticRun.judge``.
+``uffd_helper.c`` at generation time (the very handler the suite ran), and a fixed runtime
+(``reproducer_runtime.c``) sets and restores the THP knobs, scopes the shrinker to a memory cgroup, reads
+/proc/self/pagemap after every step and judges pages exactly like ``runner.SyntheticRun.judge``.
 
     python -m suite.reproducer .holecheck/<test>/ [-o repro.c]     # from a failing cell's artifacts
 """

@@ -1,8 +1,8 @@
 """Runs a synthetic scenario next to the kernel under test and judges every page: returns a ``Verdict``.
 
-The model the runner keeps (which pages are placed, which must be write-protected) is the expectation; the
-helper's fault reports and the pagemap oracle are the observation. Every step is followed by a pagemap
-snapshot, so a finding names the first phase at which it showed.
+The model the runner keeps (which pages are placed — in its ``ledger.Ledger`` —, which must be write-protected)
+is the expectation; the helper's fault reports and the pagemap oracle are the observation. Every step is followed
+by a pagemap snapshot, so a finding names the first phase at which it showed.
 """
 from __future__ import annotations
 
