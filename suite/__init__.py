@@ -3,7 +3,9 @@
 Where to start reading:
 
 - ``scenario``  — a scenario is data: a list of steps (map, place, register, shrink, …).
-- ``runner``    — executes a synthetic scenario next to the kernel under test and returns a ``Verdict``.
+- ``runner``    — executes a synthetic scenario next to the kernel under test and returns a ``Verdict``
+                  (``qemu_runner`` the real-QEMU ones: postcopy, background snapshot).
+- ``ledger``    — what both runners know of each region they judge: placed pages, holes, shrink snapshots.
 - ``pagemap``   — the page-state oracle: per-4 KiB page state from /proc/PID/pagemap (+ kpageflags).
 - ``oracle``    — diffs of page states: spurious holes, lost uffd-wp / soft-dirty bits.
 - ``thp`` / ``memcg`` / ``shrinker`` — THP knobs (always restored), cgroup scopes, shrinker triggers.

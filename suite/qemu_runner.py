@@ -8,8 +8,6 @@ Addresses in findings are guest-physical (the RAM block starts at gpa 0 on ``pc`
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import signal
 import tempfile
 import threading
@@ -20,17 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import inject, memcg, migration, pagemap, shrinker, thp
+from . import inject, ledger, memcg, migration, pagemap, shrinker, thp
 from .errors import HolecheckError, StallError
+from .ledger import Ledger
 from .machine import MachineConfig, RamMachine
 from .oracle import runs
-from .pagemap import PAGE, PAGES_PER_THP, PageStates
+from .pagemap import PAGE, PAGES_PER_THP
 from .procs import descendants, signal_all
 from .scenario import Scenario, Step
-from .verdict import Finding, PhaseRecord, Verdict
+from .verdict import Verdict
 from .waits import wait_for
-
-log = logging.getLogger(__name__)
 
 LOW_CHUNKS = 1  # gpa < 2 MiB: ROM/BIOS shadows below 1 MiB and the dirtier's pages; never filled with data
 DIRTIER_GPA = 0x100000  # the dirtier rewrites this MiB: far more pending RAM than a 1 ms downtime can take
@@ -52,19 +49,12 @@ class QemuOptions:
 
 @dataclass
 class Side:
-    """One QEMU and what the oracle knows about its RAM."""
+    """One QEMU, the memcg it started in, and the oracle's ledger of its RAM (guest-physical addresses)."""
 
     name: str
     machine: RamMachine
     cg: memcg.Memcg | None
-    placed: np.ndarray  # known placed: present at some snapshot, not a page that is meant to change
-    reported_holes: np.ndarray
-    last: PageStates | None = None
-
-    def snapshot(self, with_thp: bool = False) -> PageStates:
-        start, size = self.machine.ram_mapping()
-        self.last = pagemap.snapshot(self.machine.pid, start, size, with_thp=with_thp)
-        return self.last
+    ledger: Ledger
 
 
 @dataclass
@@ -107,7 +97,6 @@ class MigrationRun:
         self.s, self.opts, self.v, self.stack, self.workdir = scenario, opts, verdict, stack, workdir
         self.trigger = opts.trigger or scenario.trigger
         self.sides: dict[str, Side] = {}
-        self.around_shrinks: dict[str, PageStates] = {}  # oracle snapshots before/after each shrink, per side
         n = scenario.npages
         self.volatile = np.zeros(n, dtype=bool)  # pages the driver itself keeps changing
         first = DIRTIER_GPA // PAGE
@@ -121,20 +110,19 @@ class MigrationRun:
     under_test = ""  # the side whose page states the phase records show
 
     def execute(self) -> None:
-        """Each step is a ``phase_<op>`` method; a stall aborts the walk (its finding is recorded)."""
+        """Each step is a ``do_<op>(step)`` method; a stall aborts the walk (its finding is recorded)."""
         try:
             for step in self.s.steps:
                 t0 = time.monotonic()
-                getattr(self, "phase_" + step.op.replace("-", "_"))(step)
-                side = self.sides.get(self.under_test)
-                if side is not None and side.last is not None:
-                    self.record(step, side.last, t0)
+                getattr(self, step.handler)(step)
+                if side := self.sides.get(self.under_test):
+                    side.ledger.record(step.phase, t0)
             self.finish()
         except Aborted:
             pass
         finally:
             self.release()
-            self.save_page_states()
+            ledger.save_page_states(self.opts.artifacts, self.s, self.v, [s.ledger for s in self.sides.values()])
 
     def finish(self) -> None:
         """Checks after the last step."""
@@ -145,17 +133,20 @@ class MigrationRun:
     # --- machines ------------------------------------------------------------------------------------------
 
     def start_side(self, name: str, incoming: bool) -> Side:
-        cg = None
-        if self.trigger != "drop_caches" and memcg.available() is not None:
-            cg = self.stack.enter_context(memcg.scope(name))
+        cg = self.stack.enter_context(shrinker.scope(self.trigger, name))
         config = MachineConfig(mem_mib=self.s.size_mib, accel=self.opts.accel, qemu=self.opts.qemu,
                                incoming=incoming)
         machine = self.stack.enter_context(RamMachine(config, name=name, argv_prefix=cg.wrap if cg else None))
         self.v.qemu = machine.version
         self.stack.callback(self.save_machine_artifacts, machine)
-        n = self.s.npages
-        side = Side(name, machine, cg, np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))
-        self.sides[name] = side
+
+        def snapshot(with_thp: bool) -> pagemap.PageStates:
+            start, size = machine.ram_mapping()
+            return pagemap.snapshot(machine.pid, start, size, with_thp=with_thp)
+
+        book = Ledger(self.v, snapshot, self.s.npages, name, "gpa", judged=name == self.under_test,
+                       volatile=self.volatile)
+        side = self.sides[name] = Side(name, machine, cg, book)
         return side
 
     def save_machine_artifacts(self, machine: RamMachine) -> None:
@@ -173,54 +164,17 @@ class MigrationRun:
 
     # --- the oracle ----------------------------------------------------------------------------------------
 
-    def observe(self, side: Side, step: Step, with_thp: bool = False) -> PageStates:
-        """Snapshot ``side``; new holes among the placed pages of the side under test are findings; then present
-        pages count as placed."""
-        states = side.snapshot(with_thp)
-        if side.name == self.under_test:  # elsewhere (the postcopy source) a pte_none zero page reads as zeros
-            holes = side.placed & states.hole & ~side.reported_holes & ~self.volatile
-            side.reported_holes |= holes
-            self.report("hole", step, np.nonzero(holes)[0], f"{side.name} RAM")
-        side.placed |= states.present & ~self.volatile
-        return states
-
-    def report(self, kind: str, step: Step, indices: np.ndarray | list[int], detail: str = "") -> None:
-        if len(indices):
-            self.v.findings.append(Finding.of(kind, step.phase, [int(i) * PAGE for i in indices], "gpa", detail))
-
-    def record(self, step: Step, states: PageStates, t0: float) -> None:
-        self.v.phases.append(PhaseRecord(step.phase, states.counts(), round(time.monotonic() - t0, 4)))
-
     def shrink(self, step: Step, sides: list[Side]) -> None:
         thp.verify(self.s.thp)
         for side in sides:
-            before = side.snapshot(with_thp=True)
-            result = shrinker.fire(self.trigger, side.cg)
-            after = self.observe(side, step, with_thp=True)
-            self.around_shrinks[f"{side.name}-before-{step.phase}"] = before
-            self.around_shrinks[f"{side.name}-after-{step.phase}"] = after
-            shrinker.judge_split(self.v, step.phase, before, after, self.nonzero, result, side=side.name,
-                                 space="gpa")
-            lost = before.uffd_wp & ~after.uffd_wp
-            self.report("lost-uffd-wp", step, np.nonzero(lost)[0], f"{side.name} RAM")
-            self.report("lost-soft-dirty", step, np.nonzero(before.soft_dirty & ~after.soft_dirty)[0],
-                        f"{side.name} RAM")
+            before, after = side.ledger.shrink(step.phase, self.trigger, side.cg, self.nonzero)
+            side.ledger.lost_bits(step.phase, before, after)
 
-    def compare(self, step: Step, a: RamMachine, expected: np.ndarray, what: str) -> None:
-        """Every page of ``a``'s RAM must equal ``expected`` (uint8 array of the whole RAM)."""
-        got = np.frombuffer(a.read_ram(0, self.s.npages * PAGE), dtype=np.uint8)
+    def compare(self, step: Step, side: Side, expected: np.ndarray, what: str) -> None:
+        """Every page of ``side``'s RAM must equal ``expected`` (uint8 array of the whole RAM)."""
+        got = np.frombuffer(side.machine.read_ram(0, self.s.npages * PAGE), dtype=np.uint8)
         bad = np.nonzero((got.reshape(-1, PAGE) != expected.reshape(-1, PAGE)).any(axis=1))[0]
-        self.report("content", step, bad, what)
-
-    def save_page_states(self) -> None:
-        """On failure: the oracle's snapshots around each shrink and at the end (pagemap.decode reads them)."""
-        if self.opts.artifacts is None or self.v.ok:
-            return
-        states = {**self.around_shrinks, **{f"{n}-last": s.last for n, s in self.sides.items() if s.last}}
-        for name, st in states.items():
-            pagemap.save(self.opts.artifacts / f"pagemap-{name}.npz", st,
-                         placed=self.sides[name.split("-")[0]].placed)
-        (self.opts.artifacts / "scenario.json").write_text(self.s.to_json())
+        side.ledger.report("content", step.phase, bad, what)
 
 
 # --- postcopy --------------------------------------------------------------------------------------------------
@@ -255,12 +209,12 @@ class PostcopyRun(MigrationRun):
         with contextlib.suppress(HolecheckError):
             requests = str(self.ram_stats().get("postcopy-requests", "?"))
         text = f"{exc}; source postcopy-requests={requests}" + (f"; {detail}" if detail else "")
-        self.v.findings.append(Finding.of("stall", step.phase, [i * PAGE for i in indices or []], "gpa", text))
+        self.dst.ledger.stall(step.phase, indices or [], text)
         return Aborted()
 
     # phases
 
-    def phase_before_migrate(self, step: Step) -> None:
+    def do_before_migrate(self, step: Step) -> None:
         self.src = self.start_side("src", incoming=False)
         self.dst = self.start_side("dst", incoming=True)
         self.fill(self.src)
@@ -270,17 +224,17 @@ class PostcopyRun(MigrationRun):
         migration.set_parameters(self.src.machine, max_bandwidth=8 * MIB, downtime_limit=1,
                                  max_postcopy_bandwidth=4096)
         migration.start_incoming(self.dst.machine, migration.migration_uri(self.dst.machine))
-        self.observe(self.src, step)
-        self.observe(self.dst, step)
+        self.src.ledger.observe(step.phase)
+        self.dst.ledger.observe(step.phase)
 
-    def phase_mid_precopy(self, step: Step) -> None:
+    def do_mid_precopy(self, step: Step) -> None:
         migration.start_migrate(self.src.machine, migration.migration_uri(self.dst.machine))
         total = self.s.npages * PAGE
         self.wait_ram(lambda r: 0 < r.get("remaining", total) <= total // 2, "half of RAM sent")
         migration.set_parameters(self.src.machine, max_bandwidth=1024)  # hold here
-        self.observe(self.dst, step)
+        self.dst.ledger.observe(step.phase)
 
-    def phase_precopy_done(self, step: Step) -> None:
+    def do_precopy_done(self, step: Step) -> None:
         self.dirtier = Dirtier(self.src.machine)
         self.dirtier.start()
         # not faster: QEMU's bandwidth estimate spikes after a throttle is lifted, and at 64 MiB/s it then thinks
@@ -288,9 +242,9 @@ class PostcopyRun(MigrationRun):
         migration.set_parameters(self.src.machine, max_bandwidth=8 * MIB)
         self.wait_ram(lambda r: r.get("dirty-sync-count", 0) >= 2, "the first full pass (dirty-sync-count >= 2)")
         migration.set_parameters(self.src.machine, max_bandwidth=1024)  # hold: the dirtier keeps pages pending
-        self.observe(self.dst, step)
+        self.dst.ledger.observe(step.phase)
 
-    def phase_pre_switchover(self, step: Step) -> None:
+    def do_pre_switchover(self, step: Step) -> None:
         self.hold = migration.HoldUffdRegistration(self.dst.machine, hold=HOLD)
         self.hold.attach()
         assert self.dirtier is not None
@@ -299,54 +253,54 @@ class PostcopyRun(MigrationRun):
             raise HolecheckError(f"dirtier failed: {self.dirtier.error}")
         migration.start_postcopy(self.src.machine)
         migration.wait_status(self.src.machine, {"pre-switchover"}, timeout=self.opts.timeout)
-        self.observe(self.dst, step)
+        self.dst.ledger.observe(step.phase)
 
-    def phase_nohugepage_window(self, step: Step) -> None:
+    def do_nohugepage_window(self, step: Step) -> None:
         migration.set_parameters(self.src.machine, max_bandwidth=64 * MIB)
         self.src.machine.qmp("migrate-continue", state="pre-switchover")
         assert self.hold is not None
         self.hold.wait_open(timeout=self.opts.timeout)
-        self.observe(self.dst, step)
+        self.dst.ledger.observe(step.phase)
 
-    def phase_postcopy_running(self, step: Step) -> None:
+    def do_postcopy_running(self, step: Step) -> None:
         assert self.hold is not None
         self.hold.release()
         migration.wait_ram_flags(self.dst.machine, present={"um"}, timeout=self.opts.timeout)
         migration.wait_status(self.src.machine, {"postcopy-active"}, timeout=self.opts.timeout)
-        self.observe(self.dst, step)
+        self.dst.ledger.observe(step.phase)
 
-    def phase_completed(self, step: Step) -> None:
+    def do_completed(self, step: Step) -> None:
         migration.set_parameters(self.src.machine, max_postcopy_bandwidth=1 << 30)
         migration.wait_status(self.src.machine, {"completed"}, timeout=30)
         migration.wait_status(self.dst.machine, {"completed"}, timeout=30)
-        self.observe(self.dst, step)
+        self.dst.ledger.observe(step.phase)
 
     # actions
 
-    def phase_shrink(self, step: Step) -> None:
+    def do_shrink(self, step: Step) -> None:
         sides = [self.sides[n] for n in (("src", "dst") if step.arg == "both" else (step.arg,)) if n in self.sides]
         self.shrink(step, sides)
 
-    def phase_sabotage_punch(self, step: Step) -> None:
+    def do_sabotage_punch(self, step: Step) -> None:
         """Negative control: holes in received pages, as a kernel that leaves pte_none after a split would."""
         start, _ = self.dst.machine.ram_mapping()
-        sel = self.s.selector(step.pages) & self.dst.placed
+        sel = self.s.selector(step.pages) & self.dst.ledger.placed
         inject.madvise_in(self.dst.machine.pid, [(start + f * PAGE, n * PAGE) for f, n in runs(sel)])
-        self.observe(self.dst, step)
+        self.dst.ledger.observe(step.phase)
 
-    def phase_read_received(self, step: Step) -> None:
+    def do_read_received(self, step: Step) -> None:
         """QEMU's own bounded reads (qtest) of the received pages a vCPU could stall on: those not present.
 
         A present page cannot fault, so reading it proves nothing; a received page that is pte_none raises a
         MISSING fault QEMU ignores (it is in its received set), and the reader waits for ever. (/proc/PID/mem is
         no substitute: a remote read of a missing page gets SIGBUS at once, and QEMU never sees a fault.)
         """
-        states = self.dst.snapshot()
+        states = self.dst.ledger.snapshot()
         q = self.dst.machine.qtest
-        present = np.nonzero(self.dst.placed & states.present)[0]
+        present = np.nonzero(self.dst.ledger.placed & states.present)[0]
         if present.size:  # liveness: the destination answers reads of what it has
             q.read(int(present[-1]) * PAGE, PAGE, timeout=self.opts.timeout)
-        missing = [int(i) for i in np.nonzero(self.dst.placed & states.hole & ~self.volatile)[0]]
+        missing = [int(i) for i in np.nonzero(self.dst.ledger.placed & states.hole & ~self.volatile)[0]]
         for n, i in enumerate(missing):
             try:
                 q.read(i * PAGE, PAGE, timeout=self.opts.timeout)
@@ -354,7 +308,7 @@ class PostcopyRun(MigrationRun):
                 raise self.stalled(step, exc, missing[n:], (
                     f"{len(missing)} received page(s) are pte_none; QEMU will not re-request a page in its "
                     "received set, so the faulting reader (a vCPU, here qtest) waits for ever")) from None
-        self.observe(self.dst, step)
+        self.dst.ledger.observe(step.phase)
 
     def wait_ram(self, done, what: str) -> dict:
         return wait_for(self.ram_stats, done, what=f"src: {what}", timeout=30, interval=0.005, max_interval=0.05)
@@ -363,7 +317,7 @@ class PostcopyRun(MigrationRun):
         """After completion the destination must hold exactly the source's RAM."""
         step = Step("completed", label="compare")
         expected = np.frombuffer(self.src.machine.read_ram(0, self.s.npages * PAGE), dtype=np.uint8)
-        self.compare(step, self.dst.machine, expected, "destination differs from source")
+        self.compare(step, self.dst, expected, "destination differs from source")
 
 
 # --- background snapshot ---------------------------------------------------------------------------------------
@@ -390,13 +344,13 @@ class SnapshotRun(MigrationRun):
         signal_all(self.frozen, signal.SIGCONT)
         self.frozen = []
 
-    def phase_before_snapshot(self, step: Step) -> None:
+    def do_before_snapshot(self, step: Step) -> None:
         self.src = self.start_side("src", incoming=False)
         self.fill(self.src)
         self.start_content = np.frombuffer(self.src.machine.read_ram(0, self.s.npages * PAGE), dtype=np.uint8)
-        self.observe(self.src, step)
+        self.src.ledger.observe(step.phase)
 
-    def phase_snapshot_running(self, step: Step) -> None:
+    def do_snapshot_running(self, step: Step) -> None:
         self.file = self.workdir / "snapshot.bin"
         migration.start_snapshot(self.src.machine, self.file, self.opts.snapshot_rate)
         migration.wait_ram_flags(self.src.machine, present={"uw"}, timeout=self.opts.timeout)
@@ -405,18 +359,18 @@ class SnapshotRun(MigrationRun):
         prev = [-1]
 
         def wp_count() -> int:
-            n = int(self.src.snapshot().uffd_wp.sum())
+            n = int(self.src.ledger.snapshot().uffd_wp.sum())
             same, prev[0] = n == prev[0], n
             return n if same else -1
 
         wait_for(wp_count, lambda n: n >= 0, what="src: the snapshot stream to stall on its stopped sink",
                  timeout=self.opts.timeout, interval=0.02)
-        self.observe(self.src, step)
+        self.src.ledger.observe(step.phase)
 
-    def phase_shrink(self, step: Step) -> None:
+    def do_shrink(self, step: Step) -> None:
         self.shrink(step, [self.src])
 
-    def phase_write(self, step: Step) -> None:
+    def do_write(self, step: Step) -> None:
         """Write the selected pages while the snapshot runs: each write must be trapped and the old content saved."""
         self.thaw()
         sel = self.s.selector(step.pages) & (np.arange(self.s.npages) >= LOW_CHUNKS * PAGES_PER_THP)
@@ -426,32 +380,27 @@ class SnapshotRun(MigrationRun):
             try:
                 q.memset(first * PAGE, count * PAGE, 0x5A, timeout=self.opts.timeout)
             except StallError as exc:
-                self.v.findings.append(Finding.of("stall", step.phase, [first * PAGE], "gpa", str(exc)))
+                self.src.ledger.stall(step.phase, [first], str(exc))
                 raise Aborted() from None
-        self.observe(self.src, step)
+        self.src.ledger.observe(step.phase)
 
-    def phase_snapshot_done(self, step: Step) -> None:
+    def do_snapshot_done(self, step: Step) -> None:
         self.thaw()
         migration.wait_status(self.src.machine, {"completed"}, timeout=60)
-        self.observe(self.src, step)
+        self.src.ledger.observe(step.phase)
 
-    def phase_restored(self, step: Step) -> None:
+    def do_restored(self, step: Step) -> None:
         dst = self.start_side("restore", incoming=True)
         migration.restore(dst.machine, self.file, timeout=60)
-        self.compare(step, dst.machine, self.start_content, "restored RAM differs from RAM at snapshot start")
+        self.compare(step, dst, self.start_content, "restored RAM differs from RAM at snapshot start")
 
 
 # --- entry point -------------------------------------------------------------------------------------------------
 
 def run(scenario: Scenario, opts: QemuOptions) -> Verdict:
-    verdict = Verdict(scenario=f"{scenario.kind}[{scenario.name}-{scenario.thp.id}-{scenario.fill.id}]",
-                      kernel=os.uname().release)
-    t0 = time.monotonic()
     cls = PostcopyRun if scenario.kind == "postcopy" else SnapshotRun
-    with thp.applied(scenario.thp), contextlib.ExitStack() as stack, _workdir() as workdir:
+    with ledger.recorded(scenario) as verdict, contextlib.ExitStack() as stack, _workdir() as workdir:
         cls(scenario, opts, verdict, stack, workdir).execute()
-    verdict.seconds = round(time.monotonic() - t0, 3)
-    log.info("%s", verdict.summary())
     return verdict
 
 

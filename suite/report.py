@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from . import pagemap_png, reproducer
-from .scenario import Scenario
+from .scenario import Scenario, is_synthetic
 from .verdict import KINDS, Verdict
 
 STATUSES = ("failed", "error", "passed", "skipped")
@@ -129,7 +129,7 @@ class Cell:
 
     @property
     def synthetic(self) -> bool:
-        return bool(self.verdict and self.verdict.scenario.split("[")[0].endswith("-style"))
+        return bool(self.verdict and is_synthetic(self.verdict.scenario))
 
 
 # --- collecting --------------------------------------------------------------------------------------------

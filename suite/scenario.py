@@ -68,6 +68,11 @@ class Step:
         args = [a for a in (self.arg, "" if self.pages == "all" else self.pages) if a]
         return f"{self.op}({', '.join(args)})" if args else self.op
 
+    @property
+    def handler(self) -> str:
+        """The runner method that performs this step: ``do_<op>``, dashes as underscores (both runners)."""
+        return "do_" + self.op.replace("-", "_")
+
 
 @dataclass(frozen=True)
 class Fill:
@@ -91,6 +96,12 @@ class Fill:
         return np.resize(chunk, npages)
 
 
+def is_synthetic(scenario_id: str) -> bool:
+    """Does a ``Scenario.id`` (or a bare kind) name a synthetic sequence rather than a real QEMU? Verdicts carry
+    the id, not the scenario."""
+    return scenario_id.split("[", 1)[0].endswith("-style")
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -108,12 +119,17 @@ class Scenario:
             raise ValueError(f"{self.kind} scenario cannot have steps {', '.join(bad)}")
 
     @property
+    def id(self) -> str:
+        """The scenario's name in verdicts, reports and reproducers: ``kind[name-thp-fill]``."""
+        return f"{self.kind}[{self.name}-{self.thp.id}-{self.fill.id}]"
+
+    @property
     def npages(self) -> int:
         return self.size_mib * 256
 
     @property
     def synthetic(self) -> bool:
-        return self.kind.endswith("-style")
+        return is_synthetic(self.kind)
 
     def selector(self, name: str) -> np.ndarray:
         """Bool mask over the region's pages for a page selector."""

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import memcg as cgroups
 from . import oracle, thp
+from .errors import SetupError
 from .memcg import Memcg
 from .pagemap import PageStates
 from .verdict import Finding, Verdict
@@ -39,13 +42,32 @@ class ShrinkResult:
         return self.vmstat_delta.get("thp_underused_split_page", -1)
 
 
+def _known(trigger: str) -> None:
+    if trigger not in TRIGGERS:
+        raise ValueError(f"unknown shrinker trigger {trigger!r} (one of {', '.join(TRIGGERS)})")
+
+
+@contextlib.contextmanager
+def scope(trigger: str, name: str) -> Iterator[Memcg | None]:
+    """The memory cgroup the processes under test start in, so that ``fire`` reaches only their THPs; None where
+    the trigger is host-wide (drop_caches, or 'auto' on a kernel without a memory controller)."""
+    _known(trigger)
+    if trigger == "memcg" and cgroups.available() is None:
+        raise SetupError("--trigger=memcg: this kernel has no memory cgroup controller (cgroup v2 memory or v1 "
+                         "memory.force_empty) to scope the shrinker; use --trigger=auto or --trigger=drop_caches")
+    if trigger == "drop_caches" or cgroups.available() is None:
+        yield None
+    else:
+        with cgroups.scope(name) as cg:
+            yield cg
+
+
 def fire(trigger: str = "auto", memcg: Memcg | None = None) -> ShrinkResult:
     """Run the shrinker once: scoped to ``memcg`` where given and allowed, else host-wide drop_caches.
 
     'auto' prefers the scoped trigger: it does not disturb the rest of the machine.
     """
-    if trigger not in TRIGGERS:
-        raise ValueError(f"unknown shrinker trigger {trigger!r} (one of {', '.join(TRIGGERS)})")
+    _known(trigger)
     before = vmstat()
     t0 = time.monotonic()
     if trigger in ("auto", "memcg") and memcg is not None:
