@@ -5,7 +5,7 @@ An ABI is what a ``linux-image-<abi>-<flavour>`` package name carries: ``6.1.0-5
 Specs (``--kernel=debian:SPEC``):
 
 - ``6.12.57``         → that upstream version; where several builds exist (``+deb12``, ``+deb12.1``, ``+deb13``),
-  the host release's (+deb12) first, then its newest rebuild.
+  the oldest release's (+deb12, the host's) first, then its newest rebuild (``preference``).
 - ``6.12.90+deb12.1``, ``6.1.0-56`` → exactly that ABI.
 - ``newest``, ``newest-7.3``, ``newest-6.12+deb12`` → the newest of all, of a series, of a series' +debN builds.
 - a ``-cloud`` suffix (``6.12.57-cloud``, ``newest-6.12-cloud``) picks the ``-cloud-amd64`` flavour; the generic
@@ -24,7 +24,6 @@ ABI = r"\d+\.\d+\.\d+(?:-\d+|\+deb\d+(?:\.\d+)?)"
 PACKAGE_RE = re.compile(rf"^linux-image-(?P<abi>{ABI})-(?P<flavour>amd64|cloud-amd64)$")
 SPEC_RE = re.compile(r"^(?P<abi>\d+\.\d+\.\d+(?:-\d+|\+deb\d+(?:\.\d+)?)?)(?:-(?P<flavour>cloud))?$")
 NEWEST_RE = re.compile(r"^newest(?:-(?P<series>\d+\.\d+)(?P<build>\+deb\d+)?)?(?:-(?P<flavour>cloud))?$")
-HOST_BUILD = 12  # +deb12: built for the host's release (bookworm), preferred for one upstream version
 
 
 def upstream(abi: str) -> str:
@@ -46,11 +45,12 @@ def abi_key(abi: str) -> tuple[tuple[int, ...], int, int]:
     return tuple(int(x) for x in re.findall(r"\d+", up)), int(major or 0), int(rebuild or 0)
 
 
-def preference(abi: str) -> tuple[tuple[int, ...], bool, int, int]:
+def preference(abi: str) -> tuple[tuple[int, ...], int, int]:
     """Which build to take: the newest upstream version; for one upstream version built for several releases,
-    the host release's (+deb12) first, then the newest release; then the newest rebuild."""
+    the oldest release's (+deb12 bookworm-backports, the host's, before +deb13 trixie before +deb14 forky);
+    then the newest rebuild (+deb12.1 before +deb12)."""
     nums, major, rebuild = abi_key(abi)
-    return nums, major == HOST_BUILD, major, rebuild
+    return nums, -major, rebuild
 
 
 @dataclass(frozen=True)
