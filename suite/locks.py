@@ -33,7 +33,7 @@ def _cmdline() -> str:
         raw = Path(f"/proc/{os.getpid()}/cmdline").read_bytes()
     except OSError:
         return "?"
-    return " ".join(a.decode(errors="replace") for a in raw.split(b"\0") if a)[:300]
+    return " ".join(raw.decode(errors="replace").replace("\0", " ").split())[:300]  # one line, even for -c code
 
 
 def holder(path: Path) -> str:
