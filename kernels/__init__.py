@@ -3,7 +3,10 @@ of a kernel an L1 VM boots from (an uncompressed PVH ``vmlinux``, the modules it
 
 Where to start reading:
 
-- ``debian``       — ``debian:VERSION`` → a package fetched through a private apt configuration, extracted.
+- ``debian``       — ``debian:VERSION`` → the kernel's packages fetched and unpacked into a cache, either packaging.
+- ``versions``     — ``debian:SPEC`` parsing, the one order of Debian kernel ABIs, picking among packages.
+- ``packages``     — the kernel stanzas of Debian's Packages indexes: suites, versions, split-packaging parts.
+- ``apt``          — apt with holecheck's own sources and state; downloads checked against the index's SHA256.
 - ``kernel``       — ``Kernel``: what a VM boots (image, config, modules) for a Debian package or a bzImage path.
 - ``vmlinux``      — the uncompressed ELF vmlinux out of a vmlinuz, and whether it has a PVH entry.
 - ``modules``      — ``.modinfo`` parsing and dependency order of the modules a boot needs.

@@ -1,294 +1,172 @@
-"""Debian's kernel packages by version, through an apt configuration of holecheck's own.
+"""Debian's kernel packages by version (``--kernel=debian:SPEC``), fetched and unpacked into a cache.
 
-The host's apt state is never touched: a private sources list (bookworm, its updates, security and backports,
-and trixie, from the mirror the host's sources use), state and cache dirs under ``<cache>/apt``; packages are
-fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x`` into ``<cache>/kernels/<version>/``.
+Specs and their order are in ``kernels.versions``; the package indexes and downloads in ``kernels.apt`` (its own
+apt configuration over bookworm, -updates, -security, -backports, trixie, -security, -backports and forky). A
+kernel is unpacked with ``dpkg-deb -x`` into ``<cache>/kernels/<abi>-<flavour>/`` laid out as the old packaging
+ships it, whichever packaging it came in:
 
-Version specs (``--kernel=debian:SPEC``):
+    boot/vmlinuz-R   boot/config-R   (usr/)lib/modules/R/kernel/…
 
-- ``6.12.57``        → ``linux-image-6.12.57+deb12-amd64`` (bookworm-backports) or ``…+deb13-amd64`` (trixie);
-  where both a ``+debN`` and a ``+debN.M`` rebuild exist, the newest build is taken.
-- ``6.12.90+deb12.1`` → exactly that ABI.
-- ``6.1.0-56``       → ``linux-image-6.1.0-56-amd64`` (bookworm's old ABI naming).
-- a ``-cloud`` suffix (``6.12.57-cloud``) picks the ``-cloud-amd64`` flavour. The generic flavour is the default
-  because the cloud 6.12 flavour oopses under TCG.
-- ``newest-6.12``, ``newest-6.1``: the newest available in that series; ``newest-6.12+deb12``: the newest
-  bookworm-backports build (``list`` shows them all).
+A tree counts only with its ``.complete`` marker, written last, before the tree is renamed into place.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import re
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from suite.errors import SetupError
 from suite.uffd import cache_root
 
+from .apt import APT_TIMEOUT, Apt, host_mirror  # noqa: F401  (kernels.build and callers use them from here)
+from .packages import KernelIndex
+from .versions import (  # noqa: F401  (the spec API, as callers know it)
+    FLAVOURS,
+    VersionSpec,
+    abi_key,
+    by_series,
+    package_name,
+    parse_spec,
+    preference,
+    select,
+    split_package,
+)
+
 log = logging.getLogger(__name__)
+MARKER = ".complete"
+UNPACK_TIMEOUT = 300
 
-KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
-# (mirror kind, suite): "main" suites come from the Debian mirror, "security" ones from its -security twin.
-SUITES = (("main", "bookworm"), ("main", "bookworm-updates"), ("security", "bookworm-security"),
-          ("main", "bookworm-backports"), ("main", "trixie"), ("security", "trixie-security"))
-LISTS_MAX_AGE = 24 * 3600.0  # refresh the package lists once a day, or when a version is not found
-APT_TIMEOUT = 600.0
-FLAVOURS = {"": "amd64", "cloud": "cloud-amd64"}
-# linux-image-<abi>-<flavour>; abi is "6.1.0-56" (old naming) or "6.12.57+deb12" / "6.12.90+deb12.1" (new)
-PACKAGE_RE = re.compile(
-    r"^linux-image-(?P<abi>\d+\.\d+\.\d+(?:-\d+|\+deb\d+(?:\.\d+)?))-(?P<flavour>amd64|cloud-amd64)$")
-SPEC_RE = re.compile(r"^(?P<abi>\d+\.\d+\.\d+(?:-\d+|\+deb\d+(?:\.\d+)?)?)(?:-(?P<flavour>cloud))?$")
-NEWEST_RE = re.compile(r"^newest-(?P<series>\d+\.\d+)(?P<build>\+deb\d+)?(?:-(?P<flavour>cloud))?$")
-
-
-@dataclass(frozen=True)
-class VersionSpec:
-    """A parsed ``debian:SPEC``: an ABI (exact, or an upstream version to match) and a flavour."""
-
-    abi: str  # "6.1.0-56" or "6.12.90+deb12.1" (exact), "6.12.57" (any +debN build), or a series "6.12"
-    flavour: str  # "amd64" or "cloud-amd64"
-    newest: bool = False  # abi is a series ("6.12", "6.12+deb12"): the newest package in it
-
-    def matches(self, package: str) -> bool:
-        m = PACKAGE_RE.match(package)
-        if not m or m["flavour"] != self.flavour:
-            return False
-        abi = m["abi"]
-        if self.newest:
-            series, _, build = self.abi.partition("+")
-            in_build = not build or re.fullmatch(rf"\+{build}(\.\d+)?", abi[len(_upstream(abi)):]) is not None
-            return _upstream(abi).startswith(series + ".") and in_build
-        return abi == self.abi or ("-" not in self.abi and "+" not in self.abi and abi.startswith(self.abi + "+"))
-
-
-def parse_spec(text: str) -> VersionSpec:
-    """``6.12.57``, ``6.12.57-cloud``, ``6.1.0-56``, ``6.12.90+deb12.1``, ``newest-6.12(+deb12)`` → VersionSpec."""
-    text = text.strip()
-    if m := NEWEST_RE.match(text):
-        return VersionSpec(m["series"] + (m["build"] or ""), FLAVOURS[m["flavour"] or ""], newest=True)
-    m = SPEC_RE.match(text)
-    if not m:
-        raise SetupError(f"debian:{text}: not a Debian kernel version (e.g. 6.12.57, 6.12.57-cloud, 6.1.0-56, "
-                         "newest-6.12+deb12; debian:list shows what is available)")
-    abi = m["abi"]
-    if re.fullmatch(r"\d+\.\d+\.0", abi) and abi.startswith("6.1."):
-        raise SetupError(f"debian:{text}: 6.1 kernels are named by ABI, e.g. debian:6.1.0-56")
-    return VersionSpec(abi, FLAVOURS[m["flavour"] or ""])
-
-
-def package_name(abi: str, flavour: str = "amd64") -> str:
-    return f"linux-image-{abi}-{flavour}"
-
-
-def _upstream(abi: str) -> str:
-    return abi.split("+")[0] if "+" in abi else abi
-
-
-def abi_key(abi: str) -> tuple[int, ...]:
-    """Sort key: 6.1.0-47 < 6.1.0-56 < 6.12.57+deb12 < 6.12.90+deb12 < 6.12.90+deb12.1 < 6.12.107+deb13."""
-    return tuple(int(x) for x in re.findall(r"\d+", abi))
-
-
-def preference(abi: str) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
-    """Among matches, the newest upstream version; for one upstream version built for several releases, the
-    bookworm-backports build (+deb12, the host's release) before trixie's (+deb13); then the newest rebuild."""
-    upstream, _, build = abi.partition("+deb")
-    major, _, minor = build.partition(".")
-    return abi_key(upstream), -int(major or 0), abi_key(minor)
-
-
-def split_package(name: str) -> tuple[str, str]:
-    """``linux-image-6.12.57+deb12-cloud-amd64`` → (``6.12.57+deb12``, ``cloud-amd64``); ("", "") if not one."""
-    m = PACKAGE_RE.match(name)
-    return (m["abi"], m["flavour"]) if m else ("", "")
-
-
-def select(spec: VersionSpec, packages: list[str]) -> str | None:
-    """The preferred package among ``packages`` that ``spec`` matches."""
-    found = [p for p in packages if spec.matches(p)]
-    return max(found, key=lambda p: preference(split_package(p)[0])) if found else None
-
-
-# --- the private apt configuration ------------------------------------------------------------------------------
-
-def host_mirror() -> str:
-    """The Debian mirror the host's apt sources use (deb822 .sources or one-line .list), else deb.debian.org."""
-    texts = []
-    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
-        if path.suffix in (".list", ".sources") and path.is_file():
-            with contextlib.suppress(OSError):
-                texts.append(path.read_text())
-    for text in texts:
-        for url in re.findall(r"(?:https?|file)://\S+", text):
-            url = url.rstrip("/")
-            if url.endswith("/debian") and "security" not in url:
-                return url
-    return DEFAULT_MIRROR
-
-
-@dataclass(frozen=True)
-class Apt:
-    """apt-get / apt-cache with holecheck's own sources, state and cache (the host's apt state is left alone)."""
-
-    root: Path
-
-    @classmethod
-    def default(cls) -> Apt:
-        return cls(cache_root() / "apt")
-
-    @property
-    def sources(self) -> Path:
-        return self.root / "sources.list"
-
-    @property
-    def lists(self) -> Path:
-        return self.root / "state" / "lists"
-
-    def options(self) -> list[str]:
-        return ["-o", f"Dir::Etc::sourcelist={self.sources}", "-o", "Dir::Etc::sourceparts=-",
-                "-o", f"Dir::State={self.root / 'state'}", "-o", f"Dir::Cache={self.root / 'cache'}",
-                "-o", "APT::Get::List-Cleanup=0", "-o", "Acquire::Retries=2"]
-
-    def write_sources(self) -> None:
-        mirror = host_mirror()
-        security = mirror.removesuffix("/debian") + "/debian-security"
-        lines = [f"deb [signed-by={KEYRING}] {security if kind == 'security' else mirror} {suite} main"
-                 for kind, suite in SUITES]
-        text = "\n".join(lines) + "\n"
-        if not self.sources.exists() or self.sources.read_text() != text:
-            self.sources.write_text(text)
-            (self.lists / "stamp").unlink(missing_ok=True)  # new sources: the lists are stale
-
-    def _run(self, tool: str, *args: str, cwd: Path | None = None) -> str:
-        if not shutil.which(tool):
-            raise SetupError(f"{tool} not found: fetching Debian kernels needs apt (a Debian or Ubuntu host)")
-        argv = [tool, *self.options(), *args]
-        try:
-            proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=APT_TIMEOUT, check=False)
-        except subprocess.TimeoutExpired:
-            raise SetupError(f"{tool} {' '.join(args)}: no result within {APT_TIMEOUT:g} s") from None
-        if proc.returncode != 0:
-            err = [ln for ln in proc.stderr.splitlines() if ln.startswith(("E:", "W:"))] or proc.stderr.splitlines()
-            raise SetupError(f"{tool} {' '.join(args)} failed: {err[-1] if err else f'exit {proc.returncode}'}")
-        return proc.stdout
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """One holecheck apt user at a time (pytest-xdist workers share the cache)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            yield
-
-    def update(self, force: bool = False) -> None:
-        for d in (self.lists / "partial", self.root / "cache" / "archives" / "partial"):
-            d.mkdir(parents=True, exist_ok=True)
-        self.write_sources()
-        stamp = self.lists / "stamp"
-        if not force and stamp.exists() and time.time() - stamp.stat().st_mtime < LISTS_MAX_AGE:
-            return
-        log.info("apt-get update (private configuration in %s)", self.root)
-        try:
-            self._run("apt-get", "update")
-        except SetupError as exc:
-            if not any(self.lists.glob("*_Packages*")):
-                raise
-            # offline, or a mirror hiccup: the lists we have still name every kernel cached so far
-            log.warning("%s; going on with the package lists from %s", exc, time.ctime(stamp.stat().st_mtime)
-                        if stamp.exists() else "an earlier update")
-            return
-        stamp.touch()
-
-    def kernel_packages(self) -> list[str]:
-        out = self._run("apt-cache", "search", "--names-only", r"^linux-image-[0-9]")
-        names = {ln.split()[0] for ln in out.splitlines() if ln.strip()}
-        return sorted((n for n in names if split_package(n)[0]), key=lambda p: (abi_key(split_package(p)[0]), p))
-
-    def download(self, package: str, into: Path) -> Path:
-        into.mkdir(parents=True, exist_ok=True)
-        self._run("apt-get", "download", package, cwd=into)
-        debs = sorted(into.glob(f"{package}_*.deb"))
-        if not debs:
-            raise SetupError(f"apt-get download {package}: no .deb appeared in {into}")
-        return debs[-1]
-
-
-# --- fetching and unpacking --------------------------------------------------------------------------------------
 
 def kernels_dir() -> Path:
     return cache_root() / "kernels"
 
 
-def list_versions(apt: Apt | None = None) -> list[str]:
-    """Every ``debian:SPEC`` the private apt configuration can fetch (generic and cloud flavours), oldest first."""
+def is_complete(tree: Path) -> bool:
+    return (tree / MARKER).is_file()
+
+
+# --- what is there ------------------------------------------------------------------------------------------------
+
+def abis(index: KernelIndex) -> list[str]:
+    """Every fetchable ``debian:SPEC`` by exact ABI (``-cloud`` for that flavour), in version order."""
+    pairs = [split_package(p) for p in index.images()]
+    return [abi + ("-cloud" if flavour == FLAVOURS["cloud"] else "")
+            for abi, flavour in sorted(pairs, key=lambda af: (abi_key(af[0]), af[1]))]
+
+
+def series_lines(index: KernelIndex) -> list[str]:
+    """One line per series, oldest first; each run of versions from the same suites is followed by them:
+    ``6.19: 6.19.6+deb13, 6.19.8+deb13 (trixie-backports)``."""
+    generic = {split_package(p)[0]: p for p in index.images() if split_package(p)[1] == FLAVOURS[""]}
+    lines = []
+    for name, group in by_series(generic).items():
+        runs: list[tuple[str, list[str]]] = []
+        for abi in group:
+            suites = ", ".join(index.suites(generic[abi]))
+            if runs and runs[-1][0] == suites:
+                runs[-1][1].append(abi)
+            else:
+                runs.append((suites, [abi]))
+        lines.append(f"{name}: " + ", ".join(f"{', '.join(abis)} ({suites})" for suites, abis in runs))
+    if newest := select(parse_spec("newest"), generic.values()):
+        lines.append(f"newest: {split_package(newest)[0]}; newest-SERIES (newest-6.12, newest-6.12+deb12) picks in a "
+                     "series; add -cloud for the cloud flavour")
+    return lines
+
+
+def available(apt: Apt | None = None) -> KernelIndex:
     apt = apt or Apt.default()
     with apt.locked():
         apt.update()
-        packages = apt.kernel_packages()
-    return [abi + ("-cloud" if flavour == "cloud-amd64" else "") for abi, flavour in map(split_package, packages)]
+        return apt.index()
 
 
-def resolve_package(spec: VersionSpec, apt: Apt) -> str:
-    """The package name for ``spec``; refreshes the lists once if nothing matches (a new upload)."""
+def list_versions(apt: Apt | None = None) -> list[str]:
+    """What ``debian:list`` prints: the kernels of every suite, one line per series."""
+    return series_lines(available(apt))
+
+
+# --- fetching -----------------------------------------------------------------------------------------------------
+
+def resolve_package(spec: VersionSpec, apt: Apt) -> tuple[str, KernelIndex]:
+    """The package name for ``spec`` (with the index it came from); refreshes the lists once if nothing matches
+    (a new upload)."""
     apt.update()
-    if found := select(spec, apt.kernel_packages()):
-        return found
-    apt.update(force=True)
-    if found := select(spec, apt.kernel_packages()):
-        return found
-    near = [abi for abi, flavour in map(split_package, apt.kernel_packages()) if flavour == spec.flavour]
-    hint = ", ".join(near[-6:])
-    raise SetupError(f"no Debian kernel package {package_name(spec.abi, spec.flavour)} in bookworm(-updates, "
-                     f"-security, -backports) or trixie(-security); newest there: {hint or 'none'}")
+    index = apt.index()
+    if not (found := select(spec, index.images())):
+        apt.update(force=True)
+        index = apt.index()
+        found = select(spec, index.images())
+    if found:
+        return found, index
+    near = [a for a, f in map(split_package, index.images()) if f == spec.flavour]
+    hint = ", ".join(sorted(near, key=abi_key)[-4:])
+    raise SetupError(f"no Debian kernel package {package_name(spec.abi or 'newest', spec.flavour)} in any suite "
+                     f"holecheck reads (bookworm … forky); newest there: {hint or 'none'} (debian:list shows all)")
 
 
 def fetch(text: str, apt: Apt | None = None) -> Path:
-    """Fetch and unpack ``debian:TEXT``; return the unpacked tree (``boot/``, ``lib/modules/``).
+    """Fetch and unpack ``debian:TEXT``; return the unpacked tree (``boot/``, ``(usr/)lib/modules/``).
 
-    Unpacked once: a tree with a ``.complete`` marker is reused without asking apt anything.
+    Unpacked once: a complete tree is reused without asking apt anything when the spec names its ABI exactly.
     """
     spec = parse_spec(text)
     apt = apt or Apt.default()
-    # The exact-ABI specs name their directory up front, so a cached tree needs no apt lookup at all.
-    exact = spec.abi if ("-" in spec.abi or "+" in spec.abi) and not spec.newest else None
-    if exact:
-        tree = kernels_dir() / f"{exact}-{spec.flavour}"
-        if (tree / ".complete").exists():
-            return tree
+    if spec.exact and is_complete(tree := kernels_dir() / f"{spec.exact}-{spec.flavour}"):
+        return tree
     with apt.locked():
-        package = resolve_package(spec, apt)
-        abi_flavour = package.removeprefix("linux-image-")
-        tree = kernels_dir() / abi_flavour
-        if (tree / ".complete").exists():
+        package, index = resolve_package(spec, apt)
+        release = package.removeprefix("linux-image-")
+        tree = kernels_dir() / release
+        if is_complete(tree):
             return tree
         t0 = time.monotonic()
-        with tempfile.TemporaryDirectory(dir=apt.root) as tmp:
-            deb = apt.download(package, Path(tmp))
-            unpack(deb, tree)
-        log.info("fetched %s in %.1f s into %s", package, time.monotonic() - t0, tree)
+        try:
+            parts = index.parts(package)
+        except LookupError as exc:
+            raise SetupError(f"debian:{text}: {exc}") from None
+        debs = [apt.download(p) for p in parts]
+        install(debs, tree, release)
+        for deb in debs:  # the tree is the cache; a verified .deb outlives only a run killed before this point
+            deb.unlink(missing_ok=True)
+        log.info("fetched %s (%s) in %.1f s into %s", package, ", ".join(p.package for p in parts),
+                 time.monotonic() - t0, tree)
     return tree
 
 
-def unpack(deb: Path, tree: Path) -> None:
-    """``dpkg-deb -x`` into a temporary sibling, then rename: a half-unpacked tree is never seen."""
+def arrange(root: Path, release: str) -> None:
+    """The split packaging's ``usr/lib/modules/R/{vmlinuz,config}`` → ``boot/vmlinuz-R``, ``boot/config-R``, where
+    the rest of holecheck (and /boot-style tools) look for them. The old packaging is left as it is."""
+    for name in ("vmlinuz", "config", "System.map"):
+        src, dst = root / "usr" / "lib" / "modules" / release / name, root / "boot" / f"{name}-{release}"
+        if src.is_file() and not dst.exists():
+            dst.parent.mkdir(exist_ok=True)
+            src.rename(dst)
+
+
+def install(debs: list[Path], tree: Path, release: str) -> None:
+    """``dpkg-deb -x`` every .deb into a temporary sibling of ``tree``, arrange it, write the marker, rename it
+    into place: an interrupted run leaves no tree that counts."""
     if not shutil.which("dpkg-deb"):
         raise SetupError("dpkg-deb not found: unpacking Debian kernels needs dpkg")
     tree.parent.mkdir(parents=True, exist_ok=True)
+    for stale in tree.parent.glob(f".{tree.name}.*"):  # a run killed mid-unpack (callers hold the apt lock)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{tree.name}.", dir=tree.parent))
     try:
-        proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True, text=True,
-                              timeout=300, check=False)
-        if proc.returncode != 0:
-            raise SetupError(f"dpkg-deb -x {deb.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
-        (tmp / ".complete").write_text(deb.name + "\n")
+        for deb in debs:
+            proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True, text=True,
+                                  timeout=UNPACK_TIMEOUT, check=False)
+            if proc.returncode != 0:
+                raise SetupError(f"dpkg-deb -x {deb.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        arrange(tmp, release)
+        if not (tmp / "boot" / f"vmlinuz-{release}").is_file():
+            raise SetupError(f"{', '.join(d.name for d in debs)}: no boot/vmlinuz-{release} nor "
+                             f"usr/lib/modules/{release}/vmlinuz inside")
+        (tmp / MARKER).write_text("".join(d.name + "\n" for d in debs))
         shutil.rmtree(tree, ignore_errors=True)
         tmp.rename(tree)
     finally:

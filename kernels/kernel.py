@@ -115,7 +115,7 @@ def from_image(name: str, image: Path, release: str = "", config_path: Path | No
 
 def from_debian(version: str) -> Kernel:
     if version == "list":  # --kernel=debian:list: what could be booted, as the one-line answer
-        raise SetupError("Debian kernels available (debian:SPEC): " + " ".join(debian.list_versions()))
+        raise SetupError("Debian kernels available (debian:SPEC):\n  " + "\n  ".join(debian.list_versions()))
     tree = debian.fetch(version)
     images = sorted((tree / "boot").glob("vmlinuz-*"))
     if not images:

@@ -65,6 +65,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TextIO
 
+from kernels import versions
 from suite.errors import SetupError
 
 from .procs import stop_group
@@ -98,7 +99,7 @@ class Candidate:
     @property
     def upstream(self) -> str:
         """"6.12.57" (new naming); for bookworm's 6.1 ABIs ("6.1.0-56") the ABI itself: no upstream in the name."""
-        return self.abi.partition("+")[0]
+        return versions.upstream(self.abi)
 
     @property
     def spec(self) -> str:
@@ -107,51 +108,43 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        from kernels import debian
-
-        return f"debian:{self.upstream} ({self.abi}-{debian.FLAVOURS['']})"
+        return f"debian:{self.upstream} ({self.abi}-{versions.FLAVOURS['']})"
 
 
-def generic_abis(versions: Sequence[str]) -> list[str]:
-    """The generic-flavour ABIs of ``kernels.debian.list_versions()`` (the cloud flavour oopses under TCG)."""
-    return [v for v in versions if not v.endswith("-cloud")]
+def generic_abis(specs: Sequence[str]) -> list[str]:
+    """The generic-flavour ABIs of ``kernels.debian.abis()`` (the cloud flavour oopses under TCG)."""
+    return [v for v in specs if not v.endswith("-cloud")]
 
 
 def preferred_builds(abis: Sequence[str]) -> list[Candidate]:
-    """One build per upstream version, chosen by ``kernels.debian.preference``, ordered by upstream version."""
-    from kernels import debian
-
+    """One build per upstream version, chosen by ``kernels.versions.preference``, ordered by upstream version."""
     best: dict[str, str] = {}
     for abi in abis:
         up = Candidate(abi).upstream
-        if up not in best or debian.preference(abi) > debian.preference(best[up]):
+        if up not in best or versions.preference(abi) > versions.preference(best[up]):
             best[up] = abi
-    return sorted((Candidate(a) for a in best.values()), key=lambda c: debian.abi_key(c.upstream))
+    return sorted((Candidate(a) for a in best.values()), key=lambda c: versions.abi_key(c.upstream))
 
 
 def resolve_endpoint(text: str, abis: Sequence[str]) -> Candidate:
     """``debian:6.12.95`` (or ``6.12.95``, ``6.12.90+deb12.1``, ``newest-6.1``) → the package it names."""
-    from kernels import debian
-
     value = text.removeprefix("debian:")
-    spec = debian.parse_spec(value)
-    if spec.flavour != debian.FLAVOURS[""]:
+    spec = versions.parse_spec(value)
+    if spec.flavour != versions.FLAVOURS[""]:
         raise SetupError(f"{text}: bisection runs the generic flavour only (the cloud flavour oopses under TCG)")
-    chosen = debian.select(spec, [debian.package_name(a) for a in abis])
+    chosen = versions.select(spec, [versions.package_name(a) for a in abis])
     if chosen is None:
         raise SetupError(f"{text}: no such Debian kernel package (python -m kernels.debian list shows them)")
-    return Candidate(debian.split_package(chosen)[0])
+    return Candidate(versions.split_package(chosen)[0])
 
 
 def candidate_range(abis: Sequence[str], a: Candidate, b: Candidate) -> list[Candidate]:
     """The ends (as given) and every preferred build strictly between them, oldest first."""
-    from kernels import debian
-
-    lo, hi = sorted((a, b), key=lambda c: debian.abi_key(c.upstream))
+    lo, hi = sorted((a, b), key=lambda c: versions.abi_key(c.upstream))
     if lo.upstream == hi.upstream:
         raise SetupError(f"debian:{a.abi} and debian:{b.abi} are the same upstream version: nothing to bisect")
-    lo_key, hi_key = debian.abi_key(lo.upstream), debian.abi_key(hi.upstream)
-    between = [c for c in preferred_builds(abis) if lo_key < debian.abi_key(c.upstream) < hi_key]
+    lo_key, hi_key = versions.abi_key(lo.upstream), versions.abi_key(hi.upstream)
+    between = [c for c in preferred_builds(abis) if lo_key < versions.abi_key(c.upstream) < hi_key]
     return [lo, *between, hi]
 
 
@@ -395,11 +388,9 @@ class Plan:
 
 def make_plan(abis: Sequence[str], good: str, bad: str, first_good: bool) -> Plan:
     """Resolve the ends and order the candidates; the ends' version order decides regression vs fix."""
-    from kernels import debian
-
     g, b = resolve_endpoint(good, abis), resolve_endpoint(bad, abis)
     candidates = candidate_range(abis, g, b)
-    fix = debian.abi_key(g.upstream) > debian.abi_key(b.upstream)
+    fix = versions.abi_key(g.upstream) > versions.abi_key(b.upstream)
     if first_good and not fix:
         raise SetupError(f"--first-good looks for a fix, so the good end must be the newer one; here {good} is older "
                          f"than {bad} (for a regression, drop --first-good)")
@@ -497,7 +488,7 @@ def failure_lines(failure: dict[str, str], limit: int = 4, width: int = 200) -> 
 def bisect_debian(args: argparse.Namespace) -> int:
     from kernels import debian
 
-    abis = generic_abis(debian.list_versions())
+    abis = generic_abis(debian.abis(debian.available()))
     plan = make_plan(abis, args.good, args.bad, args.first_good)
     if args.dry_run:
         print("\n".join(c.label for c in plan.candidates))
