@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import signal
 from collections.abc import Callable, Iterator
@@ -43,7 +44,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="write this session's summary.md and index.html (matrix, page maps, reproducers) into DIR")
 
 
+class _SayAtOnce(logging.Handler):
+    """Waits on another holecheck run's lock reach the terminal when they start, through pytest's capture."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        super().__init__(logging.WARNING)
+        self.config = config
+
+    def emit(self, record: logging.LogRecord) -> None:
+        reporter = self.config.pluginmanager.getplugin("terminalreporter")
+        capture = self.config.pluginmanager.getplugin("capturemanager")
+        if reporter is None:  # an xdist worker: its warnings reach the log and the test report only
+            return
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            reporter.write_line(f"holecheck: {record.getMessage()}", yellow=True)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    logging.getLogger("suite.locks").addHandler(_SayAtOnce(config))
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     if "debian:list" in ",".join(config.getoption("kernel")):

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import locks
 from .errors import HolecheckError, SetupError
-from .waits import wait_for
 
 log = logging.getLogger(__name__)
 SYSFS = Path("/sys/kernel/mm/transparent_hugepage")
@@ -69,25 +67,10 @@ def _write(name: str, value: str) -> None:
 
 @contextlib.contextmanager
 def exclusive() -> Iterator[None]:
-    """Hold the host-wide knob lock: a second holecheck run on this kernel waits instead of changing the knobs
-    under the first one's scenario (and restoring them mid-way)."""
-    os.makedirs(os.path.dirname(LOCK), exist_ok=True)
-    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        def take() -> str:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return f"held by pid {os.pread(fd, 32, 0).decode().strip() or '?'}"
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            return ""
-
-        wait_for(take, lambda held_by: not held_by, timeout=LOCK_TIMEOUT, interval=0.1, max_interval=1.0,
-                 what=f"the THP knob lock {LOCK} (another holecheck run is using this kernel)")
+    """Hold the host-wide knob lock: a second holecheck run on this kernel waits (saying on whom) instead of
+    changing the knobs under the first one's scenario (and restoring them mid-way)."""
+    with locks.held(LOCK, "the THP knob lock (another holecheck run is using this kernel's knobs)", LOCK_TIMEOUT):
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager
