@@ -40,6 +40,12 @@ class Kernel:
         """QEMU machine type: microvm boots a PVH vmlinux; a bzImage without one boots on pc."""
         return "microvm" if self.pvh else "pc"
 
+    @property
+    def acpi(self) -> bool:
+        """Give the VM ACPI tables? A kernel built without ACPI (holecheck's minimal config) finds microvm's
+        virtio-mmio devices on its command line instead, which QEMU writes there only when ACPI is off."""
+        return not self.config or self.config.get("ACPI") == "y"
+
 
 def bzimage_release(path: Path) -> str:
     """The release string in a bzImage's setup header (the first word of its kernel_version string)."""

@@ -107,7 +107,8 @@ class GuestTarget:
                    *(kernel_param(f"HC_KEEP{i}", p) for i, p in enumerate(kept))]
         self.vm_spec = vm.VmSpec(
             kernel=self.kernel.image, initrd=initrd, cmdline=" ".join(cmdline),
-            console_log=self.vm_dir / "console.log", machine=self.kernel.machine, accel=self.accel,
+            console_log=self.vm_dir / "console.log", machine=self.kernel.machine, acpi=self.kernel.acpi,
+            accel=self.accel,
             memory_mib=self.boot.memory_mib, cpus=self.boot.cpus,
             shares=(vm.Share(ROOT_TAG, Path("/")), vm.Share(RW_TAG, root, writable=True)), ports=(PORT,))
         self.artifacts_root = root

@@ -57,6 +57,7 @@ class VmSpec:
     cmdline: str
     console_log: Path
     machine: str = "microvm"  # "microvm" or "pc"
+    acpi: bool = True  # microvm without ACPI names its virtio-mmio devices on the kernel command line
     accel: str = "tcg"  # "tcg" or "kvm" (see choose_accel)
     memory_mib: int = 2560  # room for the L2 RAM machines the scenarios start
     cpus: int = 1
@@ -220,7 +221,8 @@ class QemuVm:
     def argv(self, fs_sockets: dict[str, Path], port_sockets: dict[str, Path]) -> list[str]:
         s = self.spec
         mmio = s.machine == "microvm"
-        argv = [s.qemu, "-M", f"{s.machine},memory-backend=mem", "-accel", s.accel,
+        acpi = "" if s.acpi or not mmio else ",acpi=off"
+        argv = [s.qemu, "-M", f"{s.machine},memory-backend=mem{acpi}", "-accel", s.accel,
                 "-m", f"{s.memory_mib}M", "-smp", str(s.cpus),
                 # virtio-fs needs guest RAM that virtiofsd can map: a shared memfd
                 "-object", f"memory-backend-memfd,id=mem,size={s.memory_mib}M,share=on",
