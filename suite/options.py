@@ -16,7 +16,7 @@ def positive_seconds(option: str, text: str | float) -> float:
     except (TypeError, ValueError):
         raise SetupError(f"{option}={text}: not a number of seconds: give e.g. {option}=10") from None
     if not math.isfinite(value) or value <= 0:
-        raise SetupError(f"{option}={text}: must be more than 0 seconds (every bounded wait uses it): "
+        raise SetupError(f"{option}={text}: must be a finite number of seconds above 0 (every bounded wait uses it): "
                          f"give e.g. {option}=10") from None
     return value
 
