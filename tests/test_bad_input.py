@@ -67,7 +67,7 @@ def test_artifacts_under_a_file_is_a_usage_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("value", "why"), [("-1", "must be a finite number of seconds above 0"),
                                             ("0", "must be a finite number of seconds above 0"),
                                             ("inf", "must be a finite number of seconds above 0"),
-                                            ("ten", "not a number of seconds")], ids=lambda v: v[:4])
+                                            ("ten", "not a number of seconds")], ids=["-1", "0", "inf", "ten"])
 def test_helper_timeout_must_be_positive_seconds(value: str, why: str) -> None:
     proc = holecheck(CHEAP_UNIT, f"--helper-timeout={value}")
     one_line(proc, rf"--helper-timeout={value}: {why}.*: give e\.g\. --helper-timeout=10")
