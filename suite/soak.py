@@ -37,6 +37,7 @@ class CellStats:
     outcomes: list[str] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     first_problem: tuple[int, str] | None = None  # (run number, first line of the failure message)
+    skip_reason: str = ""  # the first skip's reason (a skip always says why)
 
     def count(self, status: str) -> int:
         return self.outcomes.count(status)
@@ -96,6 +97,8 @@ def aggregate(runs: Sequence[Sequence[Outcome]]) -> list[CellStats]:
             cell.seconds.append(o.seconds)
             if o.status in ("failed", "error") and cell.first_problem is None:
                 cell.first_problem = (number, first_line(o.message) or o.status)
+            if o.status == "skipped" and not cell.skip_reason:
+                cell.skip_reason = first_line(o.message)
     return sorted(cells.values(), key=lambda c: (ORDER[c.kind(len(runs))], c.nodeid))
 
 
@@ -133,6 +136,8 @@ def report(cells: Sequence[CellStats], runs: Sequence[Run]) -> tuple[list[str], 
         if cell.first_problem and cell.kind(n) in ("flaky", "failed"):
             number, first = cell.first_problem
             lines.append(f"{'':8}run {number}: {first[:200]}")
+        elif cell.skip_reason and cell.kind(n) == "skipped":
+            lines.append(f"{'':8}skipped: {cell.skip_reason[:200]}")
     lines += [f"run {r.number}: {r.problem} (log {r.log})" for r in runs if not r.usable]
     kinds = [c.kind(n) for c in cells]
     tally = ", ".join(f"{kinds.count(k)} {k}" for k in ORDER if kinds.count(k))

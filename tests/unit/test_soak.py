@@ -88,3 +88,12 @@ def test_the_command_runs_a_selection_n_times(tmp_path: Path) -> None:
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("soak: OK: 1 cells x 2 runs: 1 passed;"), proc.stdout
     assert (tmp_path / "run-1.xml").is_file() and (tmp_path / "run-2.log").is_file()
+
+
+def test_a_cell_skipped_every_time_says_why() -> None:
+    """tests/data/report/junit.xml: a real 6.18 session, whose kernel lacks soft-dirty."""
+    once = tuple(parse_junit(DATA.parent / "report" / "junit.xml"))
+    done = [soak.Run(i, 1, 20.0, DATA.parent / "report" / "junit.xml", Path("run.log"), once) for i in (1, 2)]
+    lines, _ = soak.report(soak.aggregate([once, once]), done)
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("SKIPPED"))
+    assert lines[at + 1].strip().startswith("skipped: ") and "SOFT_DIRTY" in lines[at + 1]
