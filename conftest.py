@@ -74,15 +74,28 @@ def pytest_configure(config: pytest.Config) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under pytest-xdist the controller collects nothing and a worker cannot stop the session cleanly: the
+    controller checks what a scenario session needs (xdist runs here are scenario runs) before workers start."""
+    if getattr(session.config.option, "numprocesses", None) and not hasattr(session.config, "workerinput"):
+        _check(session.config, needs_root=True, needs_qemu=True)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """What the selected tests need, checked before any of them starts: root, and a usable --qemu."""
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the controller checked
     items = session.items
-    needs_root = any(_needs(i, ("host", "qemu", "vm"), ("target", "qemu")) for i in items)
+    _check(session.config, needs_root=any(_needs(i, ("host", "qemu", "vm"), ("target", "qemu")) for i in items),
+           needs_qemu=any(_needs(i, ("qemu", "vm"), ("qemu",)) for i in items))
+
+
+def _check(config: pytest.Config, needs_root: bool, needs_qemu: bool) -> None:
     if needs_root and (problem := preflight.root_problem()):
-        pytest.exit(f"holecheck: {problem}", returncode=4)
-    if any(_needs(i, ("qemu", "vm"), ("qemu",)) for i in items):
+        raise pytest.UsageError(problem)
+    if needs_qemu:
         try:
-            qemu_binary.check(session.config.getoption("qemu"))
+            qemu_binary.check(config.getoption("qemu"))
         except SetupError as exc:
             raise pytest.UsageError(f"--qemu: {exc}") from None
 

@@ -118,6 +118,12 @@ def test_unusable_qemu_stops_the_session_before_any_test(tmp_path: Path, selecti
         assert line.startswith("ERROR: --qemu:"), line
 
 
+def test_unusable_qemu_stops_an_xdist_session_before_its_workers_start() -> None:
+    proc = holecheck("tests/test_snapshot.py", "-n", "2", "--dist", "loadgroup", "--qemu=/bin/true")
+    one_line(proc, r"^ERROR: --qemu: /bin/true is not a QEMU system emulator")
+    assert "INTERNALERROR" not in proc.stdout + proc.stderr
+
+
 def test_unusable_qemu_does_not_stop_unit_tests() -> None:
     """Only tests that start QEMU need it: the pure ones run whatever --qemu says."""
     proc = holecheck(CHEAP_UNIT, "--qemu=/bin/true")
@@ -171,8 +177,9 @@ def test_full_cache_is_one_line_and_leaves_no_half_written_helper(tmp_path: Path
 @root_only
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux) to drop to nobody")
 def test_not_root_is_one_line_and_unit_tests_still_run() -> None:
-    proc = holecheck(CHEAP_CELL, as_user=NOBODY)
-    one_line(proc, r"holecheck: holecheck needs root: scenarios read page frame numbers from pagemap and "
-                   r"kpageflags, set THP knobs and create memory cgroups; run it as root")
+    for workers in ((), ("-n", "2")):  # also under pytest-xdist, as ./holecheck main runs
+        proc = holecheck(CHEAP_CELL, *workers, as_user=NOBODY)
+        one_line(proc, r"^ERROR: holecheck needs root: scenarios read page frame numbers from pagemap and "
+                       r"kpageflags, set THP knobs and create memory cgroups; run it as root")
     unit = holecheck(CHEAP_UNIT, as_user=NOBODY)
     assert unit.returncode == 0 and "1 passed" in unit.stdout, unit.stdout + unit.stderr
