@@ -2,6 +2,7 @@
 
     python -m suite.soak -n 5 [--out DIR] [--run-timeout S] [PYTEST ARGS ...]
     python -m suite.soak -n 3 tests/test_synthetic.py -k mpn409
+    python -m suite.soak -n 3 -- -n 2 --dist loadgroup tests -m host    # after "--", every argument is pytest's
 
 Each run is its own pytest session (``--junitxml`` and, unless given, ``--artifacts`` per run under DIR, its
 output in ``run-N.log``). The report lists every cell with its outcomes over the runs and its time spread
@@ -178,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="keep JUnit XML, logs and artifacts here (default: a new temp dir)")
     p.add_argument("--run-timeout", type=float, default=RUN_TIMEOUT, help="seconds one run may take")
     a, pytest_args = p.parse_known_args(argv)
+    if pytest_args[:1] == ["--"]:  # soak -n 3 -- -n 2 tests: what follows "--" is pytest's (xdist's -n too)
+        pytest_args = pytest_args[1:]
     if a.runs < 1:
         p.error("-n must be at least 1")
     out = a.out or Path(tempfile.mkdtemp(prefix="holecheck-soak-"))
