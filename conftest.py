@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import signal
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from suite import memcg, thp
+from suite import memcg, options, preflight, qemu_binary, thp
 from suite.errors import SetupError
 from suite.kernelspec import KernelSpec, parse_many
 from suite.report import artifact_dir_name
@@ -19,6 +20,7 @@ from suite.scenario import Scenario
 from suite.target import Target, TargetOptions, open_target
 from suite.verdict import Verdict
 
+ARTIFACTS = ".holecheck"
 MARKERS = {
     "host": "runs scenarios against a kernel (root; host or VM target)",
     "qemu": "starts real QEMU processes",
@@ -38,8 +40,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--backend", default="qemu", choices=("qemu", "libvirt"), help="how L1 VMs are started")
     g.addoption("--trigger", default=None, choices=("auto", "memcg", "drop_caches"),
                 help="shrinker trigger (default: the scenario's, memcg-scoped where the kernel allows)")
-    g.addoption("--helper-timeout", type=float, default=10.0, help="seconds before a blocked step is a stall")
-    g.addoption("--artifacts", default=".holecheck", help="directory for per-test artifacts (default .holecheck/)")
+    g.addoption("--helper-timeout", default="10", metavar="S",
+                help="seconds (> 0) before a blocked step is a stall (default 10)")
+    g.addoption("--artifacts", default=ARTIFACTS, help="directory for per-test artifacts (default .holecheck/)")
     g.addoption("--report", metavar="DIR", default=None,
                 help="write this session's summary.md and index.html (matrix, page maps, reproducers) into DIR")
 
@@ -74,6 +77,10 @@ def pytest_configure(config: pytest.Config) -> None:
         pytest.exit("those are the Debian kernels --kernel=debian:VERSION can boot", returncode=0)
     try:
         config.holecheck_kernels = parse_many(config.getoption("kernel"))  # type: ignore[attr-defined]
+        config.option.helper_timeout = options.positive_seconds("--helper-timeout", config.option.helper_timeout)
+        artifacts = config.getoption("artifacts")
+        if artifacts != ARTIFACTS or os.geteuid() == 0:  # unprivileged, only unit tests run: they write none
+            options.writable_dir("--artifacts", artifacts)
     except SetupError as exc:
         raise pytest.UsageError(str(exc)) from None
     if config.getoption("report") and not hasattr(config, "workerinput"):  # xdist: the controller writes it
@@ -83,6 +90,37 @@ def pytest_configure(config: pytest.Config) -> None:
             SessionPlugin(Path(config.getoption("report")), Path(config.getoption("artifacts"))), "holecheck-report")
     # SIGTERM (CI timeouts, kill) unwinds like Ctrl-C, so every context manager restores what it changed.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under pytest-xdist the controller collects nothing and a worker cannot stop the session cleanly: the
+    controller checks what a scenario session needs (xdist runs here are scenario runs) before workers start."""
+    if getattr(session.config.option, "numprocesses", None) and not hasattr(session.config, "workerinput"):
+        _check(session.config, needs_root=True, needs_qemu=True)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What the selected tests need, checked before any of them starts: root, and a usable --qemu."""
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the controller checked
+    items = session.items
+    _check(session.config, needs_root=any(_needs(i, ("host", "qemu", "vm"), ("target", "qemu")) for i in items),
+           needs_qemu=any(_needs(i, ("qemu", "vm"), ("qemu",)) for i in items))
+
+
+def _check(config: pytest.Config, needs_root: bool, needs_qemu: bool) -> None:
+    if needs_root and (problem := preflight.root_problem()):
+        raise pytest.UsageError(problem)
+    if needs_qemu:
+        try:
+            qemu_binary.check(config.getoption("qemu"))
+        except SetupError as exc:
+            raise pytest.UsageError(f"--qemu: {exc}") from None
+
+
+def _needs(item: pytest.Item, markers: tuple[str, ...], fixtures: tuple[str, ...]) -> bool:
+    return (any(item.get_closest_marker(m) for m in markers)
+            or any(f in getattr(item, "fixturenames", ()) for f in fixtures))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -136,11 +174,11 @@ def target(kernel_spec: KernelSpec, target_options: TargetOptions, request: pyte
             request.config.holecheck_summary[kernel_spec] = describe(t)  # type: ignore[attr-defined]
         except SetupError as exc:
             _targets[kernel_spec] = exc
-            request.config.holecheck_summary[kernel_spec] = f"unusable: {exc}"  # type: ignore[attr-defined]
     t = _targets[kernel_spec]
     if isinstance(t, SetupError):
         if len(request.config.holecheck_kernels) == 1:  # type: ignore[attr-defined]
-            pytest.exit(f"holecheck: {t}", returncode=4)
+            pytest.exit(f"holecheck: {t}", returncode=4)  # the one line that says it (no summary line repeats it)
+        request.config.holecheck_summary[kernel_spec] = f"unusable: {t}"  # type: ignore[attr-defined]
         pytest.fail(f"{kernel_spec}: {t}", pytrace=False)
     return t
 
@@ -174,21 +212,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         terminalreporter.write_line(f"holecheck kernel {spec}: {line}")
 
 
-MIN_QEMU = (7, 1, 0)  # postcopy + background snapshot + pause-before-switchover as this suite drives them
-
-
 @pytest.fixture(scope="session")
 def qemu(target_options: TargetOptions) -> str:
-    """The QEMU the real-migration scenarios run; an unusable or too old one stops the session with one line."""
-    from suite.machine import qemu_version
-
-    try:
-        version = qemu_version(target_options.qemu)
-    except SetupError as exc:
-        pytest.exit(f"holecheck: {exc}", returncode=4)
-    if version < MIN_QEMU:
-        pytest.exit(f"holecheck: {target_options.qemu} is QEMU {'.'.join(map(str, version))}; "
-                    f"holecheck needs >= {'.'.join(map(str, MIN_QEMU))}", returncode=4)
+    """The QEMU the real-migration scenarios run (checked by pytest_collection_finish before any test starts)."""
     return target_options.qemu
 
 
@@ -199,7 +225,8 @@ def _leave_machine_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
     Only a session whose scenarios run on the host kernel takes the host's knob lock: an L1 VM's scenarios set
     the guest's own knobs, and a bisect step or a run on another kernel must not queue behind a host run."""
     kernels: list[KernelSpec] = request.config.holecheck_kernels  # type: ignore[attr-defined]
-    if not thp.SYSFS.exists() or not any(k.kind == "host" for k in kernels):
+    if not thp.SYSFS.exists() or not any(k.kind == "host" for k in kernels) or os.geteuid() != 0:
+        # (unprivileged: only unit tests run, and they change no knob or cgroup)
         yield
         return
     with thp.exclusive():  # under the lock: no other run's scenario has the knobs changed right now

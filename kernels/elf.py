@@ -47,6 +47,23 @@ def _sections(data: bytes | memoryview) -> Iterator[tuple[int, int, int, int]]:
         yield name, stype, offset, size
 
 
+def required_size(head: bytes | memoryview) -> int:
+    """How long the ELF64 file starting with ``head`` must be: the end of its section header table and of every
+    segment's file data (a longer file is fine; a shorter one was truncated). ``head`` must hold the program
+    header table (it follows the ELF header in a vmlinux)."""
+    _check(head)
+    phoff, shoff = struct.unpack_from("<QQ", head, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 0x36)
+    end = max(64, phoff + phnum * phentsize, shoff + shnum * shentsize if shnum else 0)
+    if phoff + phnum * phentsize > len(head):
+        return end  # the program headers themselves lie beyond what we were given
+    for i in range(phnum):
+        offset, = struct.unpack_from("<Q", head, phoff + i * phentsize + 8)
+        filesz, = struct.unpack_from("<Q", head, phoff + i * phentsize + 32)
+        end = max(end, offset + filesz)
+    return end
+
+
 def section(data: bytes | memoryview, wanted: str) -> bytes | None:
     """The contents of the section named ``wanted``, or None if there is none."""
     headers = list(_sections(data))

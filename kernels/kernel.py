@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 DRIVERS = {"VIRTIO": "virtio", "VIRTIO_MMIO": "virtio_mmio", "VIRTIO_PCI": "virtio_pci",
            "VIRTIO_CONSOLE": "virtio_console", "FUSE_FS": "fuse", "VIRTIO_FS": "virtiofs"}
 UNUSED_TRANSPORT = {"microvm": "VIRTIO_PCI", "pc": "VIRTIO_MMIO"}
+HEAD_BYTES = 1 << 16  # a kernel's setup header, or an ELF header with its program headers
+ET_EXEC, EM_X86_64 = 2, 62
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,38 @@ def bzimage_release(path: Path) -> str:
     return text.split()[0] if text.strip() else ""
 
 
+def image_problem(path: Path) -> str:
+    """Why ``path`` is not a kernel QEMU can boot ("" if it looks like one): neither a bzImage (setup header
+    "HdrS") nor an x86-64 ELF vmlinux, or shorter than its own headers say (truncated)."""
+    from . import elf
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(HEAD_BYTES)
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    if size == 0:
+        return "it is empty"
+    if head[:4] == elf.MAGIC:
+        try:
+            need = elf.required_size(head)
+        except (elf.ElfError, struct.error) as exc:
+            return f"a broken ELF file ({exc})"
+        if need > size:
+            return f"a truncated ELF file ({size} bytes; its headers need {need})"
+        e_type, e_machine = struct.unpack_from("<HH", head, 0x10)
+        if (e_type, e_machine) != (ET_EXEC, EM_X86_64):
+            return "an ELF file but not an x86-64 vmlinux (not a fixed-address executable)"
+        return ""
+    if len(head) >= 0x210 and head[0x202:0x206] == b"HdrS":
+        setup_sects = head[0x1F1] or 4  # 0 means 4 (the boot protocol's oldest rule)
+        syssize, = struct.unpack_from("<I", head, 0x1F4)
+        need = (setup_sects + 1) * 512 + syssize * 16
+        return f"a truncated bzImage ({size} bytes; its setup header needs {need})" if need > size else ""
+    return "neither a bzImage (no 'HdrS' setup header) nor an ELF vmlinux"
+
+
 def _boot_image(bzimage: Path) -> tuple[Path, bool]:
     """(image for -kernel, is PVH vmlinux)."""
     with open(bzimage, "rb") as f:
@@ -91,6 +125,8 @@ def from_image(name: str, image: Path, release: str = "", config_path: Path | No
     """Resolve a kernel image (bzImage/vmlinuz or vmlinux) into a bootable ``Kernel``; check its config."""
     if not image.is_file():
         raise SetupError(f"{name}: no such kernel image {image}")
+    if problem := image_problem(image):
+        raise SetupError(f"{name}: not a kernel image: {problem}; give a bzImage/vmlinuz or vmlinux")
     release = release or bzimage_release(image)
     config_path = config_path or config_check.find_config(image)
     boot, pvh = _boot_image(image)

@@ -43,6 +43,13 @@ def parse(text: str) -> KernelSpec:
     path = Path(text).expanduser()
     if not path.exists():
         raise SetupError(f"--kernel={text}: no such kernel image (expected host, debian:VERSION, build:TREE or PATH)")
+    if path.is_dir():
+        raise SetupError(f"--kernel={text}: a directory, not a kernel image: give build:{text} to build that tree, "
+                         "or PATH/bzImage")
+    from kernels.kernel import image_problem
+
+    if problem := image_problem(path):
+        raise SetupError(f"--kernel={text}: not a kernel image: {problem}; give a bzImage/vmlinuz or vmlinux")
     return KernelSpec("path", str(path.resolve()))
 
 

@@ -22,7 +22,6 @@ import ctypes
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -38,14 +37,13 @@ from qemu.qmp import QMPClient
 from qemu.qmp.protocol import Runstate
 from qemu.qmp.qmp_client import ExecuteError
 
-from . import bios
+from . import bios, qemu_binary
 from .errors import HolecheckError, SetupError, StallError
 from .qtest import QtestClient
 from .waits import wait_for
 
 log = logging.getLogger(__name__)
 
-MIN_QEMU = (6, 0, 0)  # background-snapshot appeared in 6.0
 QMP_TIMEOUT = 10.0
 STARTUP_TIMEOUT = 30.0  # ~0.1 s on the host; an L2 QEMU under TCG inside an L1 VM needs ~3 s
 PR_SET_PDEATHSIG = 1
@@ -114,23 +112,6 @@ class QmpTranscript:
         Path(path).write_text(self.text())
 
 
-def qemu_version(binary: str) -> tuple[int, int, int]:
-    """(major, minor, micro) from ``binary --version``; SetupError in one line if it is not a QEMU."""
-    try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False)
-    except FileNotFoundError:
-        raise SetupError(f"QEMU binary {binary!r} not found") from None
-    except PermissionError:
-        raise SetupError(f"QEMU binary {binary!r} is not executable") from None
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SetupError(f"{binary} --version failed: {exc}") from None
-    m = re.search(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?", out.stdout)
-    if not m:
-        first = (out.stdout or out.stderr).strip().splitlines()[:1]
-        raise SetupError(f"{binary} is not QEMU: `--version` printed {first[0] if first else 'nothing'!r}")
-    return int(m[1]), int(m[2]), int(m[3] or 0)
-
-
 def resolve_accel(accel: Accel) -> Literal["kvm", "tcg"]:
     """auto: kvm if /dev/kvm opens read-write, else tcg."""
     if accel in ("kvm", "tcg"):
@@ -192,10 +173,7 @@ class RamMachine:
         if self._started:
             raise HolecheckError(f"{self.name}: a RamMachine starts once; make a new one")
         self._started = True
-        version = qemu_version(self.config.qemu)
-        if version < MIN_QEMU:
-            raise SetupError(f"{self.config.qemu} is QEMU {'.'.join(map(str, version))}; holecheck needs >= "
-                             f"{'.'.join(map(str, MIN_QEMU))} (background-snapshot)")
+        qemu_binary.check(self.config.qemu)
         t0 = time.monotonic()
         self.dir = Path(tempfile.mkdtemp(prefix=f"holecheck-{self.name}-"))  # 0700: sockets are ours alone
         try:

@@ -25,10 +25,18 @@ def userfaultfd_problem() -> str:
     return f"userfaultfd unusable: {os.strerror(err)}"
 
 
+def root_problem() -> str:
+    """Why scenarios cannot run as this user ("" as root)."""
+    if os.geteuid() == 0:
+        return ""
+    return ("holecheck needs root: scenarios read page frame numbers from pagemap and kpageflags, set THP knobs "
+            "and create memory cgroups; run it as root (unprivileged, only tests/unit runs)")
+
+
 def host_problems() -> list[str]:
     problems = []
-    if os.geteuid() != 0:
-        problems.append("holecheck needs root (pagemap PFNs, kpageflags, THP knobs, cgroups)")
+    if problem := root_problem():
+        problems.append(problem)
     if not thp.SYSFS.exists():
         problems.append("kernel lacks CONFIG_TRANSPARENT_HUGEPAGE (no /sys/kernel/mm/transparent_hugepage)")
     if not Path("/proc/self/pagemap").exists():

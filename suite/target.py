@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from . import preflight, runner
+from . import preflight, runner, uffd
+from .cache import full_is_setup_error
 from .errors import SetupError
 from .kernelspec import KernelSpec
 from .scenario import Scenario
@@ -60,6 +61,7 @@ class HostTarget:
         self.spec, self.options = spec, options
         if problems := preflight.host_problems():
             raise SetupError(f"host kernel {os.uname().release}: " + "; ".join(problems))
+        uffd.build()  # into the cache now: a cache that cannot take it stops the session, not each test
 
     @property
     def kernel_release(self) -> str:
@@ -80,6 +82,12 @@ class HostTarget:
 
 
 def open_target(spec: KernelSpec, options: TargetOptions) -> Target:
+    """The target for ``spec``; SetupError in one line if it cannot run scenarios (a full cache included)."""
+    with full_is_setup_error():
+        return _open(spec, options)
+
+
+def _open(spec: KernelSpec, options: TargetOptions) -> Target:
     if spec.kind == "host":
         return HostTarget(spec, options)
     from .guest import GuestTarget  # lazy: a host run imports nothing VM-related

@@ -14,6 +14,7 @@ thread runs while the main thread sits in a page fault; see the header of ``uffd
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .cache import cache_root, full_is_setup_error, no_space
 from .errors import HelperError, SetupError, StallError
 
 log = logging.getLogger(__name__)
@@ -38,12 +40,6 @@ SOURCE = Path(__file__).with_name("uffd_helper.c")
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-pthread"]
 QUIT_TIMEOUT = 2.0
 STDERR_KEEP = 16384  # bytes of the helper's stderr kept for error messages
-
-
-def cache_root() -> Path:
-    """Where holecheck caches built artefacts: $HOLECHECK_CACHE, else ~/.cache/holecheck."""
-    env = os.environ.get("HOLECHECK_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "holecheck"
 
 
 def _compiler() -> str:
@@ -67,13 +63,16 @@ def build(cache_dir: Path | None = None) -> Path:
     if binary.is_file() and os.access(binary, os.X_OK):
         return binary
     cc = _compiler()
-    bindir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{binary.name}.", dir=bindir)
+    with full_is_setup_error():
+        bindir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{binary.name}.", dir=bindir)
     os.close(fd)
     try:
         proc = subprocess.run(
             [cc, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120, check=False
         )
+        if proc.returncode != 0 and os.strerror(errno.ENOSPC) in proc.stderr:
+            raise no_space()  # the linker could not write the binary into the cache
         if proc.returncode != 0:
             first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:300])
             raise SetupError(f"compiling {SOURCE} with {cc} failed: {first}")

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
+from . import qemu_binary
 from .errors import SetupError
 from .waits import wait_for
 
@@ -243,6 +244,7 @@ class QemuVm:
         return argv + list(s.extra_args)
 
     def start(self) -> None:
+        qemu_binary.check(self.spec.qemu)  # one line for a missing, old or wrong binary, before any daemon starts
         self.spec.console_log.parent.mkdir(parents=True, exist_ok=True)
         self.spec.console_log.write_bytes(b"")
         fs = {share.tag: self._start_virtiofsd(share) for share in self.spec.shares}

@@ -11,7 +11,8 @@ import pytest
 from suite import bios
 from suite import migration as mig
 from suite.errors import SetupError, StallError
-from suite.machine import MachineConfig, QmpError, RamMachine, qemu_version
+from suite.machine import MachineConfig, QmpError, RamMachine
+from suite.qemu_binary import qemu_version
 
 pytestmark = [pytest.mark.host, pytest.mark.qemu]
 

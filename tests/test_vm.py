@@ -92,7 +92,9 @@ def test_missing_kernel_path_is_one_line_setup_error(tmp_path: Path) -> None:
 
 def test_config_lacking_options_is_named_line_by_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOLECHECK_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "vmlinuz-9.9.9-test").write_bytes(b"MZ" + b"\0" * 4096)  # not bootable: never gets that far
+    image = bytearray(4096)  # a bzImage's setup header and nothing else: never gets as far as booting
+    image[0x1F1], image[0x202:0x206] = 1, b"HdrS"
+    (tmp_path / "vmlinuz-9.9.9-test").write_bytes(bytes(image))
     (tmp_path / "config-9.9.9-test").write_text("CONFIG_TRANSPARENT_HUGEPAGE=y\n# CONFIG_USERFAULTFD is not set\n")
     with pytest.raises(SetupError) as err:
         GuestTarget(KernelSpec("path", str(tmp_path / "vmlinuz-9.9.9-test")), TargetOptions())

@@ -70,7 +70,9 @@ def test_verdict_round_trip_and_message():
 
 def test_kernel_specs(tmp_path):
     img = tmp_path / "bzImage"
-    img.write_bytes(b"")
+    header = bytearray(1024)  # a bzImage's setup header: 1 setup sector, no payload
+    header[0x1F1], header[0x202:0x206] = 1, b"HdrS"
+    img.write_bytes(bytes(header))
     assert parse("host") == KernelSpec("host")
     assert parse("debian:6.12.57").id == "debian-6.12.57"
     assert parse(str(img)) == KernelSpec("path", str(img))
@@ -78,3 +80,6 @@ def test_kernel_specs(tmp_path):
     assert parse_many([]) == [KernelSpec("host")]
     with pytest.raises(SetupError, match="no such kernel image"):
         parse(str(tmp_path / "missing"))
+    img.write_bytes(header[:600])
+    with pytest.raises(SetupError, match=r"bzImage: not a kernel image: a truncated bzImage \(600 bytes"):
+        parse(str(img))
