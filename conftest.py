@@ -176,7 +176,8 @@ def target(kernel_spec: KernelSpec, target_options: TargetOptions, request: pyte
             _targets[kernel_spec] = exc
     t = _targets[kernel_spec]
     if isinstance(t, SetupError):
-        if len(request.config.holecheck_kernels) == 1:  # type: ignore[attr-defined]
+        # one kernel: stop with the one line; an xdist worker cannot stop the session (INTERNALERROR): it fails
+        if len(request.config.holecheck_kernels) == 1 and not hasattr(request.config, "workerinput"):  # type: ignore[attr-defined]
             pytest.exit(f"holecheck: {t}", returncode=4)  # the one line that says it (no summary line repeats it)
         request.config.holecheck_summary[kernel_spec] = f"unusable: {t}"  # type: ignore[attr-defined]
         pytest.fail(f"{kernel_spec}: {t}", pytrace=False)
