@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .cache import cache_root
 from .errors import HelperError, SetupError, StallError
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,6 @@ SOURCE = Path(__file__).with_name("uffd_helper.c")
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-pthread"]
 QUIT_TIMEOUT = 2.0
 STDERR_KEEP = 16384  # bytes of the helper's stderr kept for error messages
-
-
-def cache_root() -> Path:
-    """Where holecheck caches built artefacts: $HOLECHECK_CACHE, else ~/.cache/holecheck."""
-    env = os.environ.get("HOLECHECK_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "holecheck"
 
 
 def _compiler() -> str:
