@@ -15,7 +15,8 @@ from suite.errors import SetupError
 from suite.kernelspec import KernelSpec, parse_many
 from suite.report import artifact_dir_name
 from suite.scenario import Scenario
-from suite.target import Target, TargetOptions, open_target
+from suite.target import Target, TargetOptions
+from suite.targets import open_target
 from suite.verdict import Verdict
 
 MARKERS = {
