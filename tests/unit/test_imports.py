@@ -93,3 +93,11 @@ def test_module_imports_in_a_fresh_interpreter(module: str) -> None:
     proc = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60, check=False)
     assert proc.returncode == 0, f"import {module} failed:\n{proc.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_the_package_docstring_names_every_module(package: str) -> None:
+    doc = (ROOT / package / "__init__.py").read_text()
+    missing = [name.rpartition(".")[2] for name in modules()
+               if name.startswith(f"{package}.") and f"``{name.rpartition('.')[2]}``" not in doc]
+    assert not missing, f"{package}/__init__.py does not name {missing} in its reading order"
