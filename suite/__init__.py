@@ -35,6 +35,7 @@ Plumbing
 - ``waits``        — bounded waits whose timeouts say what was awaited and what was seen last.
 - ``procs``        — process trees and groups: ``stop_group`` is how every child we start is stopped.
 - ``cache``        — where built and fetched artefacts are cached (``cache_root``), also for kernels/ and images/.
+- ``locks``        — host-wide locks between holecheck processes that say who holds them.
 
 Reports and tools
 - ``report`` / ``pagemap_png`` — the per-run summary and page-map pictures.
