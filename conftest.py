@@ -17,7 +17,8 @@ from suite.errors import SetupError
 from suite.kernelspec import KernelSpec, parse_many
 from suite.report import artifact_dir_name
 from suite.scenario import Scenario
-from suite.target import Target, TargetOptions, open_target
+from suite.target import Target, TargetOptions
+from suite.targets import open_target
 from suite.verdict import Verdict
 
 ARTIFACTS = ".holecheck"
@@ -168,6 +169,8 @@ def target(kernel_spec: KernelSpec, target_options: TargetOptions, request: pyte
            _targets: dict[KernelSpec, Target | SetupError]) -> Target:
     """Where scenarios run. A kernel that cannot run them stops the session with one line (one kernel) or
     fails that kernel's tests with it (a matrix)."""
+    if kernel_spec.kind == "host":
+        request.getfixturevalue("_host_left_as_found")
     if kernel_spec not in _targets:
         try:
             _targets[kernel_spec] = t = open_target(kernel_spec, target_options)
@@ -219,15 +222,13 @@ def qemu(target_options: TargetOptions) -> str:
     return target_options.qemu
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _leave_machine_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
+@pytest.fixture(scope="session")
+def _host_left_as_found() -> Iterator[None]:
     """Belt and braces over the per-scenario context managers: THP knobs and cgroups as found.
 
-    Only a session whose scenarios run on the host kernel takes the host's knob lock: an L1 VM's scenarios set
-    the guest's own knobs, and a bisect step or a run on another kernel must not queue behind a host run."""
-    kernels: list[KernelSpec] = request.config.holecheck_kernels  # type: ignore[attr-defined]
-    if not thp.SYSFS.exists() or not any(k.kind == "host" for k in kernels) or os.geteuid() != 0:
-        # (unprivileged: only unit tests run, and they change no knob or cgroup)
+    Taken by the ``target`` fixture for the host kernel only: an L1 VM's scenarios set the guest's own knobs,
+    and a unit-test session, a bisect step or a run on another kernel must not queue behind a host run."""
+    if not thp.SYSFS.exists():
         yield
         return
     with thp.exclusive():  # under the lock: no other run's scenario has the knobs changed right now

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kernels.modules import Module
+from suite.cache import cache_root
 from suite.errors import SetupError
-from suite.uffd import cache_root
 
 from .cpio import CpioWriter
 

@@ -12,4 +12,5 @@ Where to start reading:
 - ``modules``      — ``.modinfo`` parsing and dependency order of the modules a boot needs.
 - ``elf``          — the few ELF64 reads the two above need (notes, sections): the host may lack binutils/kmod.
 - ``config_check`` — a kernel's config against ``holecheck.config``: one line per missing option.
+- ``build``        — a kernel under test built from source (Debian's linux-source, or your git tree).
 """

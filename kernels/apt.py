@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from suite import locks
+from suite.cache import cache_root
 from suite.errors import SetupError
-from suite.uffd import cache_root
 
 from .packages import KernelIndex, Stanza, parse
 

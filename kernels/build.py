@@ -45,9 +45,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from suite.cache import cache_root
 from suite.errors import SetupError
 from suite.procs import stop_group
-from suite.uffd import cache_root
 
 from . import config_check, debian
 

@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from suite.cache import cache_root
 from suite.errors import SetupError
-from suite.uffd import cache_root
 
 from .apt import APT_TIMEOUT, Apt, host_mirror  # noqa: F401  (kernels.build and callers use them from here)
 from .packages import KernelIndex

@@ -11,8 +11,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from suite.cache import cache_root
 from suite.errors import SetupError
-from suite.uffd import cache_root
 
 from . import config_check, debian, vmlinux
 from .modules import Module, ModuleTree, modules_dir

@@ -111,9 +111,9 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
 
         return {"problems": preflight.host_problems()}
     if method == "features":  # what tests ask of the kernel under test, answered by that kernel
-        from .target import local_features
+        from . import preflight
 
-        return local_features()
+        return preflight.local_features()
     if method == "shutdown":
         return {"ok": True}
     raise ValueError(f"unknown method {method!r}")

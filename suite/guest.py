@@ -20,6 +20,7 @@ from typing import Any
 
 from . import bios, uffd, vm
 from .agent import AgentClient, AgentError
+from .cache import cache_root
 from .errors import HolecheckError, SetupError
 from .kernelspec import KernelSpec
 from .scenario import Scenario
@@ -95,7 +96,7 @@ class GuestTarget:
         # console.log, boot.json: one directory per boot, unique even for parallel sessions
         self.vm_dir = Path(tempfile.mkdtemp(prefix=f"{spec.id}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=root / "vm"))
         self.vm_dir.chmod(0o755)
-        python, cache = self._python(), uffd.cache_root().resolve()
+        python, cache = self._python(), cache_root().resolve()
         # The checkout, its venv and the cache may live anywhere, also under a path the guest mounts over.
         kept = hidden_paths([PROJECT, Path(sys.prefix).resolve(), cache])
         if len(kept) > MAX_KEPT:

@@ -18,14 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
-import shutil
-import signal
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +34,7 @@ from qemu.qmp.qmp_client import ExecuteError
 
 from . import bios, qemu_binary
 from .errors import HolecheckError, SetupError, StallError
+from .qemu_process import ArgvPrefix, QemuProcess
 from .qtest import QtestClient
 from .waits import wait_for
 
@@ -46,11 +42,9 @@ log = logging.getLogger(__name__)
 
 QMP_TIMEOUT = 10.0
 STARTUP_TIMEOUT = 30.0  # ~0.1 s on the host; an L2 QEMU under TCG inside an L1 VM needs ~3 s
-PR_SET_PDEATHSIG = 1
 MEM_CHUNK = 1 << 20  # /proc/PID/mem transfers: one huge read is slower (and allocates twice)
 
 Accel = Literal["auto", "kvm", "tcg"]
-ArgvPrefix = Callable[[list[str]], list[str]]
 
 
 class QmpError(HolecheckError):
@@ -125,30 +119,22 @@ def resolve_accel(accel: Accel) -> Literal["kvm", "tcg"]:
     return "kvm"
 
 
-def _die_with_parent() -> None:
-    # runs in the child between fork and exec: an interrupted test run must not leave QEMUs behind.
-    # Caveat: the signal fires when the *thread* that started QEMU exits, so start machines from a thread
-    # that outlives them (pytest's main thread does), or pass die_with_parent=False.
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-class RamMachine:
+class RamMachine(QemuProcess):
     """One QEMU process: ``with RamMachine(cfg) as m: m.qtest.write(...); m.qmp("query-status")``."""
+
+    stop_grace = 5.0  # after an acknowledged quit
+    stop_signal = None  # a QEMU that cannot answer QMP (stuck in a userfault, SIGSTOPped) is killed at once
 
     def __init__(self, config: MachineConfig | None = None, *, name: str = "vm",
                  argv_prefix: ArgvPrefix | None = None, qmp_timeout: float = QMP_TIMEOUT,
                  startup_timeout: float = STARTUP_TIMEOUT, die_with_parent: bool = True) -> None:
         self.config = config or MachineConfig()
-        self.name = name
-        self.argv_prefix = argv_prefix
+        super().__init__(name, self.config.qemu, extra_args=self.config.extra_args, argv_prefix=argv_prefix,
+                         die_with_parent=die_with_parent)
         self.qmp_timeout = qmp_timeout
         self.startup_timeout = startup_timeout
-        self.die_with_parent = die_with_parent
         self.transcript = QmpTranscript()
         self.accel: Literal["kvm", "tcg"] = resolve_accel(self.config.accel)
-        self.argv: list[str] = []
-        self.dir: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: QMPClient | None = None
@@ -156,63 +142,40 @@ class RamMachine:
         self._qtest: QtestClient | None = None
         self._events: list[dict[str, Any]] = []  # received, not yet consumed by events()/wait_event()
         self._ram: tuple[int, int] | None = None
-        self._stderr_final: str | None = None
         self._version: str = ""
         self.startup_seconds = 0.0
-        self._started = False
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
-    def __enter__(self) -> RamMachine:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def start(self) -> RamMachine:
-        if self._started:
-            raise HolecheckError(f"{self.name}: a RamMachine starts once; make a new one")
-        self._started = True
         qemu_binary.check(self.config.qemu)
         t0 = time.monotonic()
-        self.dir = Path(tempfile.mkdtemp(prefix=f"holecheck-{self.name}-"))  # 0700: sockets are ours alone
-        try:
-            self._launch()
-            self._connect()
-            self._ram = self._find_ram()
-        except BaseException:
-            self.stop()
-            raise
+        super().start()
         self.startup_seconds = time.monotonic() - t0
         log.debug("%s: QEMU %s pid %d up in %.3f s", self.name, self._version, self._pid, self.startup_seconds)
         return self
 
-    def _launch(self) -> None:
+    def _base_args(self) -> list[str]:
         assert self.dir is not None
         cfg = self.config
-        self.argv = [
-            cfg.qemu, "-machine", cfg.machine, "-accel", self.accel, "-bios", str(bios.path()),
+        return [
+            "-machine", cfg.machine, "-accel", self.accel, "-bios", str(bios.path()),
             "-m", str(cfg.mem_mib), "-nodefaults", "-display", "none", "-vga", "none", "-serial", "none",
             "-monitor", "none", "-pidfile", str(self.dir / "qemu.pid"),
             "-qmp", f"unix:{self.dir / 'qmp.sock'},server=on,wait=off",
             "-qtest", f"unix:{self.dir / 'qtest.sock'},server=on,wait=off",
             "-qtest-log", "none",  # else QEMU echoes every qtest request (megabytes of base64) to stderr
             *(["-incoming", "defer"] if cfg.incoming else []),
-            *cfg.extra_args,
         ]
-        argv = self.argv_prefix(list(self.argv)) if self.argv_prefix else self.argv
-        with open(self.dir / "stderr.log", "wb") as err:
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,
-                                          preexec_fn=_die_with_parent if self.die_with_parent else None)
 
-    def _connect(self) -> None:
+    def _post_launch(self) -> None:
         assert self.dir is not None and self._proc is not None
         self._loop = asyncio.new_event_loop()
         self._client = QMPClient(self.name)
         sock = str(self.dir / "qmp.sock")
 
         def probe() -> str:
-            if self._proc is not None and self._proc.poll() is not None:
+            if not self.alive():
                 return "exited"
             if not os.path.exists(sock):
                 return "no QMP socket yet"
@@ -222,33 +185,25 @@ class RamMachine:
         state = wait_for(probe, lambda s: s in ("exited", "connected"),
                          what=f"{self.name}: QEMU to answer QMP on {sock}", timeout=self.startup_timeout)
         if state == "exited":
-            raise SetupError(f"{self.name}: QEMU exited with status {self._proc.returncode} during startup: "
-                             f"{self._stderr_tail()}")
+            raise self.launch_failure()
         self._pid = int((self.dir / "qemu.pid").read_text().strip())  # written before QMP answers
         info = self.qmp("query-version")
         q = info["qemu"]
         self._version = f"{q['major']}.{q['minor']}.{q['micro']}"
         self._qtest = QtestClient(self.dir / "qtest.sock")
+        self._ram = self._find_ram()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """quit over QMP → bounded wait → SIGKILL; always reaps and removes the socket dir. Idempotent.
+    def _ask_to_quit(self, timeout: float) -> bool:
+        """quit over QMP; only a quit QEMU acknowledged is waited for."""
+        if self._client is None or self._client.runstate != Runstate.RUNNING:
+            return False
+        try:
+            self.qmp("quit", timeout=min(2.0, timeout))
+        except HolecheckError:
+            return False
+        return True
 
-        The wait only follows a quit that QEMU acknowledged: a QEMU that cannot answer (stuck in a userfault,
-        SIGSTOPped, not connected yet) is killed at once.
-        """
-        proc = self._proc
-        if proc is not None:
-            quitting = False
-            if proc.poll() is None and self._client is not None and self._client.runstate == Runstate.RUNNING:
-                with contextlib.suppress(HolecheckError):
-                    self.qmp("quit", timeout=min(2.0, timeout))
-                    quitting = True
-            if quitting:
-                try:
-                    wait_for(proc.poll, lambda rc: rc is not None, what=f"{self.name}: QEMU to exit", timeout=timeout)
-                except StallError:
-                    log.warning("%s: QEMU pid %d ignored quit for %g s: SIGKILL", self.name, proc.pid, timeout)
-            self._kill_all(proc)
+    def _post_shutdown(self) -> None:
         if self._qtest is not None:
             self._qtest.close()
             self._qtest = None
@@ -259,22 +214,7 @@ class RamMachine:
         if self._loop is not None:
             self._loop.close()
             self._loop = None
-        if self.dir is not None:
-            self._stderr_final = self._read_stderr()
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
-        self._proc = None
         self._pid = None
-
-    def _kill_all(self, proc: subprocess.Popen[bytes]) -> None:
-        # with an argv_prefix that forks, QEMU (pidfile) is not our child: kill it by pid too, but only while
-        # the wrapper lives (a wrapper that has exited may have reaped QEMU, and its pid may be reused)
-        if self._pid and self._pid != proc.pid and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
     # -- properties -----------------------------------------------------------------------------------------
 
@@ -300,23 +240,9 @@ class RamMachine:
             raise HolecheckError(f"{self.name}: not running")
         return self._qtest
 
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def stderr_text(self) -> str:
-        return self._stderr_final if self._stderr_final is not None else self._read_stderr()
-
-    def _read_stderr(self) -> str:
-        if self.dir is None:
-            return ""
-        try:
-            return (self.dir / "stderr.log").read_bytes().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def _stderr_tail(self, lines: int = 5) -> str:
-        tail = [ln for ln in self.stderr_text().strip().splitlines() if ln][-lines:]
-        return " | ".join(tail) if tail else "(no output)"
+        """What QEMU printed, also after stop (kept as an artifact)."""
+        return self.output()
 
     # -- QMP ------------------------------------------------------------------------------------------------
 
@@ -340,7 +266,7 @@ class RamMachine:
         except Exception as exc:
             if self._proc is not None and self._proc.poll() is not None:
                 raise HolecheckError(f"{self.name}: QEMU exited ({self._proc.returncode}) during QMP {cmd}: "
-                                     f"{self._stderr_tail()}") from None
+                                     f"{self.log_tail() or '(no output)'}") from None
             raise HolecheckError(f"{self.name}: QMP {cmd} failed: {type(exc).__name__}: {exc}") from None
         self.transcript.add("reply", {"return": ret})
         return ret

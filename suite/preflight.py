@@ -1,4 +1,4 @@
-"""Can this kernel run scenarios at all? Each problem is one line for a human."""
+"""Can this kernel run scenarios at all (each problem one line for a human), and what does it offer?"""
 from __future__ import annotations
 
 import ctypes
@@ -49,3 +49,8 @@ def host_problems() -> list[str]:
         except OSError as exc:
             problems.append(f"cannot read PFNs from pagemap: {exc}")
     return problems
+
+
+def local_features() -> dict[str, bool]:
+    """Target.features() answered by the kernel this process runs on (the host's, or the guest's in the agent)."""
+    return {"soft_dirty": pagemap.soft_dirty_supported(), "shrink_underused": thp.KNOBS["shrink_underused"].exists()}

@@ -1,11 +1,15 @@
-"""Process-tree helpers: the snapshot stream's sink is a grandchild of QEMU (exec: URI → sh → pv)."""
+"""Process-tree helpers: the snapshot stream's sink is a grandchild of QEMU (exec: URI → sh → pv); every child we
+start leads its own process group, which ``stop_group`` ends."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def children(pid: int) -> list[int]:
@@ -31,13 +35,23 @@ def signal_all(pids: list[int], sig: signal.Signals) -> None:
             os.kill(p, sig)
 
 
-def stop_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM the process group ``proc`` leads (so it can clean up), SIGKILL it after ``grace`` s; reap."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 10.0, *,
+               ask: signal.Signals | None = signal.SIGTERM, what: str = "") -> None:
+    """Stop the process group ``proc`` leads and reap ``proc``: ``ask`` (SIGTERM, so it can clean up; None when
+    the caller already asked another way, e.g. QMP quit), wait up to ``grace`` s, then SIGKILL.
+
+    ``what`` names the process for the warning logged when it outlives a non-zero grace.
+    """
+    if ask is not None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            os.killpg(proc.pid, ask)
+    try:
+        proc.wait(timeout=grace)
+        return
+    except subprocess.TimeoutExpired:
+        if what and grace > 0:
+            log.warning("%s (pid %d) did not exit within %g s: SIGKILL", what, proc.pid, grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10.0)

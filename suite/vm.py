@@ -5,30 +5,27 @@ virtio-serial ports, watch its console, and stop everything it started.
 QEMU directly (plus one virtiofsd per share); a libvirt backend would implement the same protocol with a domain
 XML (memfd memory backing, ``<filesystem type='mount'>`` with driver virtiofs, ``<channel type='unix'>``).
 
-Every child process and file lives in a private 0700 temporary directory and is removed by ``stop()``, which
-also runs on exceptions and Ctrl-C (use the VM as a context manager). Children get PR_SET_PDEATHSIG, so even a
-SIGKILLed pytest leaves no QEMU behind.
+``QemuVm`` is a ``qemu_process.QemuProcess``: every child process and file lives in a private 0700 temporary
+directory and is removed by ``stop()``, which also runs on exceptions and Ctrl-C (use the VM as a context
+manager). Children get PR_SET_PDEATHSIG, so even a SIGKILLed pytest leaves no QEMU behind.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Protocol
 
 from . import qemu_binary
 from .errors import SetupError
+from .qemu_process import QemuProcess
 from .waits import wait_for
 
 log = logging.getLogger(__name__)
@@ -37,7 +34,6 @@ VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "/u
 # Console lines that end a boot for good: report them instead of waiting for a timeout.
 FATAL_RE = re.compile(r"Kernel panic - not syncing|Attempted to kill init|"
                       r"holecheck-init: (\[[\d.]+\] )?(FAILED|agent exited)")
-STOP_GRACE = 3.0
 # TCG's default qemu64 lacks SSSE3/SSE4.2, which numpy's x86-64 baseline needs (SIGILL in the agent).
 TCG_CPU = os.environ.get("HOLECHECK_TCG_CPU", "max")
 
@@ -75,7 +71,7 @@ class Vm(Protocol):
     spec: VmSpec
     started_at: float  # time.monotonic() when the VM was started
 
-    def start(self) -> None: ...
+    def start(self) -> Vm: ...
 
     def port(self, name: str, timeout: float) -> socket.socket: ...
 
@@ -145,73 +141,50 @@ def find_virtiofsd() -> str:
     raise SetupError("virtiofsd not found (Debian: qemu-system-common ships /usr/lib/qemu/virtiofsd)")
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL when the process that started it dies."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _terminate(proc: subprocess.Popen[bytes], name: str) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=STOP_GRACE)
-    except subprocess.TimeoutExpired:
-        log.warning("%s (pid %d) ignored SIGTERM for %g s: killing it", name, proc.pid, STOP_GRACE)
-        proc.kill()
-        proc.wait(timeout=STOP_GRACE)
-
-
 # --- the QEMU backend -------------------------------------------------------------------------------------------
 
-class QemuVm:
+class QemuVm(QemuProcess):
     """QEMU started directly, with one virtiofsd per share."""
 
     def __init__(self, spec: VmSpec) -> None:
+        super().__init__("l1", spec.qemu, extra_args=spec.extra_args)
         self.spec = spec
-        self.started_at = 0.0
-        self.dir = Path(tempfile.mkdtemp(prefix="holecheck-l1-"))  # 0700: sockets nobody else may touch
-        self.qemu: subprocess.Popen[bytes] | None = None
-        self.daemons: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.listeners: dict[str, socket.socket] = {}
-        self._stopped = False
+        self._fs_sockets: dict[str, Path] = {}
+        self._port_sockets: dict[str, Path] = {}
 
-    def __enter__(self) -> QemuVm:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def _pre_launch(self) -> None:
+        qemu_binary.check(self.spec.qemu)  # one line for a missing, old or wrong binary, before any daemon starts
+        self.spec.console_log.parent.mkdir(parents=True, exist_ok=True)
+        self.spec.console_log.write_bytes(b"")
+        self._fs_sockets = {share.tag: self._start_virtiofsd(share) for share in self.spec.shares}
+        self._port_sockets = {name: self._listen(name) for name in self.spec.ports}
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.stop()
-
-    def _spawn(self, argv: list[str], log_name: str) -> subprocess.Popen[bytes]:
-        with open(self.dir / log_name, "wb") as out:
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    preexec_fn=_die_with_parent, start_new_session=True)
+    def _post_shutdown(self) -> None:
+        for s in self.listeners.values():
+            s.close()
 
     def _start_virtiofsd(self, share: Share) -> Path:
         if os.geteuid() != 0:
             raise SetupError("sharing the host's root over virtio-fs needs root (virtiofsd --sandbox=chroot)")
+        assert self.dir is not None
         sock = self.dir / f"fs-{share.tag}.sock"
         argv = [find_virtiofsd(), f"--socket-path={sock}", "-o", f"source={share.source}", "-o", "sandbox=chroot",
                 # read-only root: the guest may cache everything; the writable share must show host-side changes
                 "-o", "cache=always" if not share.writable else "cache=auto"]
-        proc = self._spawn(argv, f"virtiofsd-{share.tag}.log")
-        self.daemons.append((f"virtiofsd[{share.tag}]", proc))
+        proc = self.spawn_helper(f"virtiofsd[{share.tag}]", argv, f"virtiofsd-{share.tag}.log")
 
         def probe() -> str:
             if proc.poll() is not None:
                 raise SetupError(f"virtiofsd for {share.source} exited with status {proc.returncode}: "
-                                 + self._log_tail(f"virtiofsd-{share.tag}.log", 3))
+                                 + self.log_tail(3, f"virtiofsd-{share.tag}.log"))
             return "socket ready" if sock.exists() else "no socket yet"
 
         wait_for(probe, lambda s: s == "socket ready", what=f"virtiofsd's socket {sock.name}", timeout=10)
         return sock
 
     def _listen(self, name: str) -> Path:
+        assert self.dir is not None
         path = self.dir / f"port-{name}.sock"
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.bind(str(path))
@@ -219,11 +192,12 @@ class QemuVm:
         self.listeners[name] = s
         return path
 
-    def argv(self, fs_sockets: dict[str, Path], port_sockets: dict[str, Path]) -> list[str]:
+    def _base_args(self) -> list[str]:
         s = self.spec
+        fs_sockets, port_sockets = self._fs_sockets, self._port_sockets
         mmio = s.machine == "microvm"
         acpi = "" if s.acpi or not mmio else ",acpi=off"
-        argv = [s.qemu, "-M", f"{s.machine},memory-backend=mem{acpi}", "-accel", s.accel,
+        argv = ["-M", f"{s.machine},memory-backend=mem{acpi}", "-accel", s.accel,
                 "-m", f"{s.memory_mib}M", "-smp", str(s.cpus),
                 # virtio-fs needs guest RAM that virtiofsd can map: a shared memfd
                 "-object", f"memory-backend-memfd,id=mem,size={s.memory_mib}M,share=on",
@@ -241,19 +215,7 @@ class QemuVm:
         for i, name in enumerate(s.ports):
             argv += ["-chardev", f"socket,id=port{i},path={port_sockets[name]}",
                      "-device", f"virtserialport,chardev=port{i},name={name}"]
-        return argv + list(s.extra_args)
-
-    def start(self) -> None:
-        qemu_binary.check(self.spec.qemu)  # one line for a missing, old or wrong binary, before any daemon starts
-        self.spec.console_log.parent.mkdir(parents=True, exist_ok=True)
-        self.spec.console_log.write_bytes(b"")
-        fs = {share.tag: self._start_virtiofsd(share) for share in self.spec.shares}
-        ports = {name: self._listen(name) for name in self.spec.ports}
-        argv = self.argv(fs, ports)
-        (self.dir / "qemu.argv").write_text(" ".join(argv) + "\n")
-        log.debug("starting L1 VM: %s", " ".join(argv))
-        self.started_at = time.monotonic()
-        self.qemu = self._spawn(argv, "qemu.log")
+        return argv
 
     def port(self, name: str, timeout: float) -> socket.socket:
         """The host end of virtio-serial port ``name`` (QEMU connects to it as it starts)."""
@@ -271,11 +233,6 @@ class QemuVm:
                 if time.monotonic() > deadline:
                     raise SetupError(f"L1 VM: QEMU did not connect to port {name} within {timeout:g} s") from None
 
-    def _log_tail(self, name: str, lines: int) -> str:
-        with contextlib.suppress(OSError):
-            return " | ".join((self.dir / name).read_text(errors="replace").strip().splitlines()[-lines:])
-        return ""
-
     def console_tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):
             with open(self.spec.console_log, "rb") as f:
@@ -290,48 +247,23 @@ class QemuVm:
         fatal = [ln for ln in console.splitlines() if FATAL_RE.search(ln)]
         if fatal:
             return "; ".join(ln.strip() for ln in fatal[:3])
-        if self.qemu is not None and self.qemu.poll() is not None:
-            return (f"QEMU exited with status {self.qemu.returncode}"
-                    + (f": {tail}" if (tail := self._log_tail("qemu.log", 3)) else ""))
-        for name, proc in self.daemons:
-            if proc.poll() is not None and self.qemu is not None and self.qemu.poll() is None:
-                return f"{name} exited with status {proc.returncode}"
-        return None
+        if (rc := self.exitcode()) is not None:
+            return f"QEMU exited with status {rc}" + (f": {tail}" if (tail := self.log_tail(3)) else "")
+        return self.helper_problem()
 
     def wait_exit(self, timeout: float) -> bool:
         """Wait for QEMU to exit by itself (the guest powered off); True if it did."""
-        if self.qemu is None:
+        if self._proc is None:
             return True
         try:
-            self.qemu.wait(timeout=timeout)
+            self._proc.wait(timeout=timeout)
             return True
         except subprocess.TimeoutExpired:
             return False
-
-    def stop(self) -> None:
-        """Stop QEMU and its daemons, close the ports, remove the private dir. Idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
-        try:
-            if self.qemu is not None:
-                _terminate(self.qemu, "QEMU")
-            for name, proc in self.daemons:
-                _terminate(proc, name)
-        finally:
-            for s in self.listeners.values():
-                s.close()
-            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def open_vm(spec: VmSpec, backend: str = "qemu") -> Vm:
     """A started VM (call ``stop()``, or use ``with``). Only the QEMU backend exists so far."""
     if backend != "qemu":
         raise SetupError(f"--backend={backend}: only the qemu backend can boot L1 VMs so far")
-    vm = QemuVm(spec)
-    try:
-        vm.start()
-    except BaseException:
-        vm.stop()
-        raise
-    return vm
+    return QemuVm(spec).start()  # a failed start stops what it started

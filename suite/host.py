@@ -1,0 +1,39 @@
+"""HostTarget: the running kernel is the one under test, and scenarios run in this process."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import preflight, runner, uffd
+from .errors import SetupError
+from .kernelspec import KernelSpec
+from .scenario import Scenario
+from .target import TargetOptions
+from .verdict import Verdict
+
+
+class HostTarget:
+    """The running kernel is the one under test: scenarios run in this process."""
+
+    def __init__(self, spec: KernelSpec, options: TargetOptions) -> None:
+        self.spec, self.options = spec, options
+        if problems := preflight.host_problems():
+            raise SetupError(f"host kernel {os.uname().release}: " + "; ".join(problems))
+        uffd.build()  # into the cache now: a cache that cannot take it stops the session, not each test
+
+    @property
+    def kernel_release(self) -> str:
+        return os.uname().release
+
+    l2_ram_mib = 256
+
+    def features(self) -> dict[str, bool]:
+        return preflight.local_features()
+
+    def run(self, scenario: Scenario, artifacts: Path | None = None) -> Verdict:
+        opts = runner.RunOptions(trigger=self.options.trigger, timeout=self.options.timeout, artifacts=artifacts,
+                                 qemu=self.options.qemu, accel=self.options.accel)
+        return runner.run(scenario, opts)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,29 @@
+"""open_target: a ``KernelSpec`` → the ``Target`` that runs it (``host:`` here, every other kind in an L1 VM)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cache import full_is_setup_error
+from .kernelspec import KernelSpec
+from .target import Target, TargetOptions
+
+
+def open_target(spec: KernelSpec, options: TargetOptions) -> Target:
+    """The target for ``spec``; SetupError in one line if it cannot run scenarios (a full cache included)."""
+    with full_is_setup_error():
+        return _open(spec, options)
+
+
+def _open(spec: KernelSpec, options: TargetOptions) -> Target:
+    if spec.kind == "host":
+        from .host import HostTarget
+
+        return HostTarget(spec, options)
+    from .guest import GuestTarget  # lazy: a host run imports nothing VM-related
+
+    if spec.kind == "build":
+        from kernels import build
+
+        image = build.build_tree(Path(spec.value).expanduser())  # SetupError: not a tree, does not build
+        return GuestTarget(KernelSpec("path", str(image)), options)
+    return GuestTarget(spec, options)
