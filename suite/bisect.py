@@ -437,6 +437,9 @@ class Bisection:
     def _save(self) -> None:
         data = {"args": self.args, "candidates": [c.spec for c in self.plan.candidates],
                 "looking_for": self.plan.looking_for, "steps": [asdict(s) for s in self.steps], "result": self.result}
+        if self.prefetch:  # what was fetched ahead (seconds each), and what was stopped as no longer needed
+            data["prefetch"] = {"fetched": {a: round(t, 1) for a, t in self.prefetch.fetched.items()},
+                                "cancelled": self.prefetch.cancelled}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.log_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
