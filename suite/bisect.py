@@ -23,6 +23,8 @@ at least one test failed → bad (a verdict); the kernel did not boot or the ses
 only errors, nothing ran, or no result within ``--step-timeout`` → skip (not a verdict: like ``git bisect
 skip``, the candidate nearest the midpoint that is not skipped is tried instead). Interrupted or internal-error
 sessions, or a -k that selects nothing, abort the bisection: those are the suite's problems, not the kernel's.
+While a step runs, the kernels the next step may need (both possible midpoints) are fetched in the background
+(``suite.prefetch``; never while the step's own kernel is being fetched, cancelled when not needed and on exit).
 Every step prints one line; the log of steps is ``.holecheck/bisect/<time>.json`` and each step's pytest output,
 JUnit XML and artifacts are kept in ``.holecheck/bisect/<time>/``. ``--dry-run`` prints the candidates only.
 Exit status: 0 found; 1 an end does not hold its verdict; 2 bad input or the bisection aborted; 3 only skipped
@@ -68,6 +70,7 @@ from typing import TextIO
 from kernels import versions
 from suite.errors import SetupError
 
+from .prefetch import Prefetcher
 from .procs import stop_group
 
 # kernels.* is imported where it is used, as elsewhere in suite/: kernels depends on suite, not the other way round.
@@ -192,6 +195,16 @@ class Search:
     def steps_left(self) -> int:
         """Tests still needed if none is skipped: ceil(log2(untested + 1))."""
         return math.ceil(math.log2(len(self.untested()) + 1))
+
+    def after(self, index: int) -> list[int]:
+        """What ``next`` proposes once ``index`` is tested: if it turns out new, then if old (fetched ahead)."""
+        out = []
+        for state in ("new", "old"):
+            then = Search(self.size, self.old, self.new, set(self.skipped))
+            then.record(index, state)
+            if (i := then.next()) is not None and i not in out:
+                out.append(i)
+        return out
 
     def suspects(self) -> list[int]:
         """Once over: the indices that may be the first new one (more than one only when skips are in the way)."""
@@ -368,6 +381,7 @@ class Step:
     exit_code: int | None
     seconds: float
     failures: dict[str, dict[str, str]]  # failed test → {"summary": JUnit message line, "text": the verdict}
+    kernel: str = ""  # how the kernel got there: "cached", "prefetched in 21 s", "fetched in 30 s", …
 
 
 @dataclass
@@ -400,24 +414,32 @@ def make_plan(abis: Sequence[str], good: str, bad: str, first_good: bool) -> Pla
 class Bisection:
     """Runs a Plan: both ends first, then the search; prints one line per step and keeps the JSON log."""
 
-    def __init__(self, plan: Plan, runner: Runner, log_path: Path, args: dict[str, object]) -> None:
+    def __init__(self, plan: Plan, runner: Runner, log_path: Path, args: dict[str, object],
+                 prefetch: Prefetcher | None = None) -> None:
         self.plan, self.runner, self.log_path, self.args = plan, runner, log_path, args
         self.workdir = log_path.with_suffix("")
+        self.prefetch = prefetch  # fetches the kernels that may come next while a step runs
         self.steps: list[Step] = []
         self.result: dict[str, object] = {}
 
-    def _run(self, role: str, c: Candidate) -> Outcome:
+    def _run(self, role: str, c: Candidate, upcoming: Sequence[int] = ()) -> Outcome:
+        """One step; ``upcoming``: the candidates that may come next, fetched meanwhile."""
+        kernel = self.prefetch.step(c.abi, [self.plan.candidates[i].abi for i in upcoming]) if self.prefetch else ""
         outcome, seconds = self.runner.run(c.spec, self.workdir, c.abi)
         failures = failure_report(outcome)
         self.steps.append(Step(role, c.label, c.spec, outcome.verdict.value, outcome.reason, outcome.exit_code,
-                               round(seconds, 1), failures))
-        print(f"{role}: {c.label} → {outcome.verdict} ({outcome.reason}) in {seconds:.0f} s", flush=True)
+                               round(seconds, 1), failures, kernel))
+        print(f"{role}: {c.label} → {outcome.verdict} ({outcome.reason}) in {seconds:.0f} s"
+              + (f" (kernel {kernel})" if kernel else ""), flush=True)
         self._save()
         return outcome
 
     def _save(self) -> None:
         data = {"args": self.args, "candidates": [c.spec for c in self.plan.candidates],
                 "looking_for": self.plan.looking_for, "steps": [asdict(s) for s in self.steps], "result": self.result}
+        if self.prefetch:  # what was fetched ahead (seconds each), and what was stopped as no longer needed
+            data["prefetch"] = {"fetched": {a: round(t, 1) for a, t in self.prefetch.fetched.items()},
+                                "cancelled": self.prefetch.cancelled}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.log_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
@@ -435,8 +457,11 @@ class Bisection:
         print(f"bisecting {len(cands)} Debian kernels, {cands[0].label} … {cands[-1].label}, for the "
               f"{plan.looking_for} (old end expected {plan.old_verdict}, new end {plan.new_verdict}): both ends, then "
               f"~{search.steps_left()} steps", flush=True)
-        for role, c, want in (("old end", cands[0], plan.old_verdict), ("new end", cands[-1], plan.new_verdict)):
-            got = self._run(f"{role} (expected {want})", c)
+        first = search.next()
+        ends = (("old end", cands[0], plan.old_verdict, [search.size - 1, first]),
+                ("new end", cands[-1], plan.new_verdict, [first, *search.after(first)] if first is not None else []))
+        for role, c, want, upcoming in ends:
+            got = self._run(f"{role} (expected {want})", c, [i for i in upcoming if i is not None])
             if got.verdict is not want:
                 what = ("could not be judged" if got.verdict in (StepVerdict.SKIP, StepVerdict.ABORT)
                         else f"is {got.verdict}")
@@ -445,7 +470,7 @@ class Bisection:
         done = 0
         while (i := search.next()) is not None:
             done += 1
-            got = self._run(f"step {done}/{done - 1 + search.steps_left()}", cands[i])
+            got = self._run(f"step {done}/{done - 1 + search.steps_left()}", cands[i], search.after(i))
             if got.verdict is StepVerdict.ABORT:
                 print(f"bisection aborted: {got.reason}")
                 return self._finish(2, error=got.reason)
@@ -498,7 +523,8 @@ def bisect_debian(args: argparse.Namespace) -> int:
     runner = Runner(args.k, args.step_timeout, tuple(shlex.split(args.pytest_args)))
     record = {"good": args.good, "bad": args.bad, "k": args.k, "first_good": args.first_good,
               "pytest_args": args.pytest_args, "step_timeout": args.step_timeout}
-    return Bisection(plan, runner, log_path, record).run()
+    with Prefetcher(log_path.with_suffix("")) as prefetch:  # cancelled on return and on Ctrl-C
+        return Bisection(plan, runner, log_path, record, prefetch).run()
 
 
 # --- git bisect run helper --------------------------------------------------------------------------------------------

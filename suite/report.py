@@ -7,6 +7,7 @@ message, page-map pictures of their oracle snapshots, links to their artifacts a
 standalone C reproducer.
 
     python -m suite.report [--artifacts .holecheck] [--junit FILE ...] [--out DIR]
+    python -m suite.report --compare OLD NEW      # what changed since the last run (suite/compare.py)
 
 Without ``--junit`` every ``verdict.json`` under the artifacts directory is a cell (its findings decide
 pass/fail), which mixes runs if the directory was not fresh. ``SessionPlugin`` writes the report at the end of a
@@ -409,10 +410,13 @@ def _failure_html(c: Cell, ex: Extras, out: Path) -> str:
 
 def write(out: Path, artifacts: Path, junit: Sequence[Path] = (), outcomes: Iterable[Outcome] = (),
           title: str = "holecheck run") -> Path:
-    """Write ``summary.md``, ``index.html`` and the failing cells' pictures and reproducers into ``out``;
-    returns the HTML's path."""
+    """Write ``summary.md``, ``index.html``, the failing cells' pictures and reproducers, and ``outcomes.json``
+    (for ``--compare``) into ``out``; returns the HTML's path."""
+    from . import compare
+
     out.mkdir(parents=True, exist_ok=True)
     cells = collect(artifacts, junit, outcomes)
+    compare.save(out / compare.OUTCOMES_FILE, [(c.outcome, c.kernel) for c in cells])
     extras_by_cell = {c.nodeid: extras(c, out) for c in cells if c.status in ("failed", "error")}
     (out / "summary.md").write_text(summary_md(cells, extras_by_cell, out, title))
     index = out / "index.html"
@@ -462,7 +466,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--junit", type=Path, nargs="*", default=[], help="JUnit XML file(s) from pytest --junitxml")
     p.add_argument("--out", type=Path, help="output directory (default: <artifacts>/report)")
     p.add_argument("--title", default="holecheck run")
+    p.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"),
+                   help="print the cells whose verdict changed between two runs (JUnit XML or --report directory); "
+                        "exit 1 on new failures")
     a = p.parse_args(argv)
+    if a.compare:
+        from . import compare
+
+        return compare.main(*a.compare)
     try:
         index = write(a.out or a.artifacts / "report", a.artifacts, a.junit, title=a.title)
     except (OSError, ET.ParseError) as exc:
