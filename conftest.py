@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from suite import memcg, options, preflight, qemu_binary, thp
+from suite import memcg, options, preflight, thp
 from suite.errors import SetupError
 from suite.kernelspec import KernelSpec, parse_many
-from suite.report import artifact_dir_name
+from suite.outcomes import artifact_dir_name
 from suite.scenario import Scenario
 from suite.target import Target, TargetOptions
 from suite.targets import open_target
 from suite.verdict import Verdict
 
+pytest_plugins = ("suite.pytest_qemu",)  # --qemu: which QEMUs, their ids, what each offers
 ARTIFACTS = ".holecheck"
 MARKERS = {
     "host": "runs scenarios against a kernel (root; host or VM target)",
@@ -36,7 +37,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--kernel", action="append", default=[], metavar="SPEC",
                 help="kernel under test: host | debian:VERSION | PATH/bzImage | build:LINUX_TREE; "
                      "repeat or comma-separate for a matrix (default: host)")
-    g.addoption("--qemu", default="qemu-system-x86_64", help="QEMU binary for the L2 RAM machines")
     g.addoption("--accel", default="auto", choices=("auto", "kvm", "tcg"), help="accelerator for VMs")
     g.addoption("--backend", default="qemu", choices=("qemu", "libvirt"), help="how L1 VMs are started")
     g.addoption("--trigger", default=None, choices=("auto", "memcg", "drop_caches"),
@@ -101,7 +101,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """What the selected tests need, checked before any of them starts: root, and a usable --qemu."""
+    """What the selected tests need, checked before any of them starts: root, and every --qemu resolved."""
     if hasattr(session.config, "workerinput"):
         return  # an xdist worker: the controller checked
     items = session.items
@@ -113,10 +113,9 @@ def _check(config: pytest.Config, needs_root: bool, needs_qemu: bool) -> None:
     if needs_root and (problem := preflight.root_problem()):
         raise pytest.UsageError(problem)
     if needs_qemu:
-        try:
-            qemu_binary.check(config.getoption("qemu"))
-        except SetupError as exc:
-            raise pytest.UsageError(f"--qemu: {exc}") from None
+        from suite.pytest_qemu import resolve_all
+
+        resolve_all(config)  # Debian's fetched, each checked: one line for a missing, old or wrong binary
 
 
 def _needs(item: pytest.Item, markers: tuple[str, ...], fixtures: tuple[str, ...]) -> bool:
@@ -150,7 +149,7 @@ def kernel_spec(request: pytest.FixtureRequest) -> KernelSpec:
 @pytest.fixture(scope="session")
 def target_options(request: pytest.FixtureRequest) -> TargetOptions:
     opt = request.config.getoption
-    return TargetOptions(qemu=opt("qemu"), accel=opt("accel"), backend=opt("backend"), trigger=opt("trigger"),
+    return TargetOptions(accel=opt("accel"), backend=opt("backend"), trigger=opt("trigger"),
                          timeout=opt("helper_timeout"), artifacts=opt("artifacts"))
 
 
@@ -217,12 +216,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
 
 
 @pytest.fixture(scope="session")
-def qemu(target_options: TargetOptions) -> str:
-    """The QEMU the real-migration scenarios run (checked by pytest_collection_finish before any test starts)."""
-    return target_options.qemu
-
-
-@pytest.fixture(scope="session")
 def _host_left_as_found() -> Iterator[None]:
     """Belt and braces over the per-scenario context managers: THP knobs and cgroups as found.
 
@@ -254,14 +247,16 @@ def artifacts(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture
-def run(target: Target, artifacts: Path) -> Callable[[Scenario], Verdict]:
+def run(target: Target, artifacts: Path, request: pytest.FixtureRequest) -> Callable[[Scenario], Verdict]:
     """Run a scenario on the target under test, with this test's artifacts directory; real-QEMU guests are
-    sized for the target (256 MiB, 128 MiB inside a TCG L1)."""
+    sized for the target (256 MiB, 128 MiB inside a TCG L1) and run this test's ``qemu``."""
 
     def _run(scenario: Scenario) -> Verdict:
-        if not scenario.synthetic and scenario.size_mib > target.l2_ram_mib:
+        if scenario.synthetic:
+            return target.run(scenario, artifacts)
+        if scenario.size_mib > target.l2_ram_mib:
             scenario = replace(scenario, size_mib=target.l2_ram_mib)
-        return target.run(scenario, artifacts)
+        return target.run(scenario, artifacts, qemu=request.getfixturevalue("qemu"))
 
     return _run
 

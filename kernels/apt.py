@@ -24,7 +24,7 @@ from suite import locks
 from suite.cache import cache_root
 from suite.errors import SetupError
 
-from .packages import KernelIndex, Stanza, parse
+from .packages import PART_RE, KernelIndex, Stanza, parse
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +147,15 @@ class Apt:
             return
         stamp.touch()
 
-    def index(self) -> KernelIndex:
-        """The kernel stanzas of every suite's downloaded Packages index."""
+    def index(self, prefix: str = "linux-", accept: re.Pattern[str] = PART_RE) -> KernelIndex:
+        """The kernel stanzas (or those ``prefix`` and ``accept`` pick) of every suite's downloaded Packages index."""
+        self.write_sources()  # indextargets lists the suites of the sources file: ours, whoever wrote it last
         out = self._run("apt-get", "indextargets", "--format", "$(FILENAME)\t$(CODENAME)", "Identifier: Packages")
         stanzas: list[Stanza] = []
         for line in out.splitlines():
             path, _, suite = line.partition("\t")
             if path and Path(path).is_file():
-                stanzas += parse(self._run(APT_HELPER, "cat-file", path), suite)
+                stanzas += parse(self._run(APT_HELPER, "cat-file", path), suite, prefix, accept)
         return KernelIndex(stanzas)
 
     def download(self, stanza: Stanza) -> Path:

@@ -147,21 +147,26 @@ def arrange(root: Path, release: str) -> None:
             src.rename(dst)
 
 
+def extract(debs: list[Path], into: Path) -> None:
+    """``dpkg-deb -x`` every .deb into ``into`` (no maintainer scripts, no dpkg database)."""
+    if not shutil.which("dpkg-deb"):
+        raise SetupError("dpkg-deb not found: unpacking Debian packages needs dpkg")
+    for deb in debs:
+        proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(into)], capture_output=True, text=True,
+                              timeout=UNPACK_TIMEOUT, check=False)
+        if proc.returncode != 0:
+            raise SetupError(f"dpkg-deb -x {deb.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+
+
 def install(debs: list[Path], tree: Path, release: str) -> None:
     """``dpkg-deb -x`` every .deb into a temporary sibling of ``tree``, arrange it, write the marker, rename it
     into place: an interrupted run leaves no tree that counts."""
-    if not shutil.which("dpkg-deb"):
-        raise SetupError("dpkg-deb not found: unpacking Debian kernels needs dpkg")
     tree.parent.mkdir(parents=True, exist_ok=True)
     for stale in tree.parent.glob(f".{tree.name}.*"):  # a run killed mid-unpack (callers hold the apt lock)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{tree.name}.", dir=tree.parent))
     try:
-        for deb in debs:
-            proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True, text=True,
-                                  timeout=UNPACK_TIMEOUT, check=False)
-            if proc.returncode != 0:
-                raise SetupError(f"dpkg-deb -x {deb.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        extract(debs, tmp)
         arrange(tmp, release)
         if not (tmp / "boot" / f"vmlinuz-{release}").is_file():
             raise SetupError(f"{', '.join(d.name for d in debs)}: no boot/vmlinuz-{release} nor "

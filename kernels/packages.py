@@ -39,15 +39,17 @@ def depends(field: str) -> tuple[str, ...]:
     return tuple(alt.split()[0] for item in field.split(",") for alt in item.split("|") if alt.strip())
 
 
-def parse(text: str, suite: str) -> list[Stanza]:
-    """The kernel stanzas (linux-image/-binary/-modules/-base-<abi>-<flavour>) of one Packages index.
+def parse(text: str, suite: str, prefix: str = "linux-", accept: re.Pattern[str] = PART_RE) -> list[Stanza]:
+    """The stanzas of one Packages index whose name starts with ``prefix`` and matches ``accept``: by default the
+    kernel stanzas (linux-image/-binary/-modules/-base-<abi>-<flavour>); ``kernels.qemu`` asks for QEMU's.
 
-    The indexes are up to 60 MB; looking only at stanzas that start with ``Package: linux-`` keeps this ~0.1 s.
+    The indexes are up to 60 MB; looking only at stanzas that start with ``Package: PREFIX`` keeps this ~0.1 s.
     """
     found = []
-    first = re.match(r"Package: (linux-[^\n]*)", text)  # the rest start after a newline: a literal-led search
-    for m in itertools.chain([first] if first else [], re.finditer(r"\nPackage: (linux-[^\n]*)", text)):
-        if not PART_RE.match(name := m[1].strip()):
+    lead = re.escape(prefix)
+    first = re.match(rf"Package: ({lead}[^\n]*)", text)  # the rest start after a newline: a literal-led search
+    for m in itertools.chain([first] if first else [], re.finditer(rf"\nPackage: ({lead}[^\n]*)", text)):
+        if not accept.match(name := m[1].strip()):
             continue
         end = text.find("\n\n", m.end())
         block = text[m.start():end if end >= 0 else len(text)]

@@ -182,7 +182,7 @@ class GuestTarget:
     def _console_tail(self) -> str:
         return self.vm.console_tail(CONSOLE_LINES) if self.vm is not None else ""
 
-    def run(self, scenario: Scenario, artifacts: Path | None = None) -> Verdict:
+    def run(self, scenario: Scenario, artifacts: Path | None = None, qemu: str | None = None) -> Verdict:
         if artifacts is not None and not artifacts.resolve().is_relative_to(self.artifacts_root):
             log.warning("artifacts dir %s is outside the shared %s: the guest cannot write it", artifacts,
                         self.artifacts_root)
@@ -193,7 +193,7 @@ class GuestTarget:
         options = {"trigger": self.options.trigger, "timeout": self.options.timeout,
                    "artifacts": str(artifacts.resolve()) if artifacts else None,
                    # L2 QEMUs run inside L1: /dev/kvm there only with nested virtualization, so let them choose
-                   "qemu": self.options.qemu, "accel": "tcg" if self.options.accel == "tcg" else "auto"}
+                   "qemu": qemu or self.options.qemu, "accel": "tcg" if self.options.accel == "tcg" else "auto"}
         reply = self.call("run", timeout, scenario=scenario.to_json(), options=options)
         return Verdict.from_json(reply["verdict"])
 

@@ -30,9 +30,9 @@ class HostTarget:
     def features(self) -> dict[str, bool]:
         return preflight.local_features()
 
-    def run(self, scenario: Scenario, artifacts: Path | None = None) -> Verdict:
+    def run(self, scenario: Scenario, artifacts: Path | None = None, qemu: str | None = None) -> Verdict:
         opts = runner.RunOptions(trigger=self.options.trigger, timeout=self.options.timeout, artifacts=artifacts,
-                                 qemu=self.options.qemu, accel=self.options.accel)
+                                 qemu=qemu or self.options.qemu, accel=self.options.accel)
         return runner.run(scenario, opts)
 
     def close(self) -> None:

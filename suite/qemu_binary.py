@@ -1,14 +1,16 @@
 """Which QEMU binary runs: one check, used by conftest at session start, by every RAM machine and at VM boot.
 
 ``check(path)`` answers with the binary's version or one SetupError line (what, why, what to do). It takes a
-path (or a name on $PATH); a later ``--qemu=system|debian:VERSION|PATH`` resolves its spec to a path first.
+path (or a name on $PATH); ``--qemu=system|debian:VERSION|PATH`` specs (``parse_many``) become one with ``resolve``.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 
 from .errors import SetupError
 
@@ -59,3 +61,51 @@ def check(binary: str) -> tuple[int, int, int]:
         raise SetupError(f"{path} is QEMU {_dotted(version)}, too old: holecheck needs >= {_dotted(MIN_QEMU)} "
                          f"(postcopy, background snapshot, pause-before-switchover): {_todo()}")
     return version
+
+
+# --- which QEMUs a session runs: --qemu=system|debian:VERSION|debian:newest|PATH ---------------------------------
+
+SYSTEM = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class QemuSpec:
+    """``system`` (qemu-system-x86_64 on $PATH), ``debian:VERSION`` / ``debian:newest`` (Debian's package, fetched
+    into the cache by ``kernels.qemu`` and run side by side), or a PATH (a maintainer's own build)."""
+
+    kind: str  # "system", "debian" or "path"
+    value: str = ""
+
+    def __str__(self) -> str:
+        return {"system": "system", "debian": f"debian:{self.value}"}.get(self.kind, self.value)
+
+
+def parse(text: str) -> QemuSpec:
+    text = text.strip()
+    if text in ("system", SYSTEM):
+        return QemuSpec("system")
+    kind, sep, value = text.partition(":")
+    if sep and kind == "debian":
+        if not value:
+            raise SetupError(f"--qemu={text}: missing version after 'debian:' (e.g. debian:10.0.2, debian:newest)")
+        return QemuSpec("debian", value)
+    return QemuSpec("path", text)
+
+
+def parse_many(values: list[str]) -> list[QemuSpec]:
+    """Each --qemu may be repeated or comma-separated; none means the system's."""
+    specs = [parse(v) for raw in values for v in raw.split(",") if v.strip()]
+    return list(dict.fromkeys(specs)) or [QemuSpec("system")]
+
+
+@functools.cache
+def resolve(spec: QemuSpec) -> str:
+    """The executable for ``spec`` (Debian's fetched first), checked: SetupError in one line if unusable."""
+    if spec.kind == "debian":
+        from kernels import qemu as debian_qemu  # lazy: only a session that asks for one needs apt
+
+        path = str(debian_qemu.fetch(spec.value))
+    else:
+        path = SYSTEM if spec.kind == "system" else spec.value
+    check(path)
+    return path

@@ -45,6 +45,9 @@ KIND_OPS: dict[str, frozenset[str]] = {
     "postcopy": frozenset(POSTCOPY_PHASES) | frozenset(ACTIONS),
     "snapshot": frozenset(SNAPSHOT_PHASES) | frozenset(ACTIONS),
 }
+# How a real postcopy migration is driven (``migration.VARIANTS`` has the capabilities): plain postcopy-ram,
+# with multifd channels (zero-page-detection=multifd), with postcopy-preempt.
+POSTCOPY_VARIANTS = ("", "multifd", "preempt")
 SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed")
 
 
@@ -111,10 +114,14 @@ class Scenario:
     fill: Fill = field(default_factory=Fill)
     thp: ThpSettings = field(default_factory=ThpSettings)
     trigger: str = "auto"  # shrinker trigger: auto (memcg-scoped where possible), memcg, drop_caches
+    variant: str = ""  # real postcopy only: one of POSTCOPY_VARIANTS
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_OPS:
             raise ValueError(f"unknown scenario kind {self.kind!r} (one of {', '.join(KIND_OPS)})")
+        if self.variant and (self.kind != "postcopy" or self.variant not in POSTCOPY_VARIANTS):
+            raise ValueError(f"a {self.kind} scenario has no migration variant {self.variant!r} "
+                             f"(postcopy: one of {', '.join(v for v in POSTCOPY_VARIANTS if v)})")
         if bad := [st.op for st in self.steps if st.op not in KIND_OPS[self.kind]]:
             raise ValueError(f"{self.kind} scenario cannot have steps {', '.join(bad)}")
 
@@ -162,7 +169,7 @@ class Scenario:
         d = json.loads(text)
         return cls(
             name=d["name"], kind=d["kind"], steps=tuple(Step(**s) for s in d["steps"]), size_mib=d["size_mib"],
-            fill=Fill(**d["fill"]), thp=ThpSettings(**d["thp"]), trigger=d["trigger"],
+            fill=Fill(**d["fill"]), thp=ThpSettings(**d["thp"]), trigger=d["trigger"], variant=d.get("variant", ""),
         )
 
 
@@ -243,9 +250,10 @@ def with_thp(scenario: Scenario, thp: ThpSettings) -> Scenario:
 
 
 def postcopy(shrink_at: str, *, side: str = "both", fill: Fill | None = None, thp: ThpSettings | None = None,
-             size_mib: int = 256, sabotage_at: str = "") -> Scenario:
+             size_mib: int = 256, sabotage_at: str = "", variant: str = "") -> Scenario:
     """A real QEMU postcopy migration walked through every phase, the shrinker fired at ``shrink_at``; the
-    destination's received pages are read (bounded) while postcopy runs, and compared with the source at the end."""
+    destination's received pages are read (bounded) while postcopy runs, and compared with the source at the end.
+    ``variant`` (multifd, preempt) drives the same phases with more of QEMU's migration machinery."""
     if shrink_at not in POSTCOPY_PHASES:
         raise ValueError(f"unknown postcopy phase {shrink_at!r} (one of {', '.join(POSTCOPY_PHASES)})")
     steps: list[Step] = []
@@ -258,8 +266,9 @@ def postcopy(shrink_at: str, *, side: str = "both", fill: Fill | None = None, th
         if phase == "postcopy-running":
             steps.append(Step("read-received"))
     name = f"shrink@{shrink_at}" + (f"-sabotage@{sabotage_at}" if sabotage_at else "")
+    name = f"{variant}-{name}" if variant else name
     return Scenario(name=name, kind="postcopy", steps=tuple(steps), size_mib=size_mib,
-                    fill=fill or Fill(), thp=thp or ThpSettings())
+                    fill=fill or Fill(), thp=thp or ThpSettings(), variant=variant)
 
 
 def snapshot(shrink_at: str = "snapshot-running", *, fill: Fill | None = None, thp: ThpSettings | None = None,

@@ -113,14 +113,14 @@ def _qemu_candidates(tmp: Path) -> list[tuple[str, str]]:
 def test_unusable_qemu_stops_the_session_before_any_test(tmp_path: Path, selection: str) -> None:
     for binary, why in _qemu_candidates(tmp_path):
         proc = holecheck(selection, f"--qemu={binary}")
-        line = one_line(proc, rf"--qemu: .*{why}.*: point --qemu at a qemu-system-x86_64 >= 7\.1\.0")
+        line = one_line(proc, rf"--qemu=\S+: .*{why}.*: point --qemu at a qemu-system-x86_64 >= 7\.1\.0")
         assert "no tests ran" in proc.stdout, f"{binary}: something ran:\n{proc.stdout}"
-        assert line.startswith("ERROR: --qemu:"), line
+        assert line.startswith("ERROR: --qemu="), line
 
 
 def test_unusable_qemu_stops_an_xdist_session_before_its_workers_start() -> None:
     proc = holecheck("tests/test_snapshot.py", "-n", "2", "--dist", "loadgroup", "--qemu=/bin/true")
-    one_line(proc, r"^ERROR: --qemu: /bin/true is not a QEMU system emulator")
+    one_line(proc, r"^ERROR: --qemu=/bin/true: /bin/true is not a QEMU system emulator")
     assert "INTERNALERROR" not in proc.stdout + proc.stderr
 
 
@@ -139,7 +139,7 @@ def test_vm_boot_checks_its_qemu_before_starting_anything(tmp_path: Path) -> Non
             with pytest.raises(SetupError, match=why) as err:
                 machine.start()
             assert "\n" not in str(err.value)
-            assert machine.qemu is None and not machine.daemons, "started something with an unusable QEMU"
+            assert machine._proc is None and not machine._helpers, "started something with an unusable QEMU"
         finally:
             machine.stop()
 

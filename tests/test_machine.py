@@ -27,11 +27,6 @@ def gone(pid: int) -> bool:
 
 
 @pytest.fixture
-def qemu(request: pytest.FixtureRequest) -> str:
-    return str(request.config.getoption("qemu", default="qemu-system-x86_64"))
-
-
-@pytest.fixture
 def accel(request: pytest.FixtureRequest) -> str:
     return str(request.config.getoption("accel", default="auto"))
 
