@@ -12,5 +12,7 @@ Where to start reading:
 - ``modules``      — ``.modinfo`` parsing and dependency order of the modules a boot needs.
 - ``elf``          — the few ELF64 reads the two above need (notes, sections): the host may lack binutils/kmod.
 - ``config_check`` — a kernel's config against ``holecheck.config``: one line per missing option.
-- ``build``        — a kernel under test built from source (Debian's linux-source, or your git tree).
+- ``build``        — a kernel under test built from source (Debian's linux-source, or your git tree), with
+                     ``minimal.config`` + ``holecheck.config`` forced onto allnoconfig.
+- ``qemu``         — Debian's QEMUs by version, side by side (unpacked, or in a root of their own).
 """

@@ -25,6 +25,8 @@ Running and judging
 - ``uffd``         — the C helper (``uffd_helper.c``) that performs userfaultfd sequences step by step.
 
 Real QEMU
+- ``pytest_qemu``  — the ``--qemu`` pytest plugin: which QEMUs, their ids, the summary line per QEMU.
+- ``qemu_offers``  — what a QEMU offers (postcopy variants it accepts, /dev/userfaultfd), asked of it once.
 - ``qemu_binary``  — is this a QEMU system emulator holecheck can drive (``MIN_QEMU``), and which version.
 - ``qemu_process`` — one QEMU process: private 0700 dir, launch hooks, ``LaunchError``, one way to stop.
 - ``machine``      — ``RamMachine``: an L2 QEMU whose guest only halts (``bios``), RAM read through ``qtest``.
@@ -40,9 +42,12 @@ Plumbing
 - ``locks``        — host-wide locks between holecheck processes that say who holds them.
 
 Reports and tools
+- ``outcomes``     — a run's cells: each test's outcome (JUnit XML or pytest's reports) with its verdict.
 - ``report`` / ``pagemap_png`` — the per-run summary and page-map pictures.
+- ``compare``      — which cells changed verdict between two runs (``report --compare``): a nightly's headline.
 - ``reproducer``   — a standalone C reproducer (``reproducer_runtime.c``) for a synthetic scenario.
 - ``bisect``       — bisect kernels for the first version whose verdict changes.
+- ``prefetch``     — fetch the kernels a bisection's next step may need while the current one runs.
 - ``soak``         — run a selection N times: per-cell outcomes and time spread, flaky cells first.
 
 Like qemu.qmp, the package logs to the ``holecheck`` logger and stays silent unless the application configures

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .report import Outcome, collect
+from .outcomes import Outcome, collect
 
 OUTCOMES_FILE = "outcomes.json"  # what a --report directory keeps for a later comparison
 FAILING = ("failed", "error")
@@ -84,7 +84,7 @@ def first_line(message: str) -> str:
 
 def cell_key(nodeid: str) -> str:
     """The same cell whether its id came from pytest (``tests/test_x.py::Class::test[p]``) or from JUnit, which
-    only knows ``tests.test_x.Class`` + ``test[p]`` (report.parse_junit guesses ``tests/test_x/Class.py::…``)."""
+    only knows ``tests.test_x.Class`` + ``test[p]`` (outcomes.parse_junit guesses ``tests/test_x/Class.py::…``)."""
     path, _, name = nodeid.rpartition("::")
     return re.sub(r"\.py$", "", path.replace(".py::", ".").replace("::", ".")).replace("/", ".") + "::" + name
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bisect import PYTEST_FAILED, PYTEST_OK, last_word, run_bounded
-from .report import Outcome, parse_junit
+from .outcomes import Outcome, parse_junit
 
 RUN_TIMEOUT = 3 * 3600.0  # one session of the selection; a hung one is stopped (and unwinds), not waited for
 # pytest may report one test twice (call, then teardown error): the worst outcome stands

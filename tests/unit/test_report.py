@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from suite import outcomes as run_outcomes
 from suite import pagemap, pagemap_png, report
 from suite.pagemap import PAGE, PRESENT, ZeroPfns
 from suite.verdict import Finding, Verdict
@@ -99,7 +100,7 @@ def test_captured_snapshot_renders_with_its_verdict(tmp_path: Path):
 
 
 def test_junit_cases_map_to_their_artifacts():
-    outcomes = {o.nodeid: o for o in report.parse_junit(DATA / "junit.xml", ARTIFACTS)}
+    outcomes = {o.nodeid: o for o in run_outcomes.parse_junit(DATA / "junit.xml", ARTIFACTS)}
     assert len(outcomes) == 6
     assert outcomes[SYNTHETIC].status == "failed" and outcomes[REAL].status == "failed"
     assert outcomes[SKIPPED].status == "skipped" and "CONFIG_MEM_SOFT_DIRTY" in outcomes[SKIPPED].message
@@ -110,7 +111,7 @@ def test_junit_cases_map_to_their_artifacts():
 
 
 def test_cells_carry_kernel_qemu_counts_and_splits():
-    cells = {c.nodeid: c for c in report.collect(ARTIFACTS, [DATA / "junit.xml"])}
+    cells = {c.nodeid: c for c in run_outcomes.collect(ARTIFACTS, [DATA / "junit.xml"])}
     real, syn = cells[REAL], cells[SYNTHETIC]
     assert (real.kernel, real.qemu, real.counts) == ("6.18.44-fc-v782", "7.2.22", {"hole": 6, "stall": 6})
     assert real.splits == "src shrink@postcopy-running: 128→1; dst shrink@postcopy-running: 127→0"
@@ -138,7 +139,7 @@ def test_report_from_a_captured_run(tmp_path: Path):
 
 
 def test_without_junit_every_verdict_is_a_cell(tmp_path: Path):
-    cells = report.collect(ARTIFACTS)
+    cells = run_outcomes.collect(ARTIFACTS)
     assert sorted(c.status for c in cells) == ["failed", "failed", "passed", "passed"]
     assert report.main(["--artifacts", str(ARTIFACTS), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "index.html").is_file() and (tmp_path / "summary.md").is_file()

@@ -1,0 +1,164 @@
+"""What a run's cells were: each test's outcome (from JUnit XML or pytest's reports) with its artifacts' verdict.
+
+Read by ``report`` (the matrix and pages) and ``compare`` (what changed between two runs).
+"""
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .scenario import is_synthetic
+from .verdict import KINDS, Verdict
+
+
+def artifact_dir_name(nodeid: str) -> str:
+    """The directory conftest's ``artifacts`` fixture gives a test (same rule: keep it in step)."""
+    return re.sub(r"[^A-Za-z0-9_.@=-]+", "_", nodeid)
+
+
+@dataclass
+class Outcome:
+    """One test's result, from JUnit XML or straight from pytest reports."""
+
+    nodeid: str
+    status: str  # passed | failed | error | skipped
+    seconds: float = 0.0
+    message: str = ""
+    properties: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Cell:
+    """One test of the matrix with what its artifacts say."""
+
+    outcome: Outcome
+    artifacts: Path | None
+    verdict: Verdict | None
+    fallback_kernel: str = "?"  # for cells without a verdict: the run's kernel when it had only one
+
+    @property
+    def nodeid(self) -> str:
+        return self.outcome.nodeid
+
+    @property
+    def status(self) -> str:
+        return self.outcome.status
+
+    @property
+    def module(self) -> str:
+        return self.nodeid.split("::")[0]
+
+    @property
+    def test(self) -> str:
+        return self.nodeid.split("::")[-1]
+
+    @property
+    def kernel(self) -> str:
+        return self.verdict.kernel if self.verdict else self.outcome.properties.get("kernel", self.fallback_kernel)
+
+    @property
+    def qemu(self) -> str:
+        return self.verdict.qemu if self.verdict else ""
+
+    @property
+    def column(self) -> str:
+        return self.kernel + (f" · QEMU {self.qemu}" if self.qemu else "")
+
+    @property
+    def scenario(self) -> str:
+        """The row: the verdict's scenario (the same on every kernel), else the test's name."""
+        return self.verdict.scenario if self.verdict else self.test
+
+    @property
+    def counts(self) -> dict[str, int]:
+        if self.verdict is not None:
+            out: dict[str, int] = {}
+            for f in self.verdict.findings:
+                out[f.kind] = out.get(f.kind, 0) + f.count
+            return out
+        return {k: int(v) for k, v in self.outcome.properties.items() if k in KINDS and v.isdigit()}
+
+    @property
+    def splits(self) -> str:
+        """THPs before→after each shrink, e.g. 'dst shrink@completed: 127→0'."""
+        if self.verdict is None:
+            return ""
+        return "; ".join(f"{s.get('side', '') + ' ' if s.get('side') else ''}{s['phase']}: "
+                         f"{s['thp_before']}→{s['thp_after']}" for s in self.verdict.shrinks)
+
+    @property
+    def no_split_reason(self) -> str:
+        return self.verdict.no_split_reason if self.verdict and not self.verdict.split_expected else ""
+
+    @property
+    def seconds(self) -> float:
+        return self.outcome.seconds or (self.verdict.seconds if self.verdict else 0.0)
+
+    @property
+    def anchor(self) -> str:
+        return "cell-" + artifact_dir_name(self.nodeid)
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.verdict and is_synthetic(self.verdict.scenario))
+
+
+# --- collecting --------------------------------------------------------------------------------------------
+
+def parse_junit(path: Path, artifacts: Path | None = None) -> list[Outcome]:
+    """Every <testcase> of a JUnit XML file (pytest's, xunit1 or xunit2)."""
+    out = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        status, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            el = case.find(tag)
+            if el is not None:
+                status = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                text = (el.text or "").strip()
+                message = text if tag != "skipped" and text else el.get("message", "") or text
+                break
+        props = {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
+        nodeid = _nodeid(case.get("classname", ""), case.get("name", ""), artifacts)
+        out.append(Outcome(nodeid, status, float(case.get("time", 0) or 0), message, props))
+    return out
+
+
+def _nodeid(classname: str, name: str, artifacts: Path | None) -> str:
+    """JUnit splits the node id into 'tests.test_x[.Class]' and 'test[param]': the file is the longest dotted
+    prefix whose artifacts directory exists (else the whole classname)."""
+    parts = classname.split(".")
+    candidates = ["::".join(["/".join(parts[:k]) + ".py", *parts[k:], name]) for k in range(len(parts), 0, -1)]
+    if artifacts is not None:
+        for nodeid in candidates:
+            if (artifacts / artifact_dir_name(nodeid)).is_dir():
+                return nodeid
+    return candidates[0]
+
+
+def _cell(outcome: Outcome, artifacts: Path) -> Cell:
+    d = artifacts / artifact_dir_name(outcome.nodeid)
+    vpath = d / "verdict.json"
+    verdict = Verdict.from_json(vpath.read_text()) if vpath.is_file() else None
+    return Cell(outcome, d if d.is_dir() else None, verdict)
+
+
+def collect(artifacts: Path, junit: Sequence[Path] = (), outcomes: Iterable[Outcome] = ()) -> list[Cell]:
+    """The run's cells: from JUnit files and/or outcomes; with neither, from every verdict.json found."""
+    found = [*outcomes, *(o for j in junit for o in parse_junit(j, artifacts))]
+    if not found and artifacts.is_dir():
+        for vpath in sorted(artifacts.glob("*/verdict.json")):
+            v = Verdict.from_json(vpath.read_text())
+            msg = "" if v.ok else v.failure_message()
+            found.append(Outcome(vpath.parent.name, "passed" if v.ok else "failed", v.seconds, msg))
+    cells = [_cell(o, artifacts) for o in found]
+    kernels = {c.kernel for c in cells if c.verdict or "kernel" in c.outcome.properties}
+    if len(kernels) == 1:
+        for c in cells:
+            c.fallback_kernel = next(iter(kernels))
+    return cells
+
+
+# --- per failing cell: pictures, reproducer, links ----------------------------------------------------------
