@@ -11,8 +11,8 @@ one line per thing left behind — ``[]`` means the machine is as found:
 - a mount that was not there before (holecheck mounts nothing on the host);
 - anything in the run's private TMPDIR (every socket and private dir is a ``tempfile`` dir), a new holecheck
   entry in /run;
-- in a cache directory: a temporary name of holecheck's (``.<name>.XXXXXXXX``, ``tmpXXXXXXXX``, ``*.seeding``)
-  — a half-written entry that was never renamed into place.
+- in a cache directory: a temporary name of holecheck's (``.<name>.XXXXXXXX``, ``tmpXXXXXXXX``, ``*.seeding``,
+  ``*.linking``) — a half-written entry that was never renamed into place.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ from pathlib import Path
 from suite import memcg, procs, thp
 
 RUN_DIR = Path("/run")
-KNOWN_RUN_ENTRIES = {Path(thp.LOCK)}  # the knob lock file stays by design (an flock target)
+LOCK_FILE = re.compile(r"\.lock(\.\w+)?$")  # flock targets (the THP knob lock) stay by design
 # tempfile's random part is 8 of [a-z0-9_]; holecheck's temporary siblings are ".<final name>.<random>" or
 # ".<kind>-<random>" (mkstemp/mkdtemp with a dot prefix) and "tmp<random>" (TemporaryDirectory, no prefix).
-TEMP_NAME = re.compile(r"^(\..+[.-][a-z0-9_]{8}|tmp[a-z0-9_]{8}|.+\.seeding)$")
+TEMP_NAME = re.compile(r"^(\..+[.-][a-z0-9_]{8}|tmp[a-z0-9_]{8}|.+\.(seeding|linking))$")
 # Big trees inside the cache that holds no temporaries of holecheck's: not walked.
 CACHE_PRUNE = re.compile(r"^(pristine|patched|_obj-.*|state|lib|usr|boot)$")
 MEMCG_NAME = re.compile(r"^holecheck-(?:.+-)?(\d+)-[0-9a-f]{6}$")
@@ -110,7 +110,7 @@ def mounts() -> frozenset[str]:
 
 
 def run_entries() -> frozenset[Path]:
-    return frozenset(p for p in RUN_DIR.rglob("holecheck*") if p not in KNOWN_RUN_ENTRIES) \
+    return frozenset(p for p in RUN_DIR.rglob("holecheck*") if not LOCK_FILE.search(p.name)) \
         if RUN_DIR.is_dir() else frozenset()
 
 

@@ -16,6 +16,7 @@ must not trust anything the interrupted one half-wrote.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -95,6 +96,11 @@ class Run:
                                          stderr=subprocess.STDOUT, start_new_session=True,
                                          env={**os.environ, "TMPDIR": str(private.tmp), **(env or {})})
         self.watch = ProcessWatch(self.proc.pid)
+        self.t0 = time.monotonic()
+        self.timeline: list[str] = []  # "reached 21.3 s" …: printed, shown with -s or on failure
+
+    def mark(self, what: str) -> None:
+        self.timeline.append(f"{what} {time.monotonic() - self.t0:.1f} s")
 
     def output(self, tail: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-tail:]
@@ -109,6 +115,7 @@ class Run:
             return probe(procs)
 
         point = wait_for(look, lambda p: p.reached, what=what, timeout=timeout, interval=0.05, max_interval=0.3)
+        self.mark("reached")
         if self.proc.poll() is not None:
             pytest.fail(f"holecheck ended (exit {self.proc.returncode}) before {what}:\n{self.output()}",
                         pytrace=False)
@@ -116,6 +123,7 @@ class Run:
 
     def interrupt(self, sig: signal.Signals) -> None:
         self.watch.poll()
+        self.mark("interrupted")
         if sig is signal.SIGINT:
             os.killpg(self.proc.pid, sig)  # Ctrl-C: the terminal signals the whole foreground group
         else:
@@ -130,23 +138,29 @@ class Run:
 
         wait_for(look, lambda rc: rc is not None, what=f"{self.argv[2]} to exit after the interrupt",
                  timeout=timeout, interval=0.05, max_interval=0.3)
+        self.mark("exited")
         return self.proc.returncode
 
     def kill_all(self) -> None:
         """After a failed test: nothing of ours may outlive it (by pid, only what this run started)."""
         for p in [*self.watch.survivors(), *([self.watch.root] if self.proc.poll() is None else [])]:
             pid = p if isinstance(p, int) else p.pid
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         if self.proc.poll() is None:
             self.proc.wait(timeout=10)
 
-    def assert_clean(self, caches: tuple[Path, ...] = (), markers: tuple[str, ...] = ()) -> None:
+    def assert_unwound(self, exit_code: int, caches: tuple[Path, ...] = (), markers: tuple[str, ...] = ()) -> None:
+        """The run exited as an interrupted run of its kind does, and left the machine as it found it."""
+        rc = self.finish()
+        print(f"{self.argv[2]}: " + ", ".join(self.timeline))
         problems = leftovers(self.before, self.watch, (str(self.private.root), *markers), self.private.tmp, caches)
-        assert not problems, "the interrupted run left the machine changed:\n  " + "\n  ".join(problems) + \
-            f"\nits output:\n{self.output()}"
+        if rc != exit_code:
+            how = f"killed by signal {-rc}: it did not unwind" if rc < 0 else f"exit status {rc}"
+            problems.insert(0, f"{how}; an interrupted run exits with {exit_code}")
+        if exit_code == CLI_INTERRUPTED and "Traceback" in self.output():
+            problems.append("a traceback instead of one line")
+        assert not problems, "the interrupted run:\n  " + "\n  ".join(problems) + f"\nits output:\n{self.output()}"
 
 
 @pytest.fixture
@@ -195,10 +209,9 @@ def test_during_l1_boot(sig: signal.Signals, private: Private, start: Callable[.
     run.until("the L1 QEMU to run before its agent answered", booting)
     time.sleep(1.0)  # the kernel is booting now (under TCG: seconds before the agent can answer)
     run.interrupt(sig)
-    assert run.finish() == PYTEST_INTERRUPTED, run.output()
+    run.assert_unwound(PYTEST_INTERRUPTED)
     assert not boot_records(), "the agent answered before the interrupt: the boot was not interrupted"
     assert saw(run, "virtiofsd") and saw(run, "qemu-system")
-    run.assert_clean()
 
 
 @pytest.mark.vm
@@ -214,10 +227,9 @@ def test_during_scenario_in_l1(sig: signal.Signals, private: Private, start: Cal
     run.until("the scenario to be sent to the agent in L1", running)
     time.sleep(3.0)  # the agent's runner is starting L2 QEMUs inside L1
     run.interrupt(sig)
-    assert run.finish() == PYTEST_INTERRUPTED, run.output()
+    run.assert_unwound(PYTEST_INTERRUPTED)
     assert not any((d / "verdict.json").exists() for d in cell_dirs()), \
         "the scenario finished before the interrupt: it was not interrupted mid-way"
-    run.assert_clean()
 
 
 def _private_apt(cache: Path) -> None:
@@ -241,8 +253,7 @@ def test_during_debian_download(sig: signal.Signals, private: Private, start: Ca
 
     run.until(f"apt-get download of {SMALL_DEBIAN} to have written some bytes", downloading)
     run.interrupt(sig)
-    assert run.finish() == PYTEST_INTERRUPTED, run.output()
-    run.assert_clean(caches=(private.cache,))
+    run.assert_unwound(PYTEST_INTERRUPTED, caches=(private.cache,))
     assert not list((private.cache / "kernels").glob("*/.complete")), "a kernel tree counts as unpacked"
     # The next run must fetch it afresh and get a whole, bootable image.
     refetch = subprocess.run([sys.executable, "-m", "kernels.debian", "fetch", SMALL_DEBIAN], cwd=ROOT, env={
@@ -270,10 +281,8 @@ def test_during_bisect_step(sig: signal.Signals, private: Private, start: Callab
         run.until("a bisection step's L1 VM to run", step_vm)
         time.sleep(1.0)
         run.interrupt(sig)
-        assert run.finish() == CLI_INTERRUPTED, run.output()
-        assert "Traceback" not in run.output(), run.output()
+        run.assert_unwound(CLI_INTERRUPTED, markers=tuple(str(p) for p in set(bisect_dir.glob("*")) - before))
         assert any("pytest" in p.cmdline for p in run.watch.seen.values()), "no bisection step ran"
-        run.assert_clean(markers=tuple(str(p) for p in set(bisect_dir.glob("*")) - before))
     finally:
         for p in set(bisect_dir.glob("*")) - before:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -281,19 +290,19 @@ def test_during_bisect_step(sig: signal.Signals, private: Private, start: Callab
 
 @pytest.fixture(scope="module")
 def build_cache() -> Iterator[tuple[Path, str]]:
-    """A private cache whose Debian source tree is hard links to the real cache's (no copy, no download), so a
-    build there can start at once and publish nothing the real cache would see. Shared by both signals: the
-    second build starts from the first one's configured output dir."""
+    """A private cache whose Debian source tree is the real cache's (a symlink: only read, never copied), so a build
+    there starts at once and publishes nothing the real cache would see. Shared by both signals: the second
+    build finds the patched tree made and configured."""
     srcs = sorted((cache_root() / "build" / "src").glob("*/pristine.complete"))
     if not srcs:
         pytest.skip("no extracted linux-source-6.12 in the cache (python -m kernels.build --twin fetches it; "
                     "interrupting a build needs one, and this test does not download 150 MB for it)")
     version = srcs[-1].read_text().strip()
     root = Path(tempfile.mkdtemp(prefix="hcint-build-", dir="/tmp"))
-    dst = root / "build" / "src" / srcs[-1].parent.name
-    dst.mkdir(parents=True)
-    subprocess.run(["cp", "-al", str(srcs[-1].parent / "pristine"), str(dst / "pristine")], check=True, timeout=300)
-    shutil.copy(srcs[-1], dst / "pristine.complete")
+    src = root / "build" / "src" / srcs[-1].parent.name
+    src.mkdir(parents=True)
+    (src / "pristine").symlink_to(srcs[-1].parent / "pristine")
+    shutil.copy(srcs[-1], src / "pristine.complete")
     yield root, version
     shutil.rmtree(root, ignore_errors=True)
 
@@ -317,9 +326,7 @@ def test_during_kernel_build(sig: signal.Signals, private: Private, start: Calla
     run.until("make bzImage to compile", compiling)
     time.sleep(2.0)
     run.interrupt(sig)
-    assert run.finish() == CLI_INTERRUPTED, run.output()
-    assert "Traceback" not in run.output(), run.output()
-    run.assert_clean(caches=(cache,), markers=(str(cache),))
+    run.assert_unwound(CLI_INTERRUPTED, caches=(cache,), markers=(str(cache),))
     monkeypatch.setenv("HOLECHECK_CACHE", str(cache))
     from kernels import build
 
@@ -338,6 +345,5 @@ def test_during_strace_hold_on_host(sig: signal.Signals, private: Private, start
 
     run.until("strace to hold the destination QEMU in the nohugepage window", held)
     run.interrupt(sig)
-    assert run.finish() == PYTEST_INTERRUPTED, run.output()
+    run.assert_unwound(PYTEST_INTERRUPTED)
     assert saw(run, "qemu-system") and saw(run, "strace")
-    run.assert_clean()
