@@ -6,7 +6,8 @@ one line per thing left behind — ``[]`` means the machine is as found:
 
 - a process the run started, still alive; any process whose command line names the run's private paths;
 - a THP knob under /sys/kernel/mm/transparent_hugepage not as before (read under holecheck's knob lock, so a
-  concurrent holecheck run's scenario is never mistaken for a leftover);
+  concurrent holecheck run's scenario is never mistaken for a leftover; for runs on the host's kernel: a run
+  whose kernel under test is in a VM sets the knobs inside the VM);
 - a holecheck memory cgroup named after one of the run's processes (``suite.memcg``: ``holecheck-…-<pid>-…``);
 - a mount that was not there before (holecheck mounts nothing on the host);
 - anything in the run's private TMPDIR (every socket and private dir is a ``tempfile`` dir), a new holecheck
@@ -17,6 +18,7 @@ one line per thing left behind — ``[]`` means the machine is as found:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 from collections.abc import Iterable
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from suite import memcg, procs, thp
+from suite.waits import wait_for
 
 RUN_DIR = Path("/run")
 LOCK_FILE = re.compile(r"\.lock(\.\w+)?$")  # flock targets (the THP knob lock) stay by design
@@ -97,12 +100,25 @@ def processes_mentioning(markers: Iterable[str]) -> list[Proc]:
     return found
 
 
-def thp_knobs() -> dict[str, str]:
-    """The host's THP knobs, read while no holecheck scenario has them changed (under the knob lock)."""
+def thp_knobs(timeout: float = 300.0) -> dict[str, str]:
+    """The host's THP knobs, read while no holecheck scenario has them changed: under the knob lock, polled
+    often (other runs' scenarios take it back to back; a slow poll would starve)."""
     if not thp.SYSFS.exists():
         return {}
-    with thp.exclusive():
+    fd = os.open(thp.LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        def take() -> bool:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+        wait_for(take, bool, what=f"the THP knob lock {thp.LOCK} to read the knobs", timeout=timeout,
+                 interval=0.005, max_interval=0.02)
         return thp.current()
+    finally:
+        os.close(fd)
 
 
 def mounts() -> frozenset[str]:
@@ -116,13 +132,13 @@ def run_entries() -> frozenset[Path]:
 
 @dataclass(frozen=True)
 class Baseline:
-    thp: dict[str, str]
+    thp: dict[str, str] | None  # None: not checked (the run does not target the host's kernel)
     mounts: frozenset[str]
     run: frozenset[Path]
 
     @classmethod
-    def take(cls) -> Baseline:
-        return cls(thp_knobs(), mounts(), run_entries())
+    def take(cls, host_knobs: bool = True) -> Baseline:
+        return cls(thp_knobs() if host_knobs else None, mounts(), run_entries())
 
 
 def memcgs_of(pids: set[int]) -> list[Path]:
@@ -146,9 +162,9 @@ def leftovers(before: Baseline, watch: ProcessWatch, markers: Iterable[str], pri
     known = {(p.pid, p.start) for p in watch.survivors()}
     out += [f"process naming the run's paths: {p}" for p in processes_mentioning(markers)
             if (p.pid, p.start) not in known]
-    now = thp_knobs()
-    out += [f"THP knob {name}: {before.thp.get(name)} before, {value} after"
-            for name, value in now.items() if before.thp.get(name) != value]
+    if before.thp is not None:
+        out += [f"THP knob {name}: {before.thp.get(name)} before, {value} after"
+                for name, value in thp_knobs().items() if before.thp.get(name) != value]
     out += [f"memory cgroup left: {p}" for p in memcgs_of(watch.pids)]
     out += [f"new mount: {m}" for m in sorted(mounts() - before.mounts)]
     if private_tmp is not None:

@@ -44,7 +44,7 @@ L1_CELL = "tests/test_snapshot.py::test_snapshot[shrink@before-snapshot-mpn409-s
 STRACE_CELL = "tests/test_postcopy.py::test_postcopy[shrink@nohugepage-window-mpn409-spread8]"
 SMALL_DEBIAN = "6.12.57"  # ~34 MB
 REACH_TIMEOUT = 300.0  # fetch + boot under TCG on a busy machine; a cold kconfig build
-EXIT_TIMEOUT = 120.0  # unwinding: the agent's shutdown (10 s), a bisection step's own unwinding
+EXIT_TIMEOUT = 300.0  # unwinding: the agent's shutdown (10 s), the session's THP knob lock (shared with other runs)
 PYTEST_INTERRUPTED, CLI_INTERRUPTED = 2, 130
 SIGNALS = {"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM}
 by_signal = pytest.mark.parametrize("sig", SIGNALS.values(), ids=SIGNALS.keys())
@@ -87,10 +87,11 @@ def private() -> Iterator[Private]:
 class Run:
     """holecheck in a subprocess (its own process group), its output in a log, its process tree watched."""
 
-    def __init__(self, argv: list[str], private: Private, env: dict[str, str] | None = None) -> None:
+    def __init__(self, argv: list[str], private: Private, env: dict[str, str] | None = None,
+                 host_knobs: bool = False) -> None:
         self.argv, self.private = argv, private
         self.log = private.root / "run.log"
-        self.before = Baseline.take()
+        self.before = Baseline.take(host_knobs)
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True,
@@ -167,8 +168,8 @@ class Run:
 def start(private: Private) -> Iterator[Callable[..., Run]]:
     runs: list[Run] = []
 
-    def _start(argv: list[str], env: dict[str, str] | None = None) -> Run:
-        runs.append(Run(argv, private, env))
+    def _start(argv: list[str], env: dict[str, str] | None = None, host_knobs: bool = False) -> Run:
+        runs.append(Run(argv, private, env, host_knobs))
         return runs[-1]
 
     yield _start
@@ -225,7 +226,7 @@ def test_during_scenario_in_l1(sig: signal.Signals, private: Private, start: Cal
         return Point(bool(cell_dirs()), f"{seen(procs)}; artifacts: {[d.name for d in private.artifacts.iterdir()]}")
 
     run.until("the scenario to be sent to the agent in L1", running)
-    time.sleep(3.0)  # the agent's runner is starting L2 QEMUs inside L1
+    time.sleep(2.0)  # the agent's runner is starting L2 QEMUs inside L1
     run.interrupt(sig)
     run.assert_unwound(PYTEST_INTERRUPTED)
     assert not any((d / "verdict.json").exists() for d in cell_dirs()), \
@@ -338,7 +339,7 @@ def test_during_kernel_build(sig: signal.Signals, private: Private, start: Calla
 @by_signal
 def test_during_strace_hold_on_host(sig: signal.Signals, private: Private, start: Callable[..., Run]) -> None:
     """The host as target: THP knobs set, QEMUs in memory cgroups, strace holding the destination."""
-    run = start(pytest_argv(private, "host", STRACE_CELL))
+    run = start(pytest_argv(private, "host", STRACE_CELL), host_knobs=True)
 
     def held(procs: list[Proc]) -> Point:
         return Point(bool(named(procs, "strace")), seen(procs))
