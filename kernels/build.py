@@ -49,7 +49,7 @@ from pathlib import Path
 from suite import locks
 from suite.cache import cache_root
 from suite.errors import SetupError
-from suite.procs import stop_group
+from suite.procs import sigterm_unwinds, stop_group
 
 from . import config_check, debian
 
@@ -193,6 +193,9 @@ def _run(argv: list[str], what: str, timeout: float, cwd: Path | None = None, lo
             stop_group(proc)
             where = f"; see {log_path}" if log_path else ""
             raise SetupError(f"{what}: not done within {timeout:g} s, stopped{where}") from None
+        except BaseException:  # Ctrl-C, SIGTERM: its own session never saw the signal, so make would go on
+            stop_group(proc)
+            raise
     finally:
         if sink:
             sink.close()
@@ -336,7 +339,15 @@ def patched_tree(src: Source, patch: Path) -> Path:
     state_path.unlink(missing_ok=True)  # a half-patched farm must never look current
     if not (farm / "Makefile").exists():
         shutil.rmtree(farm, ignore_errors=True)
-        _link_farm(src.pristine, farm)
+        # Linked under a temporary name: an interrupted walk must not leave a farm that lacks files.
+        partial = farm.with_name(farm.name + ".linking")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            _link_farm(src.pristine, partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        partial.rename(farm)
     for rel in sorted(set(files) | set(state.get("files", []))):
         # A file of its own (patching must not write through a hard link into pristine), with mtime now (make
         # must see it newer than any object built from another version of it).
@@ -408,7 +419,11 @@ def _seed(obj: Path, base: Path, base_lock: Path, touch: list[Path]) -> bool:
             return False
         tmp = obj.with_name(obj.name + ".seeding")
         shutil.rmtree(tmp, ignore_errors=True)
-        _run(["cp", "-a", str(base), str(tmp)], f"cp -a {base} (seeding {obj.name})", COPY_TIMEOUT)
+        try:
+            _run(["cp", "-a", str(base), str(tmp)], f"cp -a {base} (seeding {obj.name})", COPY_TIMEOUT)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         tmp.rename(obj)
     now = time.time()
     for path in touch:
@@ -570,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="re-run make even if the artefacts are cached")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    sigterm_unwinds()
     try:
         if args.tree:
             image = build_tree(args.tree, args.jobs, timeout=args.timeout, force=args.force)
@@ -579,6 +595,10 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as exc:
         print(f"holecheck: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("holecheck: build interrupted: make stopped, nothing published (the output dir is kept for the "
+              "next, incremental build)", file=sys.stderr)
+        return 130
     print(image)
     return 0
 

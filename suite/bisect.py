@@ -71,7 +71,7 @@ from kernels import versions
 from suite.errors import SetupError
 
 from .prefetch import Prefetcher
-from .procs import stop_group
+from .procs import sigterm_unwinds, stop_group
 
 # kernels.* is imported where it is used, as elsewhere in suite/: kernels depends on suite, not the other way round.
 PROJECT = Path(__file__).resolve().parent.parent
@@ -602,6 +602,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    sigterm_unwinds()  # a killed bisection stops its step's session (and that session's VM) on the way out
     try:
         args = parser().parse_args(argv)
     except SystemExit as exc:

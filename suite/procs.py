@@ -1,5 +1,5 @@
 """Process-tree helpers: the snapshot stream's sink is a grandchild of QEMU (exec: URI → sh → pv); every child we
-start leads its own process group, which ``stop_group`` ends."""
+start leads its own process group, which ``stop_group`` ends; SIGTERM made to unwind like Ctrl-C."""
 from __future__ import annotations
 
 import contextlib
@@ -55,3 +55,10 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float = 10.0, *,
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10.0)
+
+
+def sigterm_unwinds() -> None:
+    """SIGTERM (kill, CI timeouts, a bisection stopping its step) raises KeyboardInterrupt like Ctrl-C, so every
+    ``finally`` and context manager runs: child process groups stopped, temporary dirs removed, knobs restored.
+    Python's default for SIGTERM is to die on the spot, leaving children that run in sessions of their own."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from machine_state import processes_mentioning
 
 from suite import scenario as sc
 from suite.errors import SetupError
@@ -44,20 +45,6 @@ def guest(request: pytest.FixtureRequest) -> Iterator[GuestTarget]:
     target = GuestTarget(KernelSpec("debian", request.param), TargetOptions())
     yield target
     target.close()
-
-
-def _our_processes(marker: str) -> list[str]:
-    """Command lines of live processes that mention ``marker`` (a test's private path)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if marker in cmd and str(os.getpid()) != proc.name:
-                found.append(cmd[:200])
-    return found
 
 
 def test_agent_reports_the_booted_release(guest: GuestTarget) -> None:
@@ -114,7 +101,7 @@ def test_kernel_panic_fails_fast_with_console_tail(tmp_path: Path) -> None:
     assert "Kernel panic - not syncing" in message.splitlines()[0]
     assert "console" in message and len(message.splitlines()) > 3  # the tail came along
     assert elapsed < PANIC_DEADLINE, f"took {elapsed:.1f} s"
-    assert not _our_processes(str(tmp_path)), "QEMU or virtiofsd outlived the failed boot"
+    assert not processes_mentioning([str(tmp_path)]), "QEMU or virtiofsd outlived the failed boot"
 
 
 def test_init_failure_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,7 +115,7 @@ def test_init_failure_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     first = str(err.value).splitlines()[0]  # the reason itself, before the console tail
     assert "holecheck-init: [" in first and "FAILED: mount -t virtiofs" in first, first
     assert time.monotonic() - t0 < PANIC_DEADLINE
-    assert not _our_processes(str(tmp_path))
+    assert not processes_mentioning([str(tmp_path)])
 
 
 def _copy_checkout(dest: Path) -> None:
