@@ -182,7 +182,10 @@ def main() -> None:
     """``python -m kernels.debian list`` | ``python -m kernels.debian fetch SPEC``."""
     import sys
 
+    from suite.procs import sigterm_unwinds
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sigterm_unwinds()  # a kill unwinds too: the temporary download dir goes, apt-get is stopped
     args = sys.argv[1:] or ["list"]
     try:
         if args[0] == "list":
@@ -193,6 +196,9 @@ def main() -> None:
             raise SystemExit("usage: python -m kernels.debian list | fetch SPEC")
     except SetupError as exc:
         raise SystemExit(f"holecheck: {exc}") from None
+    except KeyboardInterrupt:
+        print("holecheck: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ class GuestTarget:
         self.artifacts_root = root
         self.vm: vm.Vm | None = None
         self.client: AgentClient | None = None
+        self._calls_in_flight = 0
         self.boot_seconds = 0.0  # QEMU start → the agent's hello
         self.hello: dict[str, Any] = {}  # release, python version, guest uptime and agent start-up at the hello
         self._release = ""
@@ -173,8 +174,11 @@ class GuestTarget:
         """One agent request; an agent-side failure carries the console's last lines."""
         if self.client is None:
             raise SetupError(f"{self.spec}: the L1 VM is closed")
+        self._calls_in_flight += 1
         try:
-            return self.client.call(method, timeout, **params)
+            reply = self.client.call(method, timeout, **params)
+            self._calls_in_flight -= 1  # only on an answer: an interrupted call leaves the agent busy
+            return reply
         except AgentError as exc:
             raise AgentError(f"{exc}\n  console ({self.vm_spec.console_log}), last lines:\n"
                              + "\n".join("    " + ln for ln in self._console_tail().splitlines())) from None
@@ -201,7 +205,10 @@ class GuestTarget:
         """Ask the guest to power off; stop the VM whatever happens."""
         client, machine, self.client, self.vm = self.client, self.vm, None, None
         try:
-            if client is not None and machine is not None and machine.problem() is None:
+            # Ask only an agent that said hello and is not busy with a call we gave up on (Ctrl-C mid-run): one
+            # that cannot answer would just cost the shutdown's timeout.
+            if client is not None and machine is not None and machine.problem() is None and self.hello \
+                    and not self._calls_in_flight:
                 try:
                     client.call("shutdown", timeout=10)
                     machine.wait_exit(5)

@@ -235,9 +235,12 @@ def test_during_scenario_in_l1(sig: signal.Signals, private: Private, start: Cal
 
 def _private_apt(cache: Path) -> None:
     """A cold kernel cache whose apt package lists are warm (copied): the point is the download, not the lists."""
+    from kernels.apt import Apt
+
     real = cache_root() / "apt"
-    if not (real / "state" / "lists").is_dir():
-        pytest.skip(f"no package lists in {real} yet: run `python -m kernels.debian list` once")
+    default = Apt.default()
+    with default.locked():
+        default.update()  # a fresh machine has none yet: the lists are not what this test is about
     shutil.copytree(real, cache / "apt", ignore=shutil.ignore_patterns("archives", ".lock"))
 
 
@@ -294,10 +297,10 @@ def build_cache() -> Iterator[tuple[Path, str]]:
     """A private cache whose Debian source tree is the real cache's (a symlink: only read, never copied), so a build
     there starts at once and publishes nothing the real cache would see. Shared by both signals: the second
     build finds the patched tree made and configured."""
+    from kernels import build
+
+    build.fetch_source(build.source_version())  # once per machine (~1 min); the power tests build from it too
     srcs = sorted((cache_root() / "build" / "src").glob("*/pristine.complete"))
-    if not srcs:
-        pytest.skip("no extracted linux-source-6.12 in the cache (python -m kernels.build --twin fetches it; "
-                    "interrupting a build needs one, and this test does not download 150 MB for it)")
     version = srcs[-1].read_text().strip()
     root = Path(tempfile.mkdtemp(prefix="hcint-build-", dir="/tmp"))
     src = root / "build" / "src" / srcs[-1].parent.name
