@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 from collections.abc import Callable, Iterator
@@ -46,6 +47,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--artifacts", default=ARTIFACTS, help="directory for per-test artifacts (default .holecheck/)")
     g.addoption("--report", metavar="DIR", default=None,
                 help="write this session's summary.md and index.html (matrix, page maps, reproducers) into DIR")
+    g.addoption("--matrix", default="nightly", choices=("main", "nightly"),
+                help="nightly (default): every cell on every kernel and QEMU; main: in L1 VMs (TCG-slow) only a "
+                     "sample of the real-QEMU cells, every cell on the host (./holecheck main)")
 
 
 class _SayAtOnce(logging.Handler):
@@ -132,12 +136,30 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``-n 2 --dist loadgroup``), all cells of one kernel go to one worker: one L1 VM per
     kernel, kernels side by side on the machine's cores, host scenarios never racing each other for the knobs.
-    Other tests stay with their module, whose module-scoped VMs and builds are then made once."""
+    Other tests stay with their module, whose module-scoped VMs and builds are then made once.
+
+    ``--matrix=main`` deselects (not skips) the real-QEMU cells outside ``MAIN_L1_SAMPLE``, and those of every
+    QEMU but the first, on kernels booted in an L1 VM, where each costs 10-40 s under TCG; the host runs every
+    cell with every QEMU."""
+    kept, dropped = [], []
     for item in items:
         spec = item.callspec.params.get("kernel_spec") if hasattr(item, "callspec") else None
         if spec is None and "target" in getattr(item, "fixturenames", ()):
             spec = config.holecheck_kernels[0]  # type: ignore[attr-defined]
         item.add_marker(pytest.mark.xdist_group(f"kernel-{spec.id}" if spec is not None else item.path.name))
+        in_vm = spec is not None and spec.kind != "host"
+        qemu = item.callspec.params.get("qemu") if hasattr(item, "callspec") else None
+        sampled_out = "qemu" in getattr(item, "fixturenames", ()) and (
+            not MAIN_L1_SAMPLE.search(item.name) or qemu not in (None, config.holecheck_qemus[0]))  # type: ignore[attr-defined]
+        (dropped if config.getoption("matrix") == "main" and in_vm and sampled_out else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+# The real-QEMU cells an L1 kernel runs in the main job: every phase of postcopy and snapshot at max_ptes_none 409
+# with the sparse fill (the cells that split), and the negative control; the rest of the cross product is nightly's.
+MAIN_L1_SAMPLE = re.compile(r"^test_(postcopy|snapshot)\[(.*-)?shrink@[a-z-]+-mpn409-spread8\b|^test_negative_control")
 
 
 @pytest.fixture(scope="session")
