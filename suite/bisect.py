@@ -36,7 +36,7 @@ Your kernel tree (``run-tree`` subcommand, for ``git bisect run``)::
     git bisect start BAD GOOD
     git bisect run /path/to/holecheck/.venv/bin/python -m suite.bisect run-tree . -k postcopy_style
 
-Each step builds the checked-out tree with holecheck's config (``kernels.build.build_tree``: out of tree, in
+Each step builds the checked-out tree with holecheck's config (``kernels.git_tree.build_tree``: out of tree, in
 ``~/.cache/holecheck/build/trees/``, incremental between steps; the tree must have no in-tree ``.config``),
 boots the bzImage and runs the selected tests. Exit 0: every selected test passed; 1: a test failed; 125: the
 tree does not build, the kernel does not boot or the session cannot set up (git skips the commit); 128: the
@@ -554,7 +554,7 @@ def run_tree(tree: Path, runner: Runner, jobs: int = os.cpu_count() or 1, first_
     t0 = time.monotonic()
     entry: dict[str, object] = {"tree": str(tree), "head": head, "k": runner.expr, "time": time.strftime("%FT%T%z")}
     try:
-        from kernels.build import build_tree  # imported late: the Debian bisection does not need the builder
+        from kernels.git_tree import build_tree  # imported late: the Debian bisection does not need the builder
 
         image = build_tree(tree, jobs)
     except SetupError as exc:

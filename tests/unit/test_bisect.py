@@ -357,7 +357,7 @@ def test_debian_bisection_refuses_ends_that_do_not_hold(tmp_path, capsys):
 # --- git bisect run helper ----------------------------------------------------------------------------------------
 
 def test_run_tree_that_does_not_build_is_skipped(tmp_path, capsys):
-    """kernels.build.build_tree for real on a directory that is no Linux tree: exit 125, logged."""
+    """kernels.git_tree.build_tree for real on a directory that is no Linux tree: exit 125, logged."""
     (tmp_path / "notlinux").mkdir()
     runner = bs.Runner("postcopy_style", project=tmp_path / "project")
     assert bs.run_tree(tmp_path / "notlinux", runner) == 125
