@@ -21,7 +21,7 @@ from pathlib import Path
 from suite.cache import cache_root
 from suite.errors import SetupError
 
-from .apt import APT_TIMEOUT, Apt, host_mirror  # noqa: F401  (kernels.build and callers use them from here)
+from .apt import APT_TIMEOUT, Apt, host_mirror  # noqa: F401  (kernels.linux_source and callers use them from here)
 from .packages import KernelIndex
 from .versions import (  # noqa: F401  (the spec API, as callers know it)
     FLAVOURS,

@@ -46,7 +46,9 @@ Reports and tools
 - ``report`` / ``pagemap_png`` — the per-run summary and page-map pictures.
 - ``compare``      — which cells changed verdict between two runs (``report --compare``): a nightly's headline.
 - ``reproducer``   — a standalone C reproducer (``reproducer_runtime.c``) for a synthetic scenario.
-- ``bisect``       — bisect kernels for the first version whose verdict changes.
+- ``bisect``       — bisect kernels for the first version whose verdict changes: Debian packages, and the CLI.
+- ``bisect_step``  — one bisection step: a pytest session on one kernel, judged good / bad / skip / abort.
+- ``bisect_tree``  — ``run-tree``: one ``git bisect run`` step on your kernel tree (built by ``kernels.git_tree``).
 - ``prefetch``     — fetch the kernels a bisection's next step may need while the current one runs.
 - ``soak``         — run a selection N times: per-cell outcomes and time spread, flaky cells first.
 

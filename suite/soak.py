@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bisect import PYTEST_FAILED, PYTEST_OK, last_word, run_bounded
+from .bisect_step import PYTEST_FAILED, PYTEST_OK, last_word, run_bounded
 from .outcomes import Outcome, parse_junit
 
 RUN_TIMEOUT = 3 * 3600.0  # one session of the selection; a hung one is stopped (and unwinds), not waited for

@@ -22,8 +22,8 @@ def _open(spec: KernelSpec, options: TargetOptions) -> Target:
     from .guest import GuestTarget  # lazy: a host run imports nothing VM-related
 
     if spec.kind == "build":
-        from kernels import build
+        from kernels import git_tree
 
-        image = build.build_tree(Path(spec.value).expanduser())  # SetupError: not a tree, does not build
+        image = git_tree.build_tree(Path(spec.value).expanduser())  # SetupError: not a tree, does not build
         return GuestTarget(KernelSpec("path", str(image)), options)
     return GuestTarget(spec, options)

@@ -297,9 +297,10 @@ def build_cache() -> Iterator[tuple[Path, str]]:
     """A private cache whose Debian source tree is the real cache's (a symlink: only read, never copied), so a build
     there starts at once and publishes nothing the real cache would see. Shared by both signals: the second
     build finds the patched tree made and configured."""
-    from kernels import build
+    from kernels import linux_source
 
-    build.fetch_source(build.source_version())  # once per machine (~1 min); the power tests build from it too
+    # once per machine (~1 min); the power tests build from it too
+    linux_source.fetch_source(linux_source.source_version())
     srcs = sorted((cache_root() / "build" / "src").glob("*/pristine.complete"))
     version = srcs[-1].read_text().strip()
     root = Path(tempfile.mkdtemp(prefix="hcint-build-", dir="/tmp"))
@@ -332,10 +333,10 @@ def test_during_kernel_build(sig: signal.Signals, private: Private, start: Calla
     run.interrupt(sig)
     run.assert_unwound(CLI_INTERRUPTED, caches=(cache,), markers=(str(cache),))
     monkeypatch.setenv("HOLECHECK_CACHE", str(cache))
-    from kernels import build
+    from kernels import build, recipe
 
     assert build.cached(True, version=version) is None, "an interrupted build counts as built"
-    assert not list((cache / "build").glob(f"*{build.safe_name(version)}-patched-*")), "a cache entry appeared"
+    assert not list((cache / "build").glob(f"*{recipe.safe_name(version)}-patched-*")), "a cache entry appeared"
 
 
 @pytest.mark.qemu

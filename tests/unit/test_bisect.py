@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from suite import bisect as bs
-from suite.bisect import Candidate, Search, StepVerdict
+from suite import bisect_step, bisect_tree
+from suite.bisect import Candidate, Search
+from suite.bisect_step import StepVerdict
 from suite.errors import SetupError
 
 pytest_plugins = ["pytester"]
@@ -140,7 +142,7 @@ def test_record_rejects_nonsense():
 
 def test_real_vm_session_that_lost_uffd_wp_is_bad():
     """debian:6.12.43, -k "snapshot_style and mpn409": the suite's own verdicts, from a TCG VM."""
-    out = bs.classify(1, (JUNIT / "debian-6.12.43-snapshot_style-mpn409.xml").read_text())
+    out = bisect_step.classify(1, (JUNIT / "debian-6.12.43-snapshot_style-mpn409.xml").read_text())
     assert out.verdict is StepVerdict.BAD
     assert out.failed == ["test_snapshot_style[shrink@after-protect-mpn409]", "test_snapshot_style_soft_dirty[mpn409]"]
     assert out.reason == ("2 failed: test_snapshot_style[shrink@after-protect-mpn409], "
@@ -151,27 +153,27 @@ def test_real_vm_session_that_lost_uffd_wp_is_bad():
 
 
 def test_a_verdict_is_shown_by_its_findings():
-    out = bs.classify(1, (JUNIT / "debian-6.12.43-snapshot_style-mpn409.xml").read_text())
-    wp, soft_dirty = bs.failure_report(out).values()
-    lines = bs.failure_lines(wp)
+    out = bisect_step.classify(1, (JUNIT / "debian-6.12.43-snapshot_style-mpn409.xml").read_text())
+    wp, soft_dirty = bisect_step.failure_report(out).values()
+    lines = bisect_step.failure_lines(wp)
     assert len(lines) == 3  # the header and both findings; the artifacts line is left out
     assert lines[0] == "snapshot-style[shrink@after-protect-mpn409-spread8] on kernel 6.12.43+deb12-amd64"
     assert lines[1].startswith("[shrink@after-protect] 16,128 pages lost their uffd-wp bit (pagemap bit 57) (first")
     assert lines[2].startswith("[touch(write, zero)] 16,128 writes to write-protected pages raised no WP fault")
     assert len(lines[1]) == 201 and lines[1].endswith("…")
-    assert bs.failure_lines(soft_dirty)[1].startswith(
+    assert bisect_step.failure_lines(soft_dirty)[1].startswith(
         "[shrink@after-write] 16,128 pages lost their soft-dirty bit (pagemap bit 55)")
 
 
 def test_real_vm_session_that_passed_is_good():
-    out = bs.classify(0, (JUNIT / "debian-6.12.95-snapshot_style-mpn409.xml").read_text())
+    out = bisect_step.classify(0, (JUNIT / "debian-6.12.95-snapshot_style-mpn409.xml").read_text())
     assert (out.verdict, out.reason, out.count("passed")) == (StepVerdict.GOOD, "4 passed", 4)
 
 
 def test_real_kernel_that_did_not_boot_is_skipped_with_its_reason():
-    note = bs.last_word((JUNIT / "boot-failure.log").read_text())
+    note = bisect_step.last_word((JUNIT / "boot-failure.log").read_text())
     assert note.startswith("/tmp/bogus/bzImage: L1 VM did not bring up the agent (tcg, pc)")
-    out = bs.classify(4, (JUNIT / "boot-failure.xml").read_text(), note)
+    out = bisect_step.classify(4, (JUNIT / "boot-failure.xml").read_text(), note)
     assert out.verdict is StepVerdict.SKIP
     assert out.reason.startswith("boot/setup failed: /tmp/bogus/bzImage: L1 VM did not bring up")
 
@@ -186,7 +188,7 @@ def test_real_kernel_that_did_not_boot_is_skipped_with_its_reason():
     (1, "<testsuites><testsuite", StepVerdict.SKIP, "unreadable JUnit XML"),
 ])
 def test_sessions_without_a_verdict(code, junit, verdict, reason):
-    out = bs.classify(code, junit, "t")
+    out = bisect_step.classify(code, junit, "t")
     assert out.verdict is verdict and out.reason.startswith(reason)
 
 
@@ -238,13 +240,13 @@ def session(pytester: pytest.Pytester):
 ])
 def test_real_pytest_sessions_classify(session, expr, verdict, reason):
     code, xml = session(expr)
-    out = bs.classify(code, xml)
+    out = bisect_step.classify(code, xml)
     assert (out.verdict, out.reason[:len(reason)]) == (verdict, reason)
 
 
 def test_a_selection_matching_nothing_aborts(session):
     code, xml = session("nothing_matches_this")
-    assert bs.classify(code, xml).verdict is StepVerdict.ABORT
+    assert bisect_step.classify(code, xml).verdict is StepVerdict.ABORT
 
 
 @pytest.mark.parametrize(("verdict", "first_good", "code"), [
@@ -252,20 +254,21 @@ def test_a_selection_matching_nothing_aborts(session):
     (StepVerdict.BAD, True, 0), (StepVerdict.SKIP, False, 125), (StepVerdict.ABORT, True, 128),
 ])
 def test_git_bisect_run_exit_codes(verdict, first_good, code):
-    assert bs.exit_status(verdict, first_good) == code
+    assert bisect_tree.exit_status(verdict, first_good) == code
 
 
 # --- running steps for real (pytest subprocesses of a tiny project) ---------------------------------------------
 
 def test_a_step_over_its_timeout_is_stopped_and_skipped(tmp_path):
     with open(tmp_path / "log", "w") as log:
-        code = bs.run_bounded([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path, log, timeout=0.5)
+        code = bisect_step.run_bounded([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path, log,
+                                       timeout=0.5)
     assert code is None
-    assert bs.classify(code, None, "no result within 0.5 s").verdict is StepVerdict.SKIP
+    assert bisect_step.classify(code, None, "no result within 0.5 s").verdict is StepVerdict.SKIP
 
 
 def test_runner_argv_is_the_documented_command(tmp_path):
-    argv = bs.Runner("snapshot_style", extra=("--accel=tcg",)).argv("debian:6.12.57+deb12", tmp_path / "x.xml",
+    argv = bisect_step.Runner("snapshot_style", extra=("--accel=tcg",)).argv("debian:6.12.57+deb12", tmp_path / "x.xml",
                                                                     tmp_path / "a")
     assert argv[1:] == ["-m", "pytest", "-p", "no:cacheprovider", "tests", "--kernel=debian:6.12.57+deb12",
                         "-k", "snapshot_style", "-m", "host and not bench", f"--junitxml={tmp_path / 'x.xml'}", "-q",
@@ -313,7 +316,7 @@ def test_debian_bisection_end_to_end(tmp_path, capsys):
     plan = bs.make_plan(ABIS, "debian:6.12.95", "debian:6.12.43", first_good=True)
     project = fake_project(tmp_path / "p", (6, 12, 88), {"6.12.85+deb12"})
     log = tmp_path / "bisect" / "run.json"
-    assert bs.Bisection(plan, bs.Runner("snapshot_style", timeout=120, project=project), log, {}).run() == 0
+    assert bs.Bisection(plan, bisect_step.Runner("snapshot_style", timeout=120, project=project), log, {}).run() == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("bisecting 11 Debian kernels, debian:6.12.43 (6.12.43+deb12-amd64) … debian:6.12.95 "
                         "(6.12.95+deb12-amd64), for the first good (old end expected bad, new end good): both ends, "
@@ -339,7 +342,7 @@ def test_debian_bisection_with_a_skip_next_to_the_change_names_both(tmp_path, ca
     """6.12.85 does not boot and 6.12.86 is the first fixed one: either may be the first good."""
     project = fake_project(tmp_path / "p", (6, 12, 86), {"6.12.85+deb12"})
     plan = bs.make_plan(ABIS, "debian:6.12.95", "debian:6.12.43", first_good=True)
-    assert bs.Bisection(plan, bs.Runner("snapshot_style", timeout=120, project=project), tmp_path / "r.json",
+    assert bs.Bisection(plan, bisect_step.Runner("snapshot_style", timeout=120, project=project), tmp_path / "r.json",
                         {}).run() == 3
     out = capsys.readouterr().out
     assert ("only skipped kernels left: the first good is one of debian:6.12.85+deb12, debian:6.12.86+deb12 "
@@ -348,7 +351,7 @@ def test_debian_bisection_with_a_skip_next_to_the_change_names_both(tmp_path, ca
 
 def test_debian_bisection_refuses_ends_that_do_not_hold(tmp_path, capsys):
     plan = bs.make_plan(ABIS, "debian:6.12.95", "debian:6.12.88", first_good=True)  # 6.12.88 passes already
-    runner = bs.Runner("snapshot_style", timeout=120, project=fake_project(tmp_path / "p", (6, 12, 86), set()))
+    runner = bisect_step.Runner("snapshot_style", timeout=120, project=fake_project(tmp_path / "p", (6, 12, 86), set()))
     assert bs.Bisection(plan, runner, tmp_path / "run.json", {}).run() == 1
     out = capsys.readouterr().out
     assert "cannot bisect: debian:6.12.88+deb12 was given as bad but is good; nothing bisected" in out
@@ -357,10 +360,10 @@ def test_debian_bisection_refuses_ends_that_do_not_hold(tmp_path, capsys):
 # --- git bisect run helper ----------------------------------------------------------------------------------------
 
 def test_run_tree_that_does_not_build_is_skipped(tmp_path, capsys):
-    """kernels.build.build_tree for real on a directory that is no Linux tree: exit 125, logged."""
+    """kernels.git_tree.build_tree for real on a directory that is no Linux tree: exit 125, logged."""
     (tmp_path / "notlinux").mkdir()
-    runner = bs.Runner("postcopy_style", project=tmp_path / "project")
-    assert bs.run_tree(tmp_path / "notlinux", runner) == 125
+    runner = bisect_step.Runner("postcopy_style", project=tmp_path / "project")
+    assert bisect_tree.run_tree(tmp_path / "notlinux", runner) == 125
     assert "does not build: build:" in capsys.readouterr().out
     entry = json.loads((tmp_path / "project/.holecheck/bisect/run-tree.jsonl").read_text())
     assert (entry["verdict"], entry["exit"], entry["head"]) == ("skip", 125, "?")
@@ -372,7 +375,7 @@ def test_run_tree_with_an_in_tree_config_is_skipped(tmp_path):
     (tree / "mm").mkdir(parents=True)
     (tree / "Makefile").write_text("")
     (tree / ".config").write_text("CONFIG_USERFAULTFD=y\n")
-    assert bs.run_tree(tree, bs.Runner("postcopy_style", project=tmp_path / "project")) == 125
+    assert bisect_tree.run_tree(tree, bisect_step.Runner("postcopy_style", project=tmp_path / "project")) == 125
 
 
 def test_run_tree_usage_errors_abort_git_bisect(capsys):

@@ -15,6 +15,7 @@ import pytest
 from test_bisect import ABIS, fake_project  # tests/unit is on sys.path (pytest prepend import mode)
 
 from suite import bisect as bs
+from suite import bisect_step
 from suite.bisect import Search
 from suite.prefetch import Prefetcher
 
@@ -122,7 +123,7 @@ def test_bisection_steps_find_their_kernels_prefetched(tmp_path: Path, capsys: p
     project = fake_project(tmp_path / "p", fixed_in, set())
     d = tmp_path / "cache"
     with fake_fetches(d) as p:
-        assert bs.Bisection(plan, bs.Runner("snapshot_style", timeout=120, project=project),
+        assert bs.Bisection(plan, bisect_step.Runner("snapshot_style", timeout=120, project=project),
                             tmp_path / "run.json", {}, p).run() == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("old end (expected bad): debian:6.12.43")
