@@ -44,8 +44,10 @@ def recipe_fragment(fragment_text: str, localversion: str) -> str:
 
 
 def recipe_sha(fragment_text: str) -> str:
-    """sha256 of everything that shapes the config: base targets, the fragment, EXTRAS, the recipe version."""
-    blob = json.dumps({"base": BASE_TARGETS, "fragment": fragment_text, "extras": EXTRAS,
+    """sha256 of everything that shapes the config: base targets, the fragment's options (in order; comments and
+    blank lines do not count: editing a comment must not cost a cold build), EXTRAS, the recipe version."""
+    options = list(config_check.parse(fragment_text).items())
+    blob = json.dumps({"base": BASE_TARGETS, "fragment": options, "extras": EXTRAS,
                        "version": RECIPE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -38,6 +38,7 @@ def test_recipe_sha_follows_the_fragment_and_extras(monkeypatch: pytest.MonkeyPa
     base = recipe.recipe_sha(FRAGMENT)
     assert recipe.recipe_sha(FRAGMENT) == base  # stable across calls (and processes: no hash randomisation)
     assert recipe.recipe_sha(FRAGMENT + "CONFIG_TMPFS=y\n") != base
+    assert recipe.recipe_sha(FRAGMENT + "# a comment about it\n\n") == base  # no cold build for a comment
     monkeypatch.setitem(recipe.EXTRAS, "PVH", "n")
     assert recipe.recipe_sha(FRAGMENT) != base
 
