@@ -241,7 +241,7 @@ def _private_apt(cache: Path) -> None:
     default = Apt.default()
     with default.locked():
         default.update()  # a fresh machine has none yet: the lists are not what this test is about
-    shutil.copytree(real, cache / "apt", ignore=shutil.ignore_patterns("archives", ".lock"))
+    shutil.copytree(real, cache / "apt", ignore=shutil.ignore_patterns("archives", "debs", "tmp*", ".lock*"))
 
 
 @by_signal
@@ -251,7 +251,7 @@ def test_during_debian_download(sig: signal.Signals, private: Private, start: Ca
     run = start(pytest_argv(private, f"debian:{SMALL_DEBIAN}", CELL), env)
 
     def downloading(procs: list[Proc]) -> Point:
-        part = [f for f in (private.cache / "apt").glob("tmp*/*") if f.stat().st_size > 0]
+        part = [f for f in (private.cache / "apt").glob("debs/.partial-*/*") if f.stat().st_size > 0]
         return Point(bool(named(procs, "apt-get", "download")) and bool(part),
                      f"{seen(procs)}; partial files: {[f'{f.name} {f.stat().st_size}' for f in part]}")
 
