@@ -146,7 +146,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         spec = item.callspec.params.get("kernel_spec") if hasattr(item, "callspec") else None
         if spec is None and "target" in getattr(item, "fixturenames", ()):
             spec = config.holecheck_kernels[0]  # type: ignore[attr-defined]
-        item.add_marker(pytest.mark.xdist_group(f"kernel-{spec.id}" if spec is not None else item.path.name))
+        # host-marked tests that open no target still drive the host's kernel (its knob lock): same group
+        group = f"kernel-{spec.id}" if spec is not None else "kernel-host" if item.get_closest_marker("host") \
+            else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
         in_vm = spec is not None and spec.kind != "host"
         qemu = item.callspec.params.get("qemu") if hasattr(item, "callspec") else None
         sampled_out = "qemu" in getattr(item, "fixturenames", ()) and (
