@@ -133,6 +133,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("kernel_spec", specs, ids=[s.id for s in specs], scope="session")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups into the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``-n 2 --dist loadgroup``), all cells of one kernel go to one worker: one L1 VM per
     kernel, kernels side by side on the machine's cores, host scenarios never racing each other for the knobs.

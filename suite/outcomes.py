@@ -14,9 +14,15 @@ from .scenario import is_synthetic
 from .verdict import KINDS, Verdict
 
 
+def plain_nodeid(nodeid: str) -> str:
+    """A test's id without the ``@group`` pytest-xdist's loadgroup appends: the same cell with or without -n."""
+    at = nodeid.rfind("@")
+    return nodeid[:at] if at > nodeid.rfind("]") and at > nodeid.rfind("::") else nodeid
+
+
 def artifact_dir_name(nodeid: str) -> str:
     """The directory conftest's ``artifacts`` fixture gives a test (same rule: keep it in step)."""
-    return re.sub(r"[^A-Za-z0-9_.@=-]+", "_", nodeid)
+    return re.sub(r"[^A-Za-z0-9_.@=-]+", "_", plain_nodeid(nodeid))
 
 
 @dataclass

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from . import pagemap_png, reproducer
-from .outcomes import Cell, Outcome, collect
+from .outcomes import Cell, Outcome, collect, plain_nodeid
 from .scenario import Scenario
 
 STATUSES = ("failed", "error", "passed", "skipped")
@@ -287,7 +287,8 @@ class SessionPlugin:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """One outcome per test from its setup/call/teardown reports: a failed setup or teardown is an error."""
-        o = self.outcomes.setdefault(report.nodeid, Outcome(report.nodeid, "passed"))
+        nodeid = plain_nodeid(report.nodeid)
+        o = self.outcomes.setdefault(nodeid, Outcome(nodeid, "passed"))
         o.seconds = round(o.seconds + report.duration, 3)
         o.properties.update({str(k): str(v) for k, v in report.user_properties})
         if report.skipped and o.status == "passed":

@@ -168,3 +168,10 @@ def test_session_plugin_reports_what_pytest_reported(tmp_path: Path):
     assert plugin.index == tmp_path / "index.html" and not plugin.error
     md = (tmp_path / "summary.md").read_text()
     assert "3 tests: 1 failed, 1 error, 1 skipped" in md and "RuntimeError: setup exploded" in md
+
+
+def test_plain_nodeid_drops_only_xdists_group_suffix():
+    assert run_outcomes.plain_nodeid("t.py::test[register@after-place-mpn409]@kernel-host") == \
+        "t.py::test[register@after-place-mpn409]"
+    assert run_outcomes.plain_nodeid("t.py::test[register@after-place]") == "t.py::test[register@after-place]"
+    assert run_outcomes.plain_nodeid("t.py::test_x@test_x.py") == "t.py::test_x"
