@@ -154,7 +154,8 @@ def test_a_forking_argv_prefix_still_finds_and_kills_qemu(qemu: str) -> None:
     m = RamMachine(MachineConfig(qemu=qemu, mem_mib=32), name="wrapped", argv_prefix=wrap).start()
     try:
         assert m._proc is not None and m.pid != m._proc.pid
-        assert Path(f"/proc/{m.pid}/exe").resolve().name.startswith("qemu-system")
+        # the QEMU itself, or the loader of the root a newer Debian QEMU runs from (ld.so qemu-system-…)
+        assert "qemu-system" in Path(f"/proc/{m.pid}/cmdline").read_bytes().decode(errors="replace")
         m.qtest.writeq(GPA, 7)
         assert m.read_ram(GPA, 1) == b"\x07"
         pid, wrapper = m.pid, m._proc.pid
@@ -199,7 +200,8 @@ def test_hold_opens_the_nohugepage_window_and_release_closes_it(machines: Factor
         hold.wait_open(timeout=10)
         flags = dst.ram_flags()
         assert "nh" in flags and "um" not in flags and "hg" not in flags
-        assert hold.is_open() and mig.query(src)["status"] == "postcopy-active"
+        # QEMU >= 11 passes through "postcopy-device" (device state) on its way to "postcopy-active"
+        assert hold.is_open() and mig.query(src)["status"] in ("postcopy-active", "postcopy-device")
         with pytest.raises(StallError):  # the held thread is the destination's main loop
             dst.qmp("query-status", timeout=0.3)
     assert hold.window_seconds is not None and hold.window_seconds < 30
