@@ -6,7 +6,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from suite import memcg, options, preflight, thp
 from suite.errors import SetupError
 from suite.kernelspec import KernelSpec, parse_many
 from suite.outcomes import artifact_dir_name
+from suite.procs import sigterm_unwinds
 from suite.scenario import Scenario
 from suite.target import Target, TargetOptions
 from suite.targets import open_target
@@ -94,7 +94,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(
             SessionPlugin(Path(config.getoption("report")), Path(config.getoption("artifacts"))), "holecheck-report")
     # SIGTERM (CI timeouts, kill) unwinds like Ctrl-C, so every context manager restores what it changed.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sigterm_unwinds()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
