@@ -12,18 +12,25 @@ from pathlib import Path
 
 import pytest
 
-from suite import memcg, options, preflight, thp
+from suite import memcg, options, thp
 from suite.errors import SetupError
 from suite.kernelspec import KernelSpec, parse_many
-from suite.outcomes import artifact_dir_name
+from suite.options import RunOptions
 from suite.procs import sigterm_unwinds
+from suite.reports.outcomes import artifact_dir_name
 from suite.scenario import Scenario
-from suite.target import Target, TargetOptions
-from suite.targets import open_target
+from suite.targets import preflight
+from suite.targets.base import Target
+from suite.targets.opening import open_target
 from suite.verdict import Verdict
 
-pytest_plugins = ("suite.pytest_qemu",)  # --qemu: which QEMUs, their ids, what each offers
+pytest_plugins = ("suite.qemu.plugin",)  # --qemu: which QEMUs, their ids, what each offers
 ARTIFACTS = ".holecheck"
+# What a session keeps on the config (pytest's typed stash): the kernels under test, how scenarios run (one frozen
+# RunOptions for every target), and the terminal summary's line per kernel.
+KERNELS = pytest.StashKey[list[KernelSpec]]()
+OPTIONS = pytest.StashKey[RunOptions]()
+KERNEL_LINES = pytest.StashKey[dict[KernelSpec | str, str]]()
 MARKERS = {
     "host": "runs scenarios against a kernel (root; host or VM target)",
     "qemu": "starts real QEMU processes",
@@ -81,11 +88,15 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(str(exc)) from None
         pytest.exit("those are the Debian kernels --kernel=debian:VERSION can boot", returncode=0)
     try:
-        config.holecheck_kernels = parse_many(config.getoption("kernel"))  # type: ignore[attr-defined]
-        config.option.helper_timeout = options.positive_seconds("--helper-timeout", config.option.helper_timeout)
+        config.stash[KERNELS] = parse_many(config.getoption("kernel"))
+        timeout = options.positive_seconds("--helper-timeout", config.option.helper_timeout)
         artifacts = config.getoption("artifacts")
         if artifacts != ARTIFACTS or os.geteuid() == 0:  # unprivileged, only unit tests run: they write none
             options.writable_dir("--artifacts", artifacts)
+        config.stash[OPTIONS] = RunOptions(accel=config.getoption("accel"), backend=config.getoption("backend"),
+                                           trigger=config.getoption("trigger"), timeout=timeout,
+                                           artifacts_root=artifacts)
+        config.stash[KERNEL_LINES] = {}
     except SetupError as exc:
         raise pytest.UsageError(str(exc)) from None
     if config.getoption("report") and not hasattr(config, "workerinput"):  # xdist: the controller writes it
@@ -117,7 +128,7 @@ def _check(config: pytest.Config, needs_root: bool, needs_qemu: bool) -> None:
     if needs_root and (problem := preflight.root_problem()):
         raise pytest.UsageError(problem)
     if needs_qemu:
-        from suite.pytest_qemu import resolve_all
+        from suite.qemu.plugin import resolve_all
 
         resolve_all(config)  # Debian's fetched, each checked: one line for a missing, old or wrong binary
 
@@ -128,7 +139,7 @@ def _needs(item: pytest.Item, markers: tuple[str, ...], fixtures: tuple[str, ...
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    specs: list[KernelSpec] = metafunc.config.holecheck_kernels  # type: ignore[attr-defined]
+    specs: list[KernelSpec] = metafunc.config.stash[KERNELS]
     if "kernel_spec" in metafunc.fixturenames and len(specs) > 1:
         metafunc.parametrize("kernel_spec", specs, ids=[s.id for s in specs], scope="session")
 
@@ -142,11 +153,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ``--matrix=main`` deselects (not skips) the real-QEMU cells outside ``MAIN_L1_SAMPLE``, and those of every
     QEMU but the first, on kernels booted in an L1 VM, where each costs 10-40 s under TCG; the host runs every
     cell with every QEMU."""
+    from suite.qemu.plugin import QEMUS  # here, not at the top: pytest imports its plugins itself
+
     kept, dropped = [], []
     for item in items:
         spec = item.callspec.params.get("kernel_spec") if hasattr(item, "callspec") else None
         if spec is None and "target" in getattr(item, "fixturenames", ()):
-            spec = config.holecheck_kernels[0]  # type: ignore[attr-defined]
+            spec = config.stash[KERNELS][0]
         # host-marked tests that open no target still drive the host's kernel (its knob lock): same group
         group = f"kernel-{spec.id}" if spec is not None else "kernel-host" if item.get_closest_marker("host") \
             else item.path.name
@@ -154,7 +167,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         in_vm = spec is not None and spec.kind != "host"
         qemu = item.callspec.params.get("qemu") if hasattr(item, "callspec") else None
         sampled_out = "qemu" in getattr(item, "fixturenames", ()) and (
-            not MAIN_L1_SAMPLE.search(item.name) or qemu not in (None, config.holecheck_qemus[0]))  # type: ignore[attr-defined]
+            not MAIN_L1_SAMPLE.search(item.name) or qemu not in (None, config.stash[QEMUS][0]))
         # multifd+postcopy: QEMU discards at the switch pages a multifd channel had placed, then re-sends them; the
         # ledger still counts them as placed holes (127 once in 2 runs on 11.1.3): nightly-only until it knows
         known_false_holes = item.name.startswith("test_postcopy_variant[") and "multifd-" in item.name
@@ -173,20 +186,17 @@ MAIN_L1_SAMPLE = re.compile(r"^test_(postcopy|snapshot)\[(.*-)?shrink@[a-z-]+-mp
 @pytest.fixture(scope="session")
 def kernel_spec(request: pytest.FixtureRequest) -> KernelSpec:
     """The kernel under test (parametrized when --kernel names several)."""
-    return getattr(request, "param", None) or request.config.holecheck_kernels[0]  # type: ignore[attr-defined]
+    return getattr(request, "param", None) or request.config.stash[KERNELS][0]
 
 
 @pytest.fixture(scope="session")
-def target_options(request: pytest.FixtureRequest) -> TargetOptions:
-    opt = request.config.getoption
-    return TargetOptions(accel=opt("accel"), backend=opt("backend"), trigger=opt("trigger"),
-                         timeout=opt("helper_timeout"), artifacts=opt("artifacts"))
+def target_options(request: pytest.FixtureRequest) -> RunOptions:
+    return request.config.stash[OPTIONS]
 
 
 @pytest.fixture(scope="session")
 def _targets(request: pytest.FixtureRequest) -> Iterator[dict[KernelSpec, Target | SetupError]]:
     opened: dict[KernelSpec, Target | SetupError] = {}
-    request.config.holecheck_summary = {}  # type: ignore[attr-defined]
     yield opened
     for t in opened.values():
         if not isinstance(t, SetupError):
@@ -194,7 +204,7 @@ def _targets(request: pytest.FixtureRequest) -> Iterator[dict[KernelSpec, Target
 
 
 @pytest.fixture(scope="session")
-def target(kernel_spec: KernelSpec, target_options: TargetOptions, request: pytest.FixtureRequest,
+def target(kernel_spec: KernelSpec, target_options: RunOptions, request: pytest.FixtureRequest,
            _targets: dict[KernelSpec, Target | SetupError]) -> Target:
     """Where scenarios run. A kernel that cannot run them stops the session with one line (one kernel) or
     fails that kernel's tests with it (a matrix)."""
@@ -203,15 +213,15 @@ def target(kernel_spec: KernelSpec, target_options: TargetOptions, request: pyte
     if kernel_spec not in _targets:
         try:
             _targets[kernel_spec] = t = open_target(kernel_spec, target_options)
-            request.config.holecheck_summary[kernel_spec] = describe(t)  # type: ignore[attr-defined]
+            request.config.stash[KERNEL_LINES][kernel_spec] = describe(t)
         except SetupError as exc:
             _targets[kernel_spec] = exc
     t = _targets[kernel_spec]
     if isinstance(t, SetupError):
         # one kernel: stop with the one line; an xdist worker cannot stop the session (INTERNALERROR): it fails
-        if len(request.config.holecheck_kernels) == 1 and not hasattr(request.config, "workerinput"):  # type: ignore[attr-defined]
+        if len(request.config.stash[KERNELS]) == 1 and not hasattr(request.config, "workerinput"):
             pytest.exit(f"holecheck: {t}", returncode=4)  # the one line that says it (no summary line repeats it)
-        request.config.holecheck_summary[kernel_spec] = f"unusable: {t}"  # type: ignore[attr-defined]
+        request.config.stash[KERNEL_LINES][kernel_spec] = f"unusable: {t}"
         pytest.fail(f"{kernel_spec}: {t}", pytrace=False)
     return t
 
@@ -228,7 +238,7 @@ def describe(t: Target) -> str:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if hasattr(session.config, "workeroutput"):  # an xdist worker: hand the kernel lines to the controller
-        summary = getattr(session.config, "holecheck_summary", {})
+        summary = session.config.stash.get(KERNEL_LINES, {})
         session.config.workeroutput["holecheck_summary"] = {str(k): v for k, v in summary.items()}
 
 
@@ -237,11 +247,11 @@ def pytest_testnodedown(node: object, error: object) -> None:
     """xdist controller: collect each worker's kernel lines for the terminal summary."""
     config = node.config  # type: ignore[attr-defined]
     lines = getattr(node, "workeroutput", {}).get("holecheck_summary", {})
-    config.__dict__.setdefault("holecheck_summary", {}).update(lines)
+    config.stash.setdefault(KERNEL_LINES, {}).update(lines)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    for spec, line in getattr(config, "holecheck_summary", {}).items():
+    for spec, line in config.stash.get(KERNEL_LINES, {}).items():
         terminalreporter.write_line(f"holecheck kernel {spec}: {line}")
 
 

@@ -75,7 +75,7 @@ done
 say "starting the agent"
 env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TMPDIR=/tmp \
     HOLECHECK_CACHE="$HC_CACHE" PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-    chroot "$R" /bin/sh -c 'cd "$0" && exec "$1" -S -m suite.agent "$2"' \
+    chroot "$R" /bin/sh -c 'cd "$0" && exec "$1" -S -m suite.targets.agent "$2"' \
     "$HC_PROJECT" "$HC_PYTHON" "/dev/virtio-ports/$HC_PORT"
 say "agent exited with status $?"
 off

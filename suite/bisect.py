@@ -24,13 +24,14 @@ only errors, nothing ran, or no result within ``--step-timeout`` → skip (not a
 skip``, the candidate nearest the midpoint that is not skipped is tried instead). Interrupted or internal-error
 sessions, or a -k that selects nothing, abort the bisection: those are the suite's problems, not the kernel's.
 While a step runs, the kernels the next step may need (both possible midpoints) are fetched in the background
-(``suite.prefetch``; never while the step's own kernel is being fetched, cancelled when not needed and on exit).
+(``suite.bisection.prefetch``; never while the step's own kernel is being fetched, cancelled when not needed and
+on exit).
 Every step prints one line; the log of steps is ``.holecheck/bisect/<time>.json`` and each step's pytest output,
 JUnit XML and artifacts are kept in ``.holecheck/bisect/<time>/``. ``--dry-run`` prints the candidates only.
 Exit status: 0 found; 1 an end does not hold its verdict; 2 bad input or the bisection aborted; 3 only skipped
 kernels are left between the last old and the first new one (all of them are named).
 
-Your kernel tree (``run-tree`` subcommand: one step of ``git bisect run``, see ``suite.bisect_tree``)::
+Your kernel tree (``run-tree`` subcommand: one step of ``git bisect run``, see ``suite.bisection.tree``)::
 
     cd linux
     git bisect start BAD GOOD
@@ -52,9 +53,9 @@ from pathlib import Path
 from kernels import versions
 from suite.errors import SetupError
 
-from .bisect_step import PROJECT, STEP_TIMEOUT, Outcome, Runner, StepVerdict, failure_lines, failure_report
-from .bisect_tree import EXIT_ABORT, run_tree
-from .prefetch import Prefetcher
+from .bisection.prefetch import Prefetcher
+from .bisection.step import PROJECT, STEP_TIMEOUT, Outcome, Runner, StepVerdict, failure_lines, failure_report
+from .bisection.tree import EXIT_ABORT, run_tree
 from .procs import sigterm_unwinds
 
 # kernels.* is imported where it is used, as elsewhere in suite/: kernels depends on suite, not the other way round.

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from . import pagemap_png, reproducer
-from .outcomes import Cell, Outcome, collect, plain_nodeid
+from .reports import pagemap_png, reproducer
+from .reports.outcomes import Cell, Outcome, collect, plain_nodeid
 from .scenario import Scenario
 
 STATUSES = ("failed", "error", "passed", "skipped")
@@ -263,7 +263,7 @@ def write(out: Path, artifacts: Path, junit: Sequence[Path] = (), outcomes: Iter
           title: str = "holecheck run") -> Path:
     """Write ``summary.md``, ``index.html``, the failing cells' pictures and reproducers, and ``outcomes.json``
     (for ``--compare``) into ``out``; returns the HTML's path."""
-    from . import compare
+    from .reports import compare
 
     out.mkdir(parents=True, exist_ok=True)
     cells = collect(artifacts, junit, outcomes)
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                         "exit 1 on new failures")
     a = p.parse_args(argv)
     if a.compare:
-        from . import compare
+        from .reports import compare
 
         return compare.main(*a.compare)
     try:

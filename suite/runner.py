@@ -8,37 +8,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import ledger, pagemap, qemu_runner, shrinker, thp
+from . import ledger, pagemap, shrinker, thp
 from .errors import StallError
 from .ledger import Ledger
 from .memcg import Memcg
+from .options import RunOptions
 from .oracle import runs
 from .pagemap import PAGE, PageStates
+from .qemu import runner as qemu_runner
 from .scenario import OPS, Scenario, Step
 from .uffd import Faults, UffdHelper
 from .verdict import Verdict
-
-
-@dataclass
-class RunOptions:
-    trigger: str | None = None  # overrides the scenario's shrinker trigger
-    timeout: float = 10.0  # per helper command / destination read: longer means a stall
-    artifacts: Path | None = None
-    qemu: str = "qemu-system-x86_64"  # for the real-QEMU kinds
-    accel: str = "auto"
 
 
 def run(scenario: Scenario, options: RunOptions | None = None) -> Verdict:
     """Run any scenario where this process runs (the host, or the agent inside L1)."""
     opts = options or RunOptions()
     if not scenario.synthetic:
-        return qemu_runner.run(scenario, qemu_runner.QemuOptions(
-            qemu=opts.qemu, accel=opts.accel, trigger=opts.trigger, timeout=opts.timeout, artifacts=opts.artifacts))
+        return qemu_runner.run(scenario, opts)
     trigger = opts.trigger or scenario.trigger
     with ledger.recorded(scenario) as verdict, shrinker.scope(trigger, "synthetic") as cg, \
             UffdHelper(argv_prefix=cg.wrap([]) if cg else None, timeout=opts.timeout) as helper:

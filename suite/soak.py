@@ -21,12 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bisect_step import PYTEST_FAILED, PYTEST_OK, last_word, run_bounded
-from .outcomes import Outcome, parse_junit
+from .bisection.step import PYTEST_FAILED, PYTEST_OK, last_word, run_bounded
+from .reports.outcomes import RANK, Outcome, parse_junit, worst_per_test
 
 RUN_TIMEOUT = 3 * 3600.0  # one session of the selection; a hung one is stopped (and unwinds), not waited for
-# pytest may report one test twice (call, then teardown error): the worst outcome stands
-RANK = {"passed": 0, "skipped": 1, "error": 2, "failed": 3}
 ORDER = {"flaky": 0, "failed": 1, "missing": 2, "passed": 3, "skipped": 4}
 
 
@@ -63,20 +61,6 @@ class CellStats:
         return min(s), statistics.median(s), max(s)
 
 
-def merge(outcomes: Sequence[Outcome]) -> dict[str, Outcome]:
-    """One outcome per test of a run: the worst, with its reports' times added up."""
-    merged: dict[str, Outcome] = {}
-    for o in outcomes:
-        prev = merged.get(o.nodeid)
-        if prev is None:
-            merged[o.nodeid] = Outcome(o.nodeid, o.status, o.seconds, o.message, dict(o.properties))
-            continue
-        prev.seconds += o.seconds
-        if RANK[o.status] > RANK[prev.status]:
-            prev.status, prev.message = o.status, o.message
-    return merged
-
-
 def first_line(message: str) -> str:
     """What went wrong, in one line: pytest's exception line (``E   …``) of a traceback, else a verdict's first
     finding (``[phase] N pages …``, without its address list), else the first line."""
@@ -92,7 +76,7 @@ def aggregate(runs: Sequence[Sequence[Outcome]]) -> list[CellStats]:
     """Per-cell statistics over the runs, flaky first, then failed, then the rest (each group by node id)."""
     cells: dict[str, CellStats] = {}
     for number, outcomes in enumerate(runs, 1):
-        for o in merge(outcomes).values():
+        for o in worst_per_test(outcomes).values():
             cell = cells.setdefault(o.nodeid, CellStats(o.nodeid))
             cell.outcomes.append(o.status)
             cell.seconds.append(o.seconds)
@@ -190,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for number in range(1, a.runs + 1):
         run = run_once(number, pytest_args, out, a.run_timeout)
         runs.append(run)
-        merged = merge(run.outcomes).values()
+        merged = worst_per_test(run.outcomes).values()
         tally = ", ".join(f"{n} {s}" for s in RANK if (n := sum(o.status == s for o in merged)))
         print(f"run {number}/{a.runs}: exit {run.exit_code}, {tally or 'no test cases'} in {run.seconds:.0f} s"
               + (f": {run.problem}" if run.problem else ""), flush=True)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from suite import qemu_binary, vm
 from suite.errors import SetupError
+from suite.qemu import binary as qemu_binary
+from suite.targets import vm
 
 PROJECT = Path(__file__).resolve().parent.parent
 SETUP_EXIT = 4  # pytest.UsageError and conftest's pytest.exit(..., returncode=4)

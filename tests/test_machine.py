@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from suite import bios
-from suite import migration as mig
 from suite.errors import SetupError, StallError
-from suite.machine import MachineConfig, QmpError, RamMachine
-from suite.qemu_binary import qemu_version
+from suite.qemu import bios
+from suite.qemu import migration as mig
+from suite.qemu.binary import qemu_version
+from suite.qemu.machine import MachineConfig, QmpError, RamMachine
 
 pytestmark = [pytest.mark.host, pytest.mark.qemu]
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from suite.reports.outcomes import Outcome, parse_junit, worst_per_test
 
 pytestmark = pytest.mark.power
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,13 +80,7 @@ CASES = {
 }
 
 
-@dataclass
-class Cell:
-    outcome: str  # passed, failed, error, skipped
-    message: str
-
-
-def run_suite(kernel: Path | str, cells: list[str], junit: Path) -> dict[str, Cell]:
+def run_suite(kernel: Path | str, cells: list[str], junit: Path) -> dict[str, Outcome]:
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--kernel={kernel}", "-q",
             f"--junitxml={junit}", f"--artifacts={junit.parent / 'artifacts'}", *cells]
     try:
@@ -95,14 +90,7 @@ def run_suite(kernel: Path | str, cells: list[str], junit: Path) -> dict[str, Ce
     if not junit.exists():
         pytest.fail(f"holecheck on {kernel} wrote no JUnit XML (exit {proc.returncode}):\n{proc.stdout[-2000:]}",
                     pytrace=False)
-    out: dict[str, Cell] = {}
-    for case in ET.parse(junit).iter("testcase"):
-        nodeid = f"{case.get('file') or case.get('classname', '').replace('.', '/') + '.py'}::{case.get('name')}"
-        bad = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
-        outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}.get(bad.tag, "") if bad is not None \
-            else "passed"
-        out[nodeid] = Cell(outcome, (bad.get("message", "") + "\n" + (bad.text or "")) if bad is not None else "")
-    return out
+    return worst_per_test(parse_junit(junit, junit.parent / "artifacts"))
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
@@ -115,8 +103,8 @@ def test_power(case: PowerCase, tmp_path: Path) -> None:
     for nodeid, must_say in case.cells.items():
         cell = cells[nodeid]
         if case.known_bad and must_say:
-            assert cell.outcome == "failed", f"{nodeid} {cell.outcome} on the known-bad kernel {kernel}: no teeth"
+            assert cell.status == "failed", f"{nodeid} {cell.status} on the known-bad kernel {kernel}: no teeth"
             assert must_say in cell.message, f"{nodeid} failed for the wrong reason:\n{cell.message[:2000]}"
         else:
-            assert cell.outcome == "passed", f"{nodeid} {cell.outcome} on the {which} kernel {kernel}:\n" \
-                                             f"{cell.message[:2000]}"
+            assert cell.status == "passed", f"{nodeid} {cell.status} on the {which} kernel {kernel}:\n" \
+                                            f"{cell.message[:2000]}"

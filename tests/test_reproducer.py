@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from suite import memcg, reproducer, thp
+from suite import memcg, thp
 from suite import scenario as sc
+from suite.reports import reproducer
 from suite.verdict import Finding, Verdict
 
 BAD_LINE = re.compile(r"^(?P<kind>[a-z-]+) page (?P<page>\d+) \(chunk (?P<chunk>\d+) subpage (?P<sub>\d+), "

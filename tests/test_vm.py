@@ -14,9 +14,9 @@ from machine_state import processes_mentioning
 
 from suite import scenario as sc
 from suite.errors import SetupError
-from suite.guest import BootOptions, GuestTarget
 from suite.kernelspec import KernelSpec
-from suite.target import TargetOptions
+from suite.options import RunOptions
+from suite.targets.guest import BootOptions, GuestTarget
 
 pytestmark = [pytest.mark.vm, pytest.mark.qemu]
 
@@ -42,7 +42,7 @@ def _vm_capable() -> None:
 
 @pytest.fixture(scope="module", params=KERNELS, ids=lambda v: f"debian-{v}")
 def guest(request: pytest.FixtureRequest) -> Iterator[GuestTarget]:
-    target = GuestTarget(KernelSpec("debian", request.param), TargetOptions())
+    target = GuestTarget(KernelSpec("debian", request.param), RunOptions())
     yield target
     target.close()
 
@@ -72,7 +72,7 @@ def test_synthetic_scenario_runs_in_the_guest(guest: GuestTarget) -> None:
 
 def test_missing_kernel_path_is_one_line_setup_error(tmp_path: Path) -> None:
     with pytest.raises(SetupError) as err:
-        GuestTarget(KernelSpec("path", str(tmp_path / "bzImage")), TargetOptions())
+        GuestTarget(KernelSpec("path", str(tmp_path / "bzImage")), RunOptions())
     assert "no such kernel image" in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -84,7 +84,7 @@ def test_config_lacking_options_is_named_line_by_line(tmp_path: Path, monkeypatc
     (tmp_path / "vmlinuz-9.9.9-test").write_bytes(bytes(image))
     (tmp_path / "config-9.9.9-test").write_text("CONFIG_TRANSPARENT_HUGEPAGE=y\n# CONFIG_USERFAULTFD is not set\n")
     with pytest.raises(SetupError) as err:
-        GuestTarget(KernelSpec("path", str(tmp_path / "vmlinuz-9.9.9-test")), TargetOptions())
+        GuestTarget(KernelSpec("path", str(tmp_path / "vmlinuz-9.9.9-test")), RunOptions())
     lines = str(err.value).splitlines()
     assert "CONFIG_USERFAULTFD is not set: holecheck needs =y" in [ln.strip() for ln in lines]
     assert not any("TRANSPARENT_HUGEPAGE" in ln for ln in lines)
@@ -95,7 +95,7 @@ def test_kernel_panic_fails_fast_with_console_tail(tmp_path: Path) -> None:
     boot = BootOptions(artifacts_root=tmp_path, extra_cmdline=("rdinit=/no-such-init",))
     t0 = time.monotonic()
     with pytest.raises(SetupError) as err:
-        GuestTarget(KernelSpec("debian", KERNELS[0]), TargetOptions(), boot)
+        GuestTarget(KernelSpec("debian", KERNELS[0]), RunOptions(), boot)
     elapsed = time.monotonic() - t0
     message = str(err.value)
     assert "Kernel panic - not syncing" in message.splitlines()[0]
@@ -111,7 +111,7 @@ def test_init_failure_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(kernel, "needed_modules", lambda config, machine: [])
     t0 = time.monotonic()
     with pytest.raises(SetupError) as err:
-        GuestTarget(KernelSpec("debian", KERNELS[1]), TargetOptions(), BootOptions(artifacts_root=tmp_path))
+        GuestTarget(KernelSpec("debian", KERNELS[1]), RunOptions(), BootOptions(artifacts_root=tmp_path))
     first = str(err.value).splitlines()[0]  # the reason itself, before the console tail
     assert "holecheck-init: [" in first and "FAILED: mount -t virtiofs" in first, first
     assert time.monotonic() - t0 < PANIC_DEADLINE

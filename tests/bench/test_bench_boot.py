@@ -11,9 +11,9 @@ import statistics
 
 import pytest
 
-from suite.guest import GuestTarget
 from suite.kernelspec import KernelSpec
-from suite.target import TargetOptions
+from suite.options import RunOptions
+from suite.targets.guest import GuestTarget
 
 pytestmark = [pytest.mark.bench, pytest.mark.vm]
 ROUNDS = 5
@@ -32,7 +32,7 @@ def test_bench_boot_to_agent(benchmark, version: str) -> None:
     details: list[dict[str, float]] = []
 
     def boot_once() -> None:
-        target = GuestTarget(spec, TargetOptions())
+        target = GuestTarget(spec, RunOptions())
         try:
             boots.append(target.boot_seconds)
             details.append({"guest_uptime_at_hello": target.hello["uptime"],
@@ -51,6 +51,6 @@ def test_bench_boot_to_agent(benchmark, version: str) -> None:
 
 
 def _accel() -> str:
-    from suite import vm
+    from suite.targets import vm
 
     return vm.choose_accel("auto")

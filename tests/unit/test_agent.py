@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from suite.agent import AgentClient, AgentError, serve_fd
 from suite.errors import StallError
+from suite.targets.agent import AgentClient, AgentError, serve_fd
 
 
 @pytest.fixture
@@ -83,6 +83,6 @@ def test_watch_turns_a_dead_guest_into_an_immediate_error() -> None:
     ("[    2.5] Run /init as init process", False),
 ])
 def test_console_lines_that_end_a_boot(line: str, fatal: bool) -> None:
-    from suite.vm import FATAL_RE
+    from suite.targets.vm import FATAL_RE
 
     assert bool(FATAL_RE.search(line)) == fatal

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from suite import bisect as bs
-from suite import bisect_step, bisect_tree
 from suite.bisect import Candidate, Search
-from suite.bisect_step import StepVerdict
+from suite.bisection import step as bisect_step
+from suite.bisection import tree as bisect_tree
+from suite.bisection.step import StepVerdict
 from suite.errors import SetupError
 
 pytest_plugins = ["pytester"]
@@ -147,7 +148,7 @@ def test_real_vm_session_that_lost_uffd_wp_is_bad():
     assert out.failed == ["test_snapshot_style[shrink@after-protect-mpn409]", "test_snapshot_style_soft_dirty[mpn409]"]
     assert out.reason == ("2 failed: test_snapshot_style[shrink@after-protect-mpn409], "
                           "test_snapshot_style_soft_dirty[mpn409]; 2 passed")
-    wp = next(c for c in out.cases if c.outcome == "failed").text
+    wp = next(c for c in out.cases if c.status == "failed").message
     assert "16,128 pages lost their uffd-wp bit (pagemap bit 57)" in wp  # the element text: the whole verdict
     assert "raised no WP fault" in wp
 

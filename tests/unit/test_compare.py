@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from suite import compare, report
+from suite import report
+from suite.reports import compare
 
 JUNIT = Path(__file__).parent.parent / "data" / "junit"
 BROKEN = JUNIT / "debian-6.12.43-snapshot_style-mpn409.xml"  # loses uffd-wp and soft-dirty bits

@@ -1,6 +1,6 @@
 """Fetching ahead during a bisection: which kernels, in which order, cancelled when.
 
-The fetches are real child processes (a small Python program standing in for ``python -m suite.prefetch ABI``:
+The fetches are real child processes (a small Python program standing in for ``python -m suite.bisection.prefetch ABI``:
 it logs its start, sleeps, and leaves the "unpacked tree"), so start-up, SIGTERM and process groups are real;
 the real fetch of Debian packages is measured in the bisection report, not here.
 """
@@ -15,9 +15,9 @@ import pytest
 from test_bisect import ABIS, fake_project  # tests/unit is on sys.path (pytest prepend import mode)
 
 from suite import bisect as bs
-from suite import bisect_step
 from suite.bisect import Search
-from suite.prefetch import Prefetcher
+from suite.bisection import step as bisect_step
+from suite.bisection.prefetch import Prefetcher
 
 FETCH = """
 import pathlib, sys, time

@@ -7,9 +7,9 @@ import pytest
 
 from kernels import qemu
 from kernels.packages import Stanza
-from suite import qemu_binary
 from suite.errors import SetupError
-from suite.qemu_binary import QemuSpec
+from suite.qemu import binary as qemu_binary
+from suite.qemu.binary import QemuSpec
 from suite.scenario import Scenario, postcopy
 
 DATA = Path(__file__).parent.parent / "data" / "debian-qemu-versions.txt"

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from suite import outcomes as run_outcomes
-from suite import pagemap, pagemap_png, report
+from suite import pagemap, report
 from suite.pagemap import PAGE, PRESENT, ZeroPfns
+from suite.reports import outcomes as run_outcomes
+from suite.reports import pagemap_png
 from suite.verdict import Finding, Verdict
 
 DATA = Path(__file__).parent.parent / "data" / "report"

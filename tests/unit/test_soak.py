@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from suite import soak
-from suite.outcomes import Outcome, parse_junit
+from suite.reports.outcomes import Outcome, parse_junit
 
 DATA = Path(__file__).parent.parent / "data" / "junit"
 GOOD, BAD = DATA / "debian-6.12.95-snapshot_style-mpn409.xml", DATA / "debian-6.12.43-snapshot_style-mpn409.xml"

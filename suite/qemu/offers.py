@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+from ..errors import HolecheckError
 from . import migration
-from .errors import HolecheckError
 from .machine import MachineConfig, QmpError, RamMachine
 
 FILE_URI = (8, 2, 0)

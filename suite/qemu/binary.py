@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from .errors import SetupError
+from ..errors import SetupError
 
 # postcopy + background snapshot + pause-before-switchover as this suite drives them
 MIN_QEMU = (7, 1, 0)

@@ -1,6 +1,6 @@
 """A "RAM machine": a QEMU whose guest only halts, whose RAM the test reads and writes through qtest.
 
-QEMU runs ``-machine pc`` with the halting BIOS of ``suite.bios``: guest RAM is then the single anonymous rw
+QEMU runs ``-machine pc`` with the halting BIOS of ``suite.qemu.bios``: guest RAM is then the single anonymous rw
 mapping of exactly ``-m`` bytes in QEMU's address space, and nothing but the test (and migration) touches it.
 ``pc`` was chosen over ``microvm``: both start in ~0.1 s and both map RAM linearly from gpa 0 (pc.rom/pc.bios
 shadow gpa 0xc0000–0xfffff, microvm's bios 0xf0000–0xfffff; tests use gpa >= 1 MiB), but ``pc`` is the machine
@@ -32,11 +32,11 @@ from qemu.qmp import QMPClient
 from qemu.qmp.protocol import Runstate
 from qemu.qmp.qmp_client import ExecuteError
 
-from . import bios, qemu_binary
-from .errors import HolecheckError, SetupError, StallError
-from .qemu_process import ArgvPrefix, QemuProcess
+from ..errors import HolecheckError, SetupError, StallError
+from ..waits import wait_for
+from . import binary, bios
+from .process import ArgvPrefix, QemuProcess
 from .qtest import QtestClient
-from .waits import wait_for
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class RamMachine(QemuProcess):
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     def start(self) -> RamMachine:
-        qemu_binary.check(self.config.qemu)
+        binary.check(self.config.qemu)
         t0 = time.monotonic()
         super().start()
         self.startup_seconds = time.monotonic() - t0

@@ -2,20 +2,22 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
-from . import preflight, runner, uffd
-from .errors import SetupError
-from .kernelspec import KernelSpec
-from .scenario import Scenario
-from .target import TargetOptions
-from .verdict import Verdict
+from .. import runner, uffd
+from ..errors import SetupError
+from ..kernelspec import KernelSpec
+from ..options import RunOptions
+from ..scenario import Scenario
+from ..verdict import Verdict
+from . import preflight
 
 
 class HostTarget:
     """The running kernel is the one under test: scenarios run in this process."""
 
-    def __init__(self, spec: KernelSpec, options: TargetOptions) -> None:
+    def __init__(self, spec: KernelSpec, options: RunOptions) -> None:
         self.spec, self.options = spec, options
         if problems := preflight.host_problems():
             raise SetupError(f"host kernel {os.uname().release}: " + "; ".join(problems))
@@ -31,9 +33,7 @@ class HostTarget:
         return preflight.local_features()
 
     def run(self, scenario: Scenario, artifacts: Path | None = None, qemu: str | None = None) -> Verdict:
-        opts = runner.RunOptions(trigger=self.options.trigger, timeout=self.options.timeout, artifacts=artifacts,
-                                 qemu=qemu or self.options.qemu, accel=self.options.accel)
-        return runner.run(scenario, opts)
+        return runner.run(scenario, replace(self.options, artifacts=artifacts, qemu=qemu or self.options.qemu))
 
     def close(self) -> None:
         pass

@@ -3,18 +3,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cache import full_is_setup_error
-from .kernelspec import KernelSpec
-from .target import Target, TargetOptions
+from ..cache import full_is_setup_error
+from ..kernelspec import KernelSpec
+from ..options import RunOptions
+from .base import Target
 
 
-def open_target(spec: KernelSpec, options: TargetOptions) -> Target:
+def open_target(spec: KernelSpec, options: RunOptions) -> Target:
     """The target for ``spec``; SetupError in one line if it cannot run scenarios (a full cache included)."""
     with full_is_setup_error():
         return _open(spec, options)
 
 
-def _open(spec: KernelSpec, options: TargetOptions) -> Target:
+def _open(spec: KernelSpec, options: RunOptions) -> Target:
     if spec.kind == "host":
         from .host import HostTarget
 

@@ -7,7 +7,7 @@ touches exactly the pages the runner did, with the same syscall granularity), th
 (``reproducer_runtime.c``) sets and restores the THP knobs, scopes the shrinker to a memory cgroup, reads
 /proc/self/pagemap after every step and judges pages exactly like ``runner.SyntheticRun.judge``.
 
-    python -m suite.reproducer .holecheck/<test>/ [-o repro.c]     # from a failing cell's artifacts
+    python -m suite.reports.reproducer .holecheck/<test>/ [-o repro.c]     # from a failing cell's artifacts
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .oracle import runs
-from .pagemap import PAGE, PAGES_PER_THP
-from .scenario import OPS, Scenario, Step
-from .uffd import SOURCE as HELPER_SOURCE
-from .verdict import Verdict
+from ..oracle import runs
+from ..pagemap import PAGE, PAGES_PER_THP
+from ..scenario import OPS, Scenario, Step
+from ..uffd import SOURCE as HELPER_SOURCE
+from ..verdict import Verdict
 
 # Sections of uffd_helper.c copied into the reproducer: includes, macros and globals; then pattern + handler.
 PRELUDE = ("#define _GNU_SOURCE", "/* ---- growable string")
@@ -204,7 +204,7 @@ def write(directory: Path, out: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m suite.reproducer", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m suite.reports.reproducer", description=__doc__.splitlines()[0])
     p.add_argument("source", type=Path, help="a cell's artifacts directory, or a scenario.json")
     p.add_argument("-o", "--out", type=Path, help="output file (default: repro.c in the artifacts directory)")
     a = p.parse_args(argv)

@@ -28,8 +28,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from .errors import HolecheckError, SetupError
-from .procs import stop_group
+from ..errors import HolecheckError, SetupError
+from ..procs import stop_group
 
 log = logging.getLogger(__name__)
 

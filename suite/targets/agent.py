@@ -2,11 +2,11 @@
 
 Guest side (started by the initramfs's /init; ``-S``: site-packages are added after the hello)::
 
-    python -S -m suite.agent /dev/virtio-ports/holecheck
+    python -S -m suite.targets.agent /dev/virtio-ports/holecheck
 
 It sends ``{"hello": <uname -r>, "python": <version>, "seconds": <its own start-up>}``, then answers requests
 
-    {"id": N, "method": "run", "scenario": <Scenario JSON text>, "options": {<suite.runner.RunOptions fields>}}
+    {"id": N, "method": "run", "scenario": <Scenario JSON text>, "options": {<suite.options.RunOptions.to_wire()>}}
         → {"id": N, "verdict": <Verdict JSON text>}
     {"id": N, "method": "ping"}      → {"id": N, "pong": <guest monotonic time>}
     {"id": N, "method": "uname"}     → {"id": N, "release": …, "version": …, "machine": …}
@@ -31,7 +31,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from .errors import HelperError, HolecheckError, SetupError, StallError
+from ..errors import HelperError, HolecheckError, SetupError, StallError
 
 if TYPE_CHECKING:  # kept out of the guest's start-up path: every import costs under TCG over virtio-fs
     import socket
@@ -79,21 +79,11 @@ class LineChannel:
 
 
 def _run(req: dict[str, Any]) -> dict[str, Any]:
-    import dataclasses
-    from pathlib import Path
+    from .. import runner
+    from ..options import RunOptions
+    from ..scenario import Scenario
 
-    from . import runner
-    from .scenario import Scenario
-
-    # Every RunOptions field the host sent (a newer host may send more: those are ignored with a warning).
-    opts = dict(req.get("options") or {})
-    known = {f.name for f in dataclasses.fields(runner.RunOptions)}
-    if unknown := sorted(set(opts) - known):
-        log.warning("ignoring run options this runner does not know: %s", ", ".join(unknown))
-    kwargs = {k: v for k, v in opts.items() if k in known}
-    if kwargs.get("artifacts"):
-        kwargs["artifacts"] = Path(kwargs["artifacts"])
-    verdict = runner.run(Scenario.from_json(req["scenario"]), runner.RunOptions(**kwargs))
+    verdict = runner.run(Scenario.from_json(req["scenario"]), RunOptions.from_wire(req.get("options") or {}))
     return {"verdict": verdict.to_json()}
 
 
@@ -152,7 +142,7 @@ def serve_fd(fd: int) -> int:
             import site
 
             site.main()
-        from . import runner  # noqa: F401
+        from .. import runner  # noqa: F401
     except Exception:
         _print_exc()
     while True:
@@ -179,7 +169,7 @@ def serve_fd(fd: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m suite.agent DEVICE", file=sys.stderr)
+        print("usage: python -m suite.targets.agent DEVICE", file=sys.stderr)
         return 2
     level = os.environ.get("HOLECHECK_AGENT_LOG", "WARNING").upper()
     logging.basicConfig(level=level, stream=sys.stderr, format="agent %(levelname)s %(name)s: %(message)s")

@@ -1,17 +1,18 @@
 """What a run's cells were: each test's outcome (from JUnit XML or pytest's reports) with its artifacts' verdict.
 
-Read by ``report`` (the matrix and pages) and ``compare`` (what changed between two runs).
+Read by ``report`` (the matrix and pages), ``compare`` (what changed between two runs), ``soak``, bisection's steps
+and the power tests: the one reader of pytest's JUnit XML.
 """
 from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .scenario import is_synthetic
-from .verdict import KINDS, Verdict
+from ..scenario import is_synthetic
+from ..verdict import KINDS, Verdict
 
 
 def plain_nodeid(nodeid: str) -> str:
@@ -32,8 +33,32 @@ class Outcome:
     nodeid: str
     status: str  # passed | failed | error | skipped
     seconds: float = 0.0
-    message: str = ""
+    message: str = ""  # a failure's whole text (the verdict, the traceback); a skip's reason
     properties: dict[str, str] = field(default_factory=dict)
+    summary: str = ""  # JUnit's message attribute, first line: 'suite.errors.SetupError: …', 'Failed: …'
+
+    @property
+    def name(self) -> str:
+        """The test's name with its parameters: 'test_snapshot_style[shrink@after-protect-mpn409]'."""
+        return self.nodeid.split("::")[-1]
+
+
+# Worst first when one test is reported more than once (pytest reports a failing teardown beside the call).
+RANK = {"passed": 0, "skipped": 1, "error": 2, "failed": 3}
+
+
+def worst_per_test(outcomes: Iterable[Outcome]) -> dict[str, Outcome]:
+    """One outcome per test: the worst of its reports, with their times added up."""
+    merged: dict[str, Outcome] = {}
+    for o in outcomes:
+        prev = merged.get(o.nodeid)
+        if prev is None:
+            merged[o.nodeid] = replace(o, properties=dict(o.properties))
+            continue
+        prev.seconds += o.seconds
+        if RANK[o.status] > RANK[prev.status]:
+            prev.status, prev.message, prev.summary = o.status, o.message, o.summary
+    return merged
 
 
 @dataclass
@@ -115,20 +140,26 @@ class Cell:
 # --- collecting --------------------------------------------------------------------------------------------
 
 def parse_junit(path: Path, artifacts: Path | None = None) -> list[Outcome]:
-    """Every <testcase> of a JUnit XML file (pytest's, xunit1 or xunit2)."""
+    """Every <testcase> of a JUnit XML file (pytest's, xunit1 or xunit2), in file order."""
+    return parse_junit_text(path.read_text(errors="replace"), artifacts)
+
+
+def parse_junit_text(text: str, artifacts: Path | None = None) -> list[Outcome]:
+    """``parse_junit`` of the file's text (ET.ParseError if it is not XML)."""
     out = []
-    for case in ET.parse(path).getroot().iter("testcase"):
-        status, message = "passed", ""
+    for case in ET.fromstring(text).iter("testcase"):
+        status, message, summary = "passed", "", ""
         for tag in ("failure", "error", "skipped"):
             el = case.find(tag)
             if el is not None:
                 status = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
                 text = (el.text or "").strip()
+                summary = (el.get("message") or "").strip().split("\n", 1)[0]
                 message = text if tag != "skipped" and text else el.get("message", "") or text
                 break
         props = {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
         nodeid = _nodeid(case.get("classname", ""), case.get("name", ""), artifacts)
-        out.append(Outcome(nodeid, status, float(case.get("time", 0) or 0), message, props))
+        out.append(Outcome(nodeid, status, float(case.get("time", 0) or 0), message, props, summary))
     return out
 
 

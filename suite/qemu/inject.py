@@ -6,7 +6,7 @@ import re
 import shutil
 import subprocess
 
-from .errors import HolecheckError, SetupError
+from ..errors import HolecheckError, SetupError
 
 MADV_DONTNEED = 4
 

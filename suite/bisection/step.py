@@ -1,7 +1,7 @@
 """One bisection step: the selected tests run against one kernel in a pytest subprocess of the project
 (``Runner``), and the session judged from pytest's exit code and JUnit XML (``classify``): good, bad, skip (the
 kernel could not be judged) or abort (the suite is broken). ``suite.bisect`` (Debian packages) and
-``suite.bisect_tree`` (``git bisect run``) both step with it.
+``suite.bisection.tree`` (``git bisect run``) both step with it.
 """
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TextIO
 
-from .procs import stop_group
+from ..procs import stop_group
+from ..reports.outcomes import Outcome as Case
+from ..reports.outcomes import parse_junit_text, worst_per_test
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 STEP_TIMEOUT = 3600.0  # one pytest session: fetch + boot (~5 s under TCG) + a small -k selection; minutes
 KILL_GRACE = 60.0  # after SIGTERM the session unwinds (VM, THP knobs, cgroups) before SIGKILL
 MARKEXPR = "host and not bench"
@@ -36,36 +38,14 @@ class StepVerdict(StrEnum):
 
 # --- judging one pytest session -------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class CaseResult:
-    name: str  # "test_snapshot_style[shrink@after-protect-mpn409]"
-    outcome: str  # passed | failed | error | skipped
-    summary: str = ""  # first line of JUnit's message attribute: 'suite.errors.SetupError: …', 'Failed: …'
-    text: str = ""  # the element text: the whole verdict of a failed scenario, or the traceback
-
-
-def parse_junit(text: str) -> list[CaseResult]:
-    """Test cases of a pytest JUnit XML, one per test (pytest may report a test's call and teardown separately:
-    failed wins over error, error over skipped, skipped over passed)."""
-    root = ET.fromstring(text)
-    rank = {"passed": 0, "skipped": 1, "error": 2, "failed": 3}
-    cases: dict[str, CaseResult] = {}
-    for tc in root.iter("testcase"):
-        name = tc.get("name", "?")
-        key = f"{tc.get('classname', '')}::{name}"
-        case = CaseResult(name, "passed")
-        for tag, kind in (("failure", "failed"), ("error", "error"), ("skipped", "skipped")):
-            el = tc.find(tag)
-            if el is not None:
-                summary = (el.get("message") or "").strip().split("\n", 1)[0]
-                case = CaseResult(name, kind, summary, (el.text or "").strip() or summary)
-                break
-        # A SetupError raised inside a test is the environment failing, not the kernel: an error, not a verdict.
-        if case.outcome == "failed" and re.match(r"(suite\.errors\.)?SetupError\b", case.summary):
-            case = CaseResult(name, "error", case.summary, case.text)
-        if key not in cases or rank[case.outcome] > rank[cases[key].outcome]:
-            cases[key] = case
-    return list(cases.values())
+def parse_junit(text: str) -> list[Case]:
+    """The test cases of a step's JUnit XML, one per test at its worst (``outcomes.worst_per_test``). A SetupError
+    raised inside a test is the environment failing, not the kernel: an error, not a verdict."""
+    cases = list(worst_per_test(parse_junit_text(text)).values())
+    for c in cases:
+        if c.status == "failed" and re.match(r"(suite\.errors\.)?SetupError\b", c.summary):
+            c.status = "error"
+    return cases
 
 
 @dataclass(frozen=True)
@@ -75,14 +55,14 @@ class Outcome:
     verdict: StepVerdict
     reason: str  # "2 failed: a, b; 2 passed", "boot/setup failed: …"
     exit_code: int | None  # None: no exit (timed out, killed by us)
-    cases: tuple[CaseResult, ...] = ()
+    cases: tuple[Case, ...] = ()
 
     def count(self, outcome: str) -> int:
-        return sum(c.outcome == outcome for c in self.cases)
+        return sum(c.status == outcome for c in self.cases)
 
     @property
     def failed(self) -> list[str]:
-        return [c.name for c in self.cases if c.outcome == "failed"]
+        return [c.name for c in self.cases if c.status == "failed"]
 
 
 def _names(names: Sequence[str], limit: int = 3) -> str:
@@ -118,7 +98,7 @@ def classify(exit_code: int | None, junit: str | None, note: str = "") -> Outcom
         reason = f"{len(failed)} failed: {_names(failed)}" + (f"; {tail}" if tail else "")
         return Outcome(StepVerdict.BAD, reason, exit_code, cases)
     if errors:  # errors and no failure: fixtures could not set up, so nothing was judged
-        first = next(c for c in cases if c.outcome == "error").summary
+        first = next(c for c in cases if c.status == "error").summary
         return Outcome(StepVerdict.SKIP, f"{tail}, no verdict: {first[:160]}", exit_code, cases)
     if not passed:
         return Outcome(StepVerdict.SKIP, f"no test ran ({tail or 'no test cases'})", exit_code, cases)
@@ -193,7 +173,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 # --- what a step's failures say (the JSON logs, the summary) --------------------------------------------------------
 
 def failure_report(outcome: Outcome) -> dict[str, dict[str, str]]:
-    return {c.name: {"summary": c.summary, "text": c.text} for c in outcome.cases if c.outcome == "failed"}
+    return {c.name: {"summary": c.summary, "text": c.message or c.summary}
+            for c in outcome.cases if c.status == "failed"}
 
 
 def failure_lines(failure: dict[str, str], limit: int = 4, width: int = 200) -> list[str]:

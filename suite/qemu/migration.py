@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import HolecheckError, SetupError, StallError
+from ..errors import HolecheckError, SetupError, StallError
+from ..waits import wait_for
 from .machine import RamMachine
-from .waits import wait_for
 
 MIGRATE_TIMEOUT = 60.0
 

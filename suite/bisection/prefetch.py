@@ -2,8 +2,8 @@
 
 ``Prefetcher.step(abi, upcoming)`` before each step queues the kernels that may come next (the likelier first); one
 worker thread fetches them one at a time,
-each in a child ``python -m suite.prefetch ABI`` (``kernels.debian.fetch``: cached, SHA256-checked, unpacked) at
-nice 19, in its own process group. One at a time because holecheck's apt lock (``kernels.apt``) serializes
+each in a child ``python -m suite.bisection.prefetch ABI`` (``kernels.debian.fetch``: cached, SHA256-checked,
+unpacked) at nice 19, in its own process group. One at a time because holecheck's apt lock (``kernels.apt``) serializes
 fetches anyway: two fetches started together here finished after 21.6 s and 56.4 s, one after the other.
 
 A step never queues behind a background fetch: ``step`` drops the queue and cancels a running fetch that is not
@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .procs import stop_group
+from ..procs import stop_group
 
 FETCH_TIMEOUT = 1800.0  # one kernel: apt lists, index, up to three .debs, dpkg-deb -x (usually 15–35 s)
 CANCEL_GRACE = 10.0  # SIGTERM → SIGKILL
@@ -41,7 +41,7 @@ class Prefetcher:
     def __init__(self, log_dir: Path, cached: Callable[[str], bool] = is_cached,
                  argv: Callable[[str], list[str]] | None = None) -> None:
         self.log_dir, self.cached = log_dir, cached
-        self.argv = argv or (lambda abi: ["nice", "-n", "19", sys.executable, "-m", "suite.prefetch", abi])
+        self.argv = argv or (lambda abi: ["nice", "-n", "19", sys.executable, "-m", "suite.bisection.prefetch", abi])
         self.queue: list[str] = []
         self.current: tuple[str, subprocess.Popen[bytes]] | None = None
         self.fetched: dict[str, float] = {}  # abi → seconds, fetched in the background
@@ -61,7 +61,7 @@ class Prefetcher:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"prefetch-{abi}.log", "ab") as log:
             return subprocess.Popen(self.argv(abi), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
+                                    start_new_session=True, cwd=Path(__file__).resolve().parents[2])
 
     @staticmethod
     def _wait(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
@@ -146,13 +146,13 @@ class Prefetcher:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m suite.prefetch ABI``: fetch one kernel; SIGTERM unwinds (temporary directories removed)."""
+    """``python -m suite.bisection.prefetch ABI``: fetch one kernel; SIGTERM unwinds (temporary directories removed)."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     from kernels import debian
     from suite.errors import SetupError
 
     if len(argv) != 1:
-        print("usage: python -m suite.prefetch ABI", file=sys.stderr)
+        print("usage: python -m suite.bisection.prefetch ABI", file=sys.stderr)
         return 2
     try:
         print(debian.fetch(argv[0]), flush=True)

@@ -1,27 +1,16 @@
 """What a target is: where the kernel under test runs. Tests only call ``Target.run(scenario) -> Verdict``.
 
 The two targets live by subject: ``host.HostTarget`` (this kernel, this process) and ``guest.GuestTarget``
-(a kernel booted in an L1 VM); ``targets.open_target`` picks one for a ``KernelSpec``.
+(a kernel booted in an L1 VM); ``opening.open_target`` picks one for a ``KernelSpec``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .kernelspec import KernelSpec
-from .scenario import Scenario
-from .verdict import Verdict
-
-
-@dataclass(frozen=True)
-class TargetOptions:
-    qemu: str = "qemu-system-x86_64"
-    accel: str = "auto"
-    backend: str = "qemu"
-    trigger: str | None = None
-    timeout: float = 10.0
-    artifacts: str = ".holecheck"  # the guest writes artifacts through a share of this directory
+from ..kernelspec import KernelSpec
+from ..scenario import Scenario
+from ..verdict import Verdict
 
 
 class Target(Protocol):
@@ -40,7 +29,7 @@ class Target(Protocol):
         ...
 
     def run(self, scenario: Scenario, artifacts: Path | None = None, qemu: str | None = None) -> Verdict:
-        """``qemu``: the L2 QEMU of a real-QEMU scenario (default: TargetOptions.qemu)."""
+        """``qemu``: the L2 QEMU of a real-QEMU scenario (default: RunOptions.qemu)."""
         ...
 
     def close(self) -> None: ...

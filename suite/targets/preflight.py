@@ -6,7 +6,7 @@ import errno
 import os
 from pathlib import Path
 
-from . import pagemap, thp
+from .. import pagemap, thp
 
 NR_USERFAULTFD = 323  # x86_64
 

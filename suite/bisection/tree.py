@@ -27,7 +27,7 @@ from pathlib import Path
 
 from suite.errors import SetupError
 
-from .bisect_step import Runner, StepVerdict, failure_report
+from .step import Runner, StepVerdict, failure_report
 
 GIT_TIMEOUT = 60.0
 EXIT_GOOD, EXIT_BAD, EXIT_SKIP, EXIT_ABORT = 0, 1, 125, 128  # git bisect run's meanings

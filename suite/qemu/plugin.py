@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from . import qemu_binary
-from .errors import SetupError
-from .qemu_binary import QemuSpec
+from ..errors import SetupError
+from . import binary
+from .binary import QemuSpec
 
-if TYPE_CHECKING:  # the probe starts QEMU through suite.machine: imported only by sessions that run QEMU
-    from .qemu_offers import Offers
+if TYPE_CHECKING:  # the probe starts QEMU through suite.qemu.machine: imported only by sessions that run QEMU
+    from .offers import Offers
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -27,26 +27,33 @@ def pytest_addoption(parser: pytest.Parser) -> None:
              "comma-separate to run the real-QEMU tests on each (default: system)")
 
 
+# What this plugin keeps on the config (pytest's stash, typed): the --qemu specs, and per spec its summary line
+# and what tests learnt about it (xdist workers hand both to the controller).
+QEMUS = pytest.StashKey[list[QemuSpec]]()
+QEMU_SUMMARY = pytest.StashKey[dict[str, str]]()
+QEMU_NOTES = pytest.StashKey[dict[str, list[str]]]()
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    config.holecheck_qemus = qemu_binary.parse_many(config.getoption("qemu"))  # type: ignore[attr-defined]
-    config.holecheck_qemu_summary = {}  # type: ignore[attr-defined]
-    config.holecheck_qemu_notes = {}  # type: ignore[attr-defined]
+    config.stash[QEMUS] = binary.parse_many(config.getoption("qemu"))
+    config.stash[QEMU_SUMMARY] = {}
+    config.stash[QEMU_NOTES] = {}
 
 
 def _specs(config: pytest.Config) -> list[QemuSpec]:
-    return config.holecheck_qemus  # type: ignore[attr-defined,no-any-return]
+    return config.stash[QEMUS]
 
 
 def _resolve(spec: QemuSpec) -> str:
     try:
-        return qemu_binary.resolve(spec)
+        return binary.resolve(spec)
     except SetupError as exc:
         raise pytest.UsageError(f"--qemu={spec}: {exc}") from None
 
 
 def ids(specs: list[QemuSpec]) -> list[str]:
     """``qemu-VERSION`` per spec; two of the same version also say which kind (``qemu-7.2.22-debian``)."""
-    versions = [".".join(map(str, qemu_binary.check(_resolve(s)))) for s in specs]
+    versions = [".".join(map(str, binary.check(_resolve(s)))) for s in specs]
     return [f"qemu-{v}" + (f"-{s.kind}" if versions.count(v) > 1 else "") for s, v in zip(specs, versions, strict=True)]
 
 
@@ -68,7 +75,7 @@ def qemu(request: pytest.FixtureRequest) -> str:
     """The QEMU the real-migration scenarios run (parametrized when --qemu names several), resolved and checked."""
     spec: QemuSpec = getattr(request, "param", None) or _specs(request.config)[0]
     path = _resolve(spec)
-    summary = request.config.holecheck_qemu_summary  # type: ignore[attr-defined]
+    summary = request.config.stash[QEMU_SUMMARY]
     if str(spec) not in summary:
         summary[str(spec)] = describe(path)
     return path
@@ -78,7 +85,7 @@ def describe(path: str) -> str:
     """The summary line: version, what it offers, and for Debian's how it is kept (tree or own root)."""
     from kernels import qemu as debian_qemu
 
-    from .qemu_offers import probe
+    from .offers import probe
 
     line = probe(path).line()
     if made := debian_qemu.describe(path):
@@ -91,7 +98,7 @@ def describe(path: str) -> str:
 @pytest.fixture(scope="session")
 def qemu_offers(qemu: str) -> Offers:
     """What the QEMU under test offers (variants it accepts, /dev/userfaultfd, …), asked of it once."""
-    from .qemu_offers import probe
+    from .offers import probe
 
     return probe(qemu)
 
@@ -99,29 +106,28 @@ def qemu_offers(qemu: str) -> Offers:
 @pytest.fixture
 def qemu_note(qemu: str, request: pytest.FixtureRequest) -> Callable[[str], None]:
     """Add what a test learnt about this QEMU to its terminal summary line (e.g. how it handles a missing page)."""
-    spec = next((str(s) for s in _specs(request.config) if qemu_binary.resolve(s) == qemu), qemu)
-    notes = request.config.holecheck_qemu_notes  # type: ignore[attr-defined]
+    spec = next((str(s) for s in _specs(request.config) if binary.resolve(s) == qemu), qemu)
+    notes = request.config.stash[QEMU_NOTES]
     return lambda text: notes.setdefault(spec, []).append(text) if text not in notes.get(spec, []) else None
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if hasattr(session.config, "workeroutput"):  # an xdist worker: hand the QEMU lines to the controller
         session.config.workeroutput["holecheck_qemu"] = {
-            "summary": session.config.holecheck_qemu_summary,  # type: ignore[attr-defined]
-            "notes": session.config.holecheck_qemu_notes}  # type: ignore[attr-defined]
+            "summary": session.config.stash[QEMU_SUMMARY], "notes": session.config.stash[QEMU_NOTES]}
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: object, error: object) -> None:
     config = node.config  # type: ignore[attr-defined]
     got = getattr(node, "workeroutput", {}).get("holecheck_qemu", {})
-    config.holecheck_qemu_summary.update(got.get("summary", {}))
+    config.stash[QEMU_SUMMARY].update(got.get("summary", {}))
     for spec, notes in got.get("notes", {}).items():
-        mine = config.holecheck_qemu_notes.setdefault(spec, [])
+        mine = config.stash[QEMU_NOTES].setdefault(spec, [])
         mine += [n for n in notes if n not in mine]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    notes = getattr(config, "holecheck_qemu_notes", {})
-    for spec, line in getattr(config, "holecheck_qemu_summary", {}).items():
+    notes = config.stash.get(QEMU_NOTES, {})
+    for spec, line in config.stash.get(QEMU_SUMMARY, {}).items():
         terminalreporter.write_line(f"holecheck qemu {spec}: {'; '.join([line, *notes.get(spec, [])])}")

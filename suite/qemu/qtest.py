@@ -14,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import HolecheckError, StallError
+from ..errors import HolecheckError, StallError
 
 CHUNK = 1 << 20  # bytes per b64read/b64write command: bounds one answer line (~1.4 MB of base64)
 DEFAULT_TIMEOUT = 10.0

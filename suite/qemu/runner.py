@@ -18,16 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import inject, ledger, memcg, migration, pagemap, shrinker, thp
-from .errors import HolecheckError, StallError
-from .ledger import Ledger
+from .. import ledger, memcg, pagemap, shrinker, thp
+from ..errors import HolecheckError, StallError
+from ..ledger import Ledger
+from ..options import RunOptions
+from ..oracle import runs
+from ..pagemap import PAGE, PAGES_PER_THP
+from ..procs import descendants, signal_all
+from ..scenario import Scenario, Step
+from ..verdict import Verdict
+from ..waits import wait_for
+from . import inject, migration
 from .machine import MachineConfig, RamMachine
-from .oracle import runs
-from .pagemap import PAGE, PAGES_PER_THP
-from .procs import descendants, signal_all
-from .scenario import Scenario, Step
-from .verdict import Verdict
-from .waits import wait_for
 
 LOW_CHUNKS = 1  # gpa < 2 MiB: ROM/BIOS shadows below 1 MiB and the dirtier's pages; never filled with data
 DIRTIER_GPA = 0x100000  # the dirtier rewrites this MiB: far more pending RAM than a 1 ms downtime can take
@@ -35,16 +37,6 @@ DIRTIER_PAGES = 256
 STAMP = 0x484F4C45_00000000  # "HOLE" | page index: every data page is unique
 MIB = 1 << 20
 HOLD = 60.0  # strace holds the destination's uffd creation at most this long (released earlier by the driver)
-
-
-@dataclass
-class QemuOptions:
-    qemu: str = "qemu-system-x86_64"
-    accel: str = "auto"
-    trigger: str | None = None
-    timeout: float = 10.0  # a destination read or QMP wait longer than this is a stall
-    artifacts: Path | None = None
-    snapshot_rate: int = 4 * MIB  # bytes/s of the background snapshot's stream
 
 
 @dataclass
@@ -92,7 +84,7 @@ class Aborted(Exception):
 
 
 class MigrationRun:
-    def __init__(self, scenario: Scenario, opts: QemuOptions, verdict: Verdict, stack: contextlib.ExitStack,
+    def __init__(self, scenario: Scenario, opts: RunOptions, verdict: Verdict, stack: contextlib.ExitStack,
                  workdir: Path) -> None:
         self.s, self.opts, self.v, self.stack, self.workdir = scenario, opts, verdict, stack, workdir
         self.trigger = opts.trigger or scenario.trigger
@@ -405,7 +397,7 @@ class SnapshotRun(MigrationRun):
 
 # --- entry point -------------------------------------------------------------------------------------------------
 
-def run(scenario: Scenario, opts: QemuOptions) -> Verdict:
+def run(scenario: Scenario, opts: RunOptions) -> Verdict:
     cls = PostcopyRun if scenario.kind == "postcopy" else SnapshotRun
     with ledger.recorded(scenario) as verdict, contextlib.ExitStack() as stack, _workdir() as workdir:
         cls(scenario, opts, verdict, stack, workdir).execute()

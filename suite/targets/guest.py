@@ -14,22 +14,24 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import bios, uffd, vm
+from .. import uffd
+from ..cache import cache_root
+from ..errors import HolecheckError, SetupError
+from ..kernelspec import KernelSpec
+from ..options import RunOptions
+from ..qemu import bios
+from ..scenario import Scenario
+from ..verdict import Verdict
+from . import vm
 from .agent import AgentClient, AgentError
-from .cache import cache_root
-from .errors import HolecheckError, SetupError
-from .kernelspec import KernelSpec
-from .scenario import Scenario
-from .target import TargetOptions
-from .verdict import Verdict
 
 log = logging.getLogger(__name__)
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 PORT = "holecheck"
 ROOT_TAG, RW_TAG = "hostroot", "artifacts"
 BOOT_TIMEOUT = 60.0
@@ -42,7 +44,7 @@ CONSOLE_LINES = 25
 
 @dataclass(frozen=True)
 class BootOptions:
-    """How the L1 VM is shaped (not part of TargetOptions: defaults fit every kernel so far)."""
+    """How the L1 VM is shaped (not part of RunOptions: defaults fit every kernel so far)."""
 
     memory_mib: int = 2560
     cpus: int = 1
@@ -51,9 +53,8 @@ class BootOptions:
     extra_cmdline: tuple[str, ...] = ()
 
 
-def _artifacts_root(options: TargetOptions, boot: BootOptions) -> Path:
-    # TargetOptions may grow an ``artifacts`` field (the --artifacts option); until then BootOptions says.
-    return Path(getattr(options, "artifacts", None) or boot.artifacts_root).resolve()
+def _artifacts_root(options: RunOptions, boot: BootOptions) -> Path:
+    return Path(options.artifacts_root or boot.artifacts_root).resolve()
 
 
 def kernel_param(name: str, value: object) -> str:
@@ -80,7 +81,7 @@ def hidden_paths(paths: list[Path], masked: tuple[Path, ...] = GUEST_MASKED) -> 
 class GuestTarget:
     """An L1 VM on the kernel under test; ``run`` sends the scenario to the agent inside it."""
 
-    def __init__(self, spec: KernelSpec, options: TargetOptions, boot: BootOptions | None = None) -> None:
+    def __init__(self, spec: KernelSpec, options: RunOptions, boot: BootOptions | None = None) -> None:
         from images import initramfs
         from kernels import kernel as kernels
 
@@ -194,11 +195,10 @@ class GuestTarget:
         timeout = RUN_SLACK + len(scenario.steps) * (self.options.timeout + 5.0)
         if not getattr(scenario, "synthetic", True):
             timeout += REAL_QEMU_SLACK
-        options = {"trigger": self.options.trigger, "timeout": self.options.timeout,
-                   "artifacts": str(artifacts.resolve()) if artifacts else None,
-                   # L2 QEMUs run inside L1: /dev/kvm there only with nested virtualization, so let them choose
-                   "qemu": qemu or self.options.qemu, "accel": "tcg" if self.options.accel == "tcg" else "auto"}
-        reply = self.call("run", timeout, scenario=scenario.to_json(), options=options)
+        # L2 QEMUs run inside L1: /dev/kvm there only with nested virtualization, so let them choose
+        options = replace(self.options, artifacts=artifacts.resolve() if artifacts else None, backend="qemu",
+                          qemu=qemu or self.options.qemu, accel="tcg" if self.options.accel == "tcg" else "auto")
+        reply = self.call("run", timeout, scenario=scenario.to_json(), options=options.to_wire())
         return Verdict.from_json(reply["verdict"])
 
     def close(self) -> None:

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from . import qemu_binary
-from .errors import SetupError
-from .qemu_process import QemuProcess
-from .waits import wait_for
+from ..errors import SetupError
+from ..qemu import binary as qemu_binary
+from ..qemu.process import QemuProcess
+from ..waits import wait_for
 
 log = logging.getLogger(__name__)
 

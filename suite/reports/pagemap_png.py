@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .pagemap import PAGE, PAGES_PER_THP, PageStates, load
-from .verdict import KEPT, KINDS, Finding, Verdict
+from ..pagemap import PAGE, PAGES_PER_THP, PageStates, load
+from ..verdict import KEPT, KINDS, Finding, Verdict
 
 RGB = tuple[int, int, int]
 
@@ -283,7 +283,7 @@ def render_file(npz: str | os.PathLike[str], out: str | os.PathLike[str], verdic
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m suite.pagemap_png", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m suite.reports.pagemap_png", description=__doc__.splitlines()[0])
     p.add_argument("npz", type=Path, help="a pagemap-*.npz artifact")
     p.add_argument("--verdict", type=Path, help="verdict.json whose findings to mark (default: the one beside it)")
     p.add_argument("-o", "--out", type=Path, help="PNG to write (default: the npz's name with .png)")
