@@ -22,6 +22,7 @@ from typing import Any, Literal
 from ..errors import HolecheckError, SetupError, StallError
 from ..waits import wait_for
 from .machine import RamMachine
+from .process import die_with_parent
 
 MIGRATE_TIMEOUT = 60.0
 
@@ -215,7 +216,9 @@ class HoldUffdRegistration:
         self._dir = Path(tempfile.mkdtemp(prefix="holecheck-strace-"))
         self.argv = [self.strace, "-f", "-qq", "-tt", "-p", str(dst.pid), *filters, "-o", str(self._dir / "trace")]
         with open(self._dir / "stderr", "wb") as err:
-            self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+            # strace dies with us too: a SIGKILLed pytest must not leave it holding the destination QEMU
+            self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                          preexec_fn=die_with_parent)
         try:
             wait_for(self._traced_threads, lambda n: n == -1 or n == 0, timeout=10.0,
                      what=f"strace to attach to every thread of {dst.name} (pid {dst.pid})")

@@ -50,7 +50,7 @@ class LaunchError(SetupError):
         self.output = output
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # runs in the child between fork and exec: an interrupted test run must not leave QEMUs behind.
     # Caveat: the signal fires when the *thread* that started the child exits, so start QEMUs from a thread
     # that outlives them (pytest's main thread does), or pass die_with_parent=False.
@@ -145,7 +145,7 @@ class QemuProcess:
         assert self.dir is not None
         with open(self.dir / log_name, "wb") as out:
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    preexec_fn=_die_with_parent if self.die_with_parent else None,
+                                    preexec_fn=die_with_parent if self.die_with_parent else None,
                                     start_new_session=True)  # a process group: stop_group ends wrappers too
 
     def stop(self, timeout: float | None = None) -> None:
