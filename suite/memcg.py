@@ -96,8 +96,17 @@ def remove(cg: Memcg, root: Path) -> None:
 
 
 def leftovers() -> list[Path]:
-    """Groups a crashed run left behind (removed by the session fixture)."""
+    """Groups a crashed run left behind (removed by the session fixture): those whose creator is gone. A live
+    run's group may be empty for a moment (made, its process not yet in it): it is not a leftover."""
     roots = [r for r in (v2_root(), V1_ROOT) if r is not None and r.exists()]
-    return [p for r in roots for p in r.glob(PREFIX + "*") if p.is_dir()]
+    return [p for r in roots for p in r.glob(PREFIX + "*") if p.is_dir() and not _creator_alive(p.name)]
+
+
+def _creator_alive(name: str) -> bool:
+    """Is the process that made group ``holecheck-[name-]PID-xxxxxx`` (``scope``) still running?"""
+    parts = name.split("-")
+    if len(parts) < 3 or not parts[-2].isdigit():
+        return False
+    return Path(f"/proc/{parts[-2]}").exists()
 
 
