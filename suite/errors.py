@@ -2,16 +2,16 @@
 
     HolecheckError
     ├── SetupError                the environment cannot run a scenario: one line for a human, no traceback
-    │   └── LaunchError           [qemu_process] QEMU exited while starting: exit code, command line, output
+    │   └── LaunchError           [qemu.process] QEMU exited while starting: exit code, command line, output
     ├── StallError                a bounded wait expired: what was awaited, what was seen last
     ├── HelperError               the userfaultfd helper refused a command or died
-    ├── QmpError                  [machine] QEMU answered a QMP command with an error
-    ├── QtestError                [qtest] QEMU answered a qtest request with FAIL, or the connection broke
-    ├── MigrationFailed           [migration] query-migrate reported status "failed"
-    └── AgentError                [agent] the L1 agent answered with an error, or the channel to it failed
+    ├── QmpError                  [qemu.machine] QEMU answered a QMP command with an error
+    ├── QtestError                [qemu.qtest] QEMU answered a qtest request with FAIL, or the connection broke
+    ├── MigrationFailed           [qemu.migration] query-migrate reported status "failed"
+    └── AgentError                [targets.agent] the L1 agent answered with an error, or the channel to it failed
 
 Outside the tree on purpose: ``kernels.elf.ElfError`` (a ValueError of pure parsing; ``kernels.modules`` turns
-it into a SetupError) and ``qemu_runner.Aborted`` (control flow inside one run, never escapes it).
+it into a SetupError) and ``qemu.runner.Aborted`` (control flow inside one run, never escapes it).
 """
 
 

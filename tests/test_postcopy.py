@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+from split_rules import assert_split_as_expected
 
 from suite import scenario as sc
 from suite.thp import ThpSettings
@@ -23,7 +24,7 @@ DST_HAS_THPS = set(sc.POSTCOPY_PHASES[1:])  # from mid-precopy on, the destinati
 def test_postcopy(run, qemu, check_verdict, kernel_features, phase, thp_settings, fill):
     verdict = run(sc.postcopy(phase, fill=fill, thp=thp_settings))
     check_verdict(verdict)
-    assert_split_as_expected(verdict, kernel_features, phase, thp_settings)
+    assert_split_as_expected(verdict, kernel_features, thp_settings, side="dst" if phase in DST_HAS_THPS else "src")
 
 
 @pytest.mark.parametrize("fill", FILLS, ids=lambda f: f.id)
@@ -38,18 +39,7 @@ def test_postcopy_variant(run, qemu_offers, check_verdict, kernel_features, vari
         pytest.skip(reason)
     verdict = run(sc.postcopy(phase, fill=fill, thp=thp_settings, variant=variant))
     check_verdict(verdict)
-    assert_split_as_expected(verdict, kernel_features, phase, thp_settings)
-
-
-def assert_split_as_expected(verdict, kernel_features, phase, thp_settings):
-    splits = {s["side"]: s for s in verdict.shrinks}
-    if kernel_features["shrink_underused"] and thp_settings.max_ptes_none < 511:
-        side = "dst" if phase in DST_HAS_THPS else "src"
-        assert splits[side]["split_expected"] and splits[side]["thp_after"] < splits[side]["thp_before"], (
-            f"the shrink at {phase} was to split the {side}'s THPs: {verdict.summary()}")
-    else:
-        assert not verdict.split_expected, verdict.summary()
-        assert re.search("max_ptes_none|no underused shrinker", verdict.no_split_reason), verdict.summary()
+    assert_split_as_expected(verdict, kernel_features, thp_settings, side="dst" if phase in DST_HAS_THPS else "src")
 
 
 def test_negative_control_postcopy_holes(run, qemu, qemu_note, check_verdict):

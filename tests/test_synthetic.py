@@ -8,6 +8,7 @@ import itertools
 
 import numpy as np
 import pytest
+from split_rules import assert_split_as_expected
 
 from suite import pagemap
 from suite import scenario as sc
@@ -24,17 +25,11 @@ POSTCOPY_CELLS = (
 )
 
 
-def splits(features: dict[str, bool], thp_settings: ThpSettings) -> bool:
-    """Do the kernel and the knobs allow underused splits at all?"""
-    return features["shrink_underused"] and thp_settings.max_ptes_none is not None and thp_settings.max_ptes_none < 511
-
-
-def split_expected(features: dict[str, bool], thp_settings: ThpSettings, register_at: str, shrink_at: str) -> bool:
-    """Should this cell's shrink split THPs? Not when no THP exists yet or registration preceded the first
-    fault (then UFFDIO_COPY places 4 KiB pages), nor when the kernel or the knobs rule underused splits out."""
+def due(register_at: str, shrink_at: str) -> bool:
+    """THPs exist at the shrink: not when it or registration comes before the first fault (UFFDIO_COPY then
+    places 4 KiB pages)."""
     shrink_point = register_at if shrink_at == "after-register" else shrink_at
-    return (splits(features, thp_settings)
-            and shrink_point != "before-first-fault" and register_at != "before-first-fault")
+    return "before-first-fault" not in (shrink_point, register_at)
 
 
 @pytest.mark.parametrize("thp_settings", THP_SETTINGS, ids=lambda t: t.id)
@@ -45,9 +40,7 @@ def test_postcopy_style(run, check_verdict, kernel_features, register_at, shrink
     scenario = sc.postcopy_style(register_at, shrink_at, thp=thp_settings)
     verdict = run(scenario)
     check_verdict(verdict)
-    expected = split_expected(kernel_features, thp_settings, register_at, shrink_at)
-    assert verdict.split_expected == expected, (
-        f"cell was to {'split' if expected else 'not split'} THPs: {verdict.summary()}")
+    assert_split_as_expected(verdict, kernel_features, thp_settings, due=due(register_at, shrink_at))
 
 
 @pytest.mark.parametrize("thp_settings", THP_SETTINGS, ids=lambda t: t.id)
@@ -56,7 +49,7 @@ def test_snapshot_style(run, check_verdict, kernel_features, shrink_at, thp_sett
     """Every write to a write-protected page must trap, and no uffd-wp bit may be lost across the split."""
     verdict = run(sc.snapshot_style(shrink_at, thp=thp_settings))
     check_verdict(verdict)
-    assert verdict.split_expected == splits(kernel_features, thp_settings), verdict.summary()
+    assert_split_as_expected(verdict, kernel_features, thp_settings)
 
 
 @pytest.mark.parametrize("thp_settings", THP_SETTINGS[:1], ids=lambda t: t.id)
@@ -66,7 +59,7 @@ def test_snapshot_style_soft_dirty(run, check_verdict, kernel_features, thp_sett
         pytest.skip("kernel under test lacks CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 is never set")
     verdict = run(sc.soft_dirty_style(thp=thp_settings))
     check_verdict(verdict)
-    assert verdict.split_expected == splits(kernel_features, thp_settings), verdict.summary()
+    assert_split_as_expected(verdict, kernel_features, thp_settings)
 
 
 def _sabotaged(scenario: sc.Scenario, base: int) -> list[int]:

@@ -1,6 +1,6 @@
 """GuestTarget: scenarios run in an L1 VM booted on the kernel under test, through the agent.
 
-Boot recipe (measured: docs/FACTS "Booting a kernel under test here"): the kernel's PVH vmlinux on ``-M microvm``
+Boot recipe (measured on the development machines; README "Set-up and use"): the kernel's PVH vmlinux on ``-M microvm``
 (a bzImage without PVH on ``-M pc``), an initramfs with busybox and the needed modules, the host's root shared
 read-only over virtio-fs, the artifacts root shared writable at the same path, and the agent on a virtio-serial
 port. The guest runs this very checkout with this very venv, so the host builds what the guest cannot (the uffd
