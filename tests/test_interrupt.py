@@ -93,8 +93,11 @@ class Run:
         self.log = private.root / "run.log"
         self.before = Baseline.take(host_knobs)
         with open(self.log, "wb") as out:
+            # SIGINT as a terminal's foreground job has it: a run started from a script's background job (`&`)
+            # inherits it ignored, and Ctrl-C would then test nothing
             self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                                          env={**os.environ, "TMPDIR": str(private.tmp), **(env or {})})
         self.watch = ProcessWatch(self.proc.pid)
         self.t0 = time.monotonic()
