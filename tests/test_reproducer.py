@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +117,27 @@ def test_sabotaged_postcopy_reproducer_names_exactly_the_punched_pages(tmp_path:
     assert out.pages("missing-fault") == out.pages("missing-fault", "touch(read)") == punched
     assert {k for k, _, _ in out.bad} <= {"hole", "missing-fault", "lost-soft-dirty"}  # DONTNEED clears soft-dirty
     assert f"# verdict: {len(out.bad)} bad page report(s)" in out.stdout
+
+
+SPLIT_LINE = re.compile(r"^# shrink@[^:]+: (?P<how>[^:]+): .*thp_split_page \+(?P<split>\d+)"
+                        r"(, hugepages-\d+kB/stats/split \+(?P<size>\d+))?")
+SPLIT_CELLS = [(split, thp.ThpSettings()) for split in sc.SPLITS] + [("pageout", thp.ThpSettings(mthp_kb=64)),
+                                                                    ("partial-unmap", thp.ThpSettings(mthp_kb=64))]
+
+
+@pytest.mark.host
+@host
+@pytest.mark.parametrize(("split", "settings"), SPLIT_CELLS, ids=[f"{s}-{t.id}" for s, t in SPLIT_CELLS])
+def test_split_trigger_reproducer_names_the_unprotected_pages(tmp_path: Path, split: str, settings: thp.ThpSettings):
+    """Every split trigger replays in C: it splits (or says it cannot), and a sabotaged run names exactly the
+    pages un-protected behind its back, at the write that went through."""
+    scenario = replace(sc.snapshot_style("after-protect", sabotage=True, thp=settings), split=split)
+    out = run(build(tmp_path, scenario))
+    lines = [m for m in map(SPLIT_LINE.match, out.stdout.splitlines()) if m]
+    assert len(lines) == 1, out.stdout + out.stderr
+    counted = int(lines[0]["size"] or 0) if settings.mthp_kb else int(lines[0]["split"])
+    assert counted > 0 or "CANNOT SPLIT" in lines[0]["how"], out.stdout
+    sabotaged = np.nonzero(scenario.selector("sabotage"))[0].tolist()
+    assert out.rc == 1 and out.pages("no-wp-fault") == out.pages("no-wp-fault", "touch(write, zero)") == sabotaged, \
+        out.stdout + out.stderr
+    assert {k for k, _, _ in out.bad} <= {"no-wp-fault", "lost-uffd-wp"}, out.stdout
