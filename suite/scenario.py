@@ -125,8 +125,9 @@ class Scenario:
         if self.variant and (self.kind != "postcopy" or self.variant not in POSTCOPY_VARIANTS):
             raise ValueError(f"a {self.kind} scenario has no migration variant {self.variant!r} "
                              f"(postcopy: one of {', '.join(v for v in POSTCOPY_VARIANTS if v)})")
-        if self.split not in SPLITS or (self.split != "shrinker" and not self.synthetic):
-            raise ValueError(f"a {self.kind} scenario has no split trigger {self.split!r} (synthetic: {SPLITS})")
+        if self.split not in SPLITS or (self.split == "partial-unmap" and not self.synthetic):
+            raise ValueError(f"a {self.kind} scenario has no split trigger {self.split!r} (one of {SPLITS}; "
+                             "partial-unmap is synthetic only)")
         if bad := [st.op for st in self.steps if st.op not in KIND_OPS[self.kind]]:
             raise ValueError(f"{self.kind} scenario cannot have steps {', '.join(bad)}")
 

@@ -25,7 +25,7 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +34,7 @@ import numpy as np
 from . import oracle, pagemap, shrinker, thp, waits
 from .ledger import Ledger
 from .memcg import Memcg
-from .pagemap import PAGE, PAGES_PER_THP
+from .pagemap import PAGE, PAGES_PER_THP, PageStates
 from .scenario import SPLITS, Scenario
 from .uffd import UffdHelper
 from .verdict import Finding
@@ -238,39 +238,54 @@ def no_split_reason(split: str, folio_kb: int, before: dict[str, int], shrinker_
 
 def split_region(led: Ledger, helper: UffdHelper, scenario: Scenario, phase: str, nonzero: np.ndarray,
                  shrink_trigger: str, cg: Memcg | None) -> np.ndarray:
-    """One synthetic split step by ``scenario.split``: the process's own part, the trigger between two THP-aware
-    snapshots, the split judged by folio counts (a due split that split nothing is a ``no-split`` finding).
-    Returns the pages the trigger unmapped on purpose (partial-unmap): no longer placed, nor protected."""
+    """One synthetic split step by ``scenario.split``: the process's own part (MADV_DONTNEED for partial-unmap,
+    MADV_MERGEABLE for KSM), then ``judged_split``. Returns the pages the trigger unmapped on purpose
+    (partial-unmap): no longer placed, nor protected."""
+    unmapped = np.zeros(scenario.npages, dtype=bool)
+
+    def own_part() -> None:
+        nonlocal unmapped
+        if scenario.split == "partial-unmap":
+            unmapped = partial_mask(nonzero, scenario.thp.mthp_kb)
+            for first, count in oracle.runs(unmapped):
+                helper.madvise("dontneed", first * PAGE, count * PAGE)
+            led.placed &= ~unmapped
+        elif scenario.split.startswith("ksm"):
+            helper.madvise("mergeable", 0, scenario.npages * PAGE)
+
+    judged_split(led, helper.pid, led.base, scenario, phase, shrink_trigger, cg, own_part)
+    return unmapped
+
+
+def judged_split(led: Ledger, pid: int, start: int, scenario: Scenario, phase: str, shrink_trigger: str,
+                 cg: Memcg | None, own_part: Callable[[], None] | None = None) -> tuple[PageStates, PageStates]:
+    """Fire ``scenario.split`` on ``pid``'s [start, +npages) between two THP-aware snapshots (kept for the
+    artifacts) and judge it by folio counts: a due split that split nothing is a ``no-split`` finding; a trigger
+    that cannot split here says why in the verdict. Returns the snapshots before and after."""
     split, folio_kb, n = scenario.split, scenario.thp.mthp_kb, scenario.npages
-    pid, start = helper.pid, led.base
+    prefix = f"{led.name}-" if led.name else ""
     before_folios = folios(pid, start, n)
-    led.around_shrinks[f"before-{phase}"] = led.snapshot(with_thp=True)
-    unmapped = np.zeros(n, dtype=bool)
-    if split == "partial-unmap":
-        unmapped = partial_mask(nonzero, folio_kb)
-        for first, count in oracle.runs(unmapped):
-            helper.madvise("dontneed", first * PAGE, count * PAGE)
-        led.placed &= ~unmapped
-    elif split.startswith("ksm"):
-        helper.madvise("mergeable", 0, n * PAGE)
+    before = led.around_shrinks[f"{prefix}before-{phase}"] = led.snapshot(with_thp=True)
+    if own_part is not None:
+        own_part()
     result = fire(split, pid, start, n * PAGE, shrink_trigger=shrink_trigger, cg=cg)
-    led.around_shrinks[f"after-{phase}"] = led.observe(phase, with_thp=True)
+    after = led.around_shrinks[f"{prefix}after-{phase}"] = led.observe(phase, with_thp=True)
     after_folios = folios(pid, start, n)
     support = thp.ShrinkerSupport.now().no_split_reason()
     reason = result.cannot or no_split_reason(split, folio_kb, before_folios, support)
-    v = led.verdict
+    v, who = led.verdict, f"{led.name}: " if led.name else ""
     total_before, total_after = sum(before_folios.values()), sum(after_folios.values())
-    v.shrinks.append({"phase": phase, "trigger": result.how, "split": split, "seconds": result.seconds,
-                      "thp_before": total_before, "thp_after": total_after, "folios_before": before_folios,
-                      "folios_after": after_folios, "vmstat": result.counters, "split_expected": not reason,
-                      "no_split_reason": reason})
+    v.shrinks.append({"phase": phase, **({"side": led.name} if led.name else {}), "trigger": result.how,
+                      "split": split, "seconds": result.seconds, "thp_before": total_before,
+                      "thp_after": total_after, "folios_before": before_folios, "folios_after": after_folios,
+                      "vmstat": result.counters, "split_expected": not reason, "no_split_reason": reason})
     if reason:
-        v.no_split_reason = v.no_split_reason or f"{split}: {reason}"
-        return unmapped
+        v.no_split_reason = v.no_split_reason or f"{who}{split}: {reason}"
+        return before, after
     v.split_expected = True
     if total_after >= total_before:
         counted = ", ".join(f"{k} +{c}" for k, c in result.counters.items() if k.startswith(("thp_split", "split-")))
         v.findings.append(Finding("no-split", phase, total_after, [], led.space,
-                                  f"{split}: large folios {before_folios} before, {after_folios} after "
+                                  f"{who}{split}: large folios {before_folios} before, {after_folios} after "
                                   f"{result.how} ({counted or 'no split counted'})"))
-    return unmapped
+    return before, after

@@ -98,3 +98,20 @@ def test_trigger_negative_control(run, check_verdict, split):
     base = untrapped[0].addresses[0] - int(idx[0]) * pagemap.PAGE
     assert untrapped[0].addresses == [base + int(i) * pagemap.PAGE for i in idx], verdict.failure_message()
     assert {f.kind for f in verdict.findings} <= {"no-wp-fault", "lost-uffd-wp"}, verdict.failure_message()
+
+
+# Real QEMU: the trigger fired on QEMU's RAM from outside (process_madvise, debugfs with QEMU's pid and RAM range,
+# ksmd: QEMU's RAM is MADV_MERGEABLE by default, mem-merge=on). partial-unmap is synthetic only.
+QEMU_CELLS = [("snapshot", "pageout"), ("snapshot", "ksm-zero"), ("snapshot", "debugfs"), ("postcopy", "pageout")]
+QEMU_KINDS = {"snapshot": lambda: sc.snapshot("snapshot-running"), "postcopy": lambda: sc.postcopy("precopy-done")}
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("kind", "split"), QEMU_CELLS, ids=[f"{k}-{s}" for k, s in QEMU_CELLS])
+def test_trigger_qemu(run, qemu, check_verdict, kind, split):
+    """A real QEMU's RAM split by each trigger: no received page lost, no uffd-wp bit lost, the same restore."""
+    verdict = run(replace(QEMU_KINDS[kind](), split=split))
+    check_verdict(verdict)
+    assert verdict.split_expected or verdict.no_split_reason, f"no split and no reason: {verdict.summary()}"
+    if split != "debugfs":
+        assert verdict.split_expected, f"{split} was due to split QEMU's THPs: {verdict.summary()}"

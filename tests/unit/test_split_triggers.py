@@ -31,8 +31,8 @@ def test_split_round_trips_and_old_json_reads_as_shrinker() -> None:
 def test_bad_split_is_refused() -> None:
     with pytest.raises(ValueError, match="no split trigger 'reclaim'"):
         replace(sc.snapshot_style("after-protect"), split="reclaim")
-    with pytest.raises(ValueError, match="postcopy scenario has no split trigger 'pageout'"):
-        replace(sc.postcopy("mid-precopy"), split="pageout")
+    with pytest.raises(ValueError, match="postcopy scenario has no split trigger 'partial-unmap'"):
+        replace(sc.postcopy("mid-precopy"), split="partial-unmap")
 
 
 def test_mthp_size_in_ids() -> None:
