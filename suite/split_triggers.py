@@ -195,6 +195,11 @@ def debugfs_split(pid: int, start: int, length: int) -> str:
     return ""
 
 
+def ksm_current() -> dict[str, str]:
+    """KSM's knobs as now (``ksm/run`` …), for checks that a run left them as found."""
+    return {f"ksm/{k}": (KSM / k).read_text().strip() for k in KSM_KNOBS if (KSM / k).exists()}
+
+
 @contextlib.contextmanager
 def ksm_knobs(use_zero_pages: bool) -> Iterator[None]:
     """KSM set for a quick on-demand scan; every knob restored as found, also on error."""

@@ -152,6 +152,11 @@ class ShrinkerSupport:
 MTHP_SIZES_KB = (16, 32, 64, 128, 256, 512, 1024)
 
 
+def sizes_current() -> dict[str, str]:
+    """Every per-size knob (``hugepages-64kB/enabled`` …) as now; empty on kernels without mTHP."""
+    return {f"{k.parent.name}/enabled": _read(k) for k in sorted(SYSFS.glob("hugepages-*kB/enabled"))}
+
+
 def size_knob(kb: int) -> Path:
     return SYSFS / f"hugepages-{kb}kB" / "enabled"
 
