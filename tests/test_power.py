@@ -51,6 +51,7 @@ LOST_BIT_CELLS = {
     **{f"tests/test_triggers.py::test_trigger[wp-{t}]": "lost their uffd-wp bit"
        for t in ("pageout-pmd", "partial-unmap-pmd", "ksm-zero-pmd", "debugfs-pmd", "pageout-mthp64k")},
     "tests/test_triggers.py::test_trigger[soft-dirty-partial-unmap-pmd]": "lost their soft-dirty bit",
+    "tests/test_triggers.py::test_trigger[soft-dirty-fault-pageout-mthp64k]": "lost their soft-dirty bit",
     # the shrinker cannot split mTHPs: the cell says so and passes on the bad kernel too
     "tests/test_triggers.py::test_trigger[wp-shrinker-mthp64k]": "",
 }

@@ -26,6 +26,12 @@ SIZES = [ThpSettings(), *(ThpSettings(mthp_kb=kb) for kb in MTHP_SIZES_KB),
 KINDS = {
     "wp": lambda thp: sc.snapshot_style("after-protect", thp=thp),
     "soft-dirty": lambda thp: sc.soft_dirty_style(thp=thp),
+    # no clear_refs: every subpage is soft-dirty from its fault. On mTHPs (PTE-mapped) "soft-dirty" above has
+    # nothing to lose: clear_refs clears every subpage and the write re-marks only the data subpage
+    "soft-dirty-fault": lambda thp: sc.Scenario(
+        name="soft-dirty-fault", kind="snapshot-style", thp=thp,
+        steps=(sc.Step("map", "hugepage"), sc.Step("place", pages="data"),
+               sc.Step("shrink", label="shrink@after-place"), sc.Step("verify"))),
     "missing": lambda thp: sc.postcopy_style("after-discard", "after-place", thp=thp),
 }
 ALWAYS_SPLIT = ("pageout", "partial-unmap", "ksm", "ksm-zero")  # on any kernel with THP and these interfaces
@@ -34,6 +40,7 @@ PMD, K64 = SIZES[0], ThpSettings(mthp_kb=64)
 SAMPLE = ([("wp", split, PMD) for split in sc.SPLITS]
           + [("wp", split, K64) for split in ("shrinker", "pageout", "partial-unmap", "ksm-zero")]
           + [("soft-dirty", split, PMD) for split in ("pageout", "partial-unmap", "ksm-zero")]
+          + [("soft-dirty-fault", "pageout", K64)]
           + [("missing", split, PMD) for split in ("pageout", "partial-unmap")])
 
 
@@ -62,7 +69,7 @@ def judge(verdict, kernel_features: dict[str, bool], split: str, thp: ThpSetting
 
 
 def _run_cell(run, check_verdict, kernel_features, kind: str, split: str, thp: ThpSettings) -> None:
-    if kind == "soft-dirty" and not kernel_features["soft_dirty"]:
+    if kind.startswith("soft-dirty") and not kernel_features["soft_dirty"]:
         pytest.skip("kernel under test lacks CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 is never set")
     verdict = run(scenario_for(kind, split, thp))
     check_verdict(verdict)
