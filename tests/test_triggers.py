@@ -26,11 +26,12 @@ SIZES = [ThpSettings(), *(ThpSettings(mthp_kb=kb) for kb in MTHP_SIZES_KB),
 KINDS = {
     "wp": lambda thp: sc.snapshot_style("after-protect", thp=thp),
     "soft-dirty": lambda thp: sc.soft_dirty_style(thp=thp),
-    # no clear_refs: every subpage is soft-dirty from its fault. On mTHPs (PTE-mapped) "soft-dirty" above has
-    # nothing to lose: clear_refs clears every subpage and the write re-marks only the data subpage
+    # clear_refs on the empty region (the VMA's VM_SOFTDIRTY, which pagemap ORs into every page, goes), then
+    # the fault marks every subpage soft-dirty. On PTE-mapped mTHPs "soft-dirty" above has nothing to lose:
+    # its clear_refs clears every subpage and the write re-marks only the data subpage
     "soft-dirty-fault": lambda thp: sc.Scenario(
         name="soft-dirty-fault", kind="snapshot-style", thp=thp,
-        steps=(sc.Step("map", "hugepage"), sc.Step("place", pages="data"),
+        steps=(sc.Step("map", "hugepage"), sc.Step("clear-soft-dirty"), sc.Step("place", pages="data"),
                sc.Step("shrink", label="shrink@after-place"), sc.Step("verify"))),
     "missing": lambda thp: sc.postcopy_style("after-discard", "after-place", thp=thp),
 }
