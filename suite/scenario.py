@@ -49,7 +49,7 @@ KIND_OPS: dict[str, frozenset[str]] = {
 # with multifd channels (zero-page-detection=multifd), with postcopy-preempt.
 POSTCOPY_VARIANTS = ("", "multifd", "preempt")
 SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed")
-# What a synthetic "shrink" step fires to split large folios (``split_triggers``); "shrinker" is the default.
+# What a "shrink" step fires to split large folios (``split_triggers``); "shrinker" is the default.
 SPLITS = ("shrinker", "pageout", "partial-unmap", "debugfs", "ksm", "ksm-zero")
 
 
@@ -117,7 +117,7 @@ class Scenario:
     thp: ThpSettings = field(default_factory=ThpSettings)
     trigger: str = "auto"  # shrinker trigger: auto (memcg-scoped where possible), memcg, drop_caches
     variant: str = ""  # real postcopy only: one of POSTCOPY_VARIANTS
-    split: str = "shrinker"  # what a synthetic shrink step fires: one of SPLITS (ids name it when not the default)
+    split: str = "shrinker"  # what a shrink step fires: one of SPLITS (ids name it when not the default)
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_OPS:
