@@ -83,6 +83,17 @@ def test_header_says_what_where_and_how():
         reproducer.generate(sc.postcopy("completed"))
 
 
+def test_split_trigger_and_folio_size_are_in_the_generated_source():
+    scenario = replace(sc.snapshot_style("after-protect", thp=thp.ThpSettings(mthp_kb=64)), split="ksm-zero")
+    text = reproducer.generate(scenario)
+    assert 'static const char SPLIT[] = "ksm-zero";' in text and "#define FOLIO_KB 64" in text
+    assert '{"hugepages-64kB/enabled", "always"},' in text and '{"hugepages-2048kB/enabled", "never"},' in text
+    assert '{"../ksm/use_zero_pages", "1"},' in text and '{"../ksm/run", "0"},' in text
+    assert "Split trigger of the shrink steps: ksm-zero" in text[: text.index("*/")]
+    partial = reproducer.generate(replace(sc.snapshot_style("after-protect"), split="partial-unmap"))
+    assert "static const struct run SEL_partial[] = {\n\t{511, 1}, {1023, 1}," in partial
+
+
 def test_written_from_a_failing_cells_artifacts(tmp_path: Path):
     scenario = sc.snapshot_style("after-protect", sabotage=True)
     (tmp_path / "scenario.json").write_text(scenario.to_json())
