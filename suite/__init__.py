@@ -24,6 +24,7 @@ Running and judging
 - ``pagemap``      — the page-state oracle: per-4 KiB page state from /proc/PID/pagemap (+ kpageflags).
 - ``oracle``       — diffs of page states: spurious holes, lost uffd-wp / soft-dirty bits.
 - ``thp`` / ``memcg`` / ``shrinker`` — THP knobs (always restored), cgroup scopes, shrinker triggers.
+- ``split_triggers`` — every other way to split a large folio (pageout, partial unmap, debugfs, KSM), folio sizes.
 - ``uffd``         — the C helper (``uffd_helper.c``) that performs userfaultfd sequences step by step.
 
 Real QEMU (sub-package ``qemu``)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ledger, pagemap, shrinker, thp
+from . import ledger, pagemap, shrinker, split_triggers, thp
 from .errors import StallError
 from .ledger import Ledger
 from .memcg import Memcg
@@ -53,6 +53,7 @@ class SyntheticRun:
         self.wp_expected = np.zeros(n, dtype=bool)  # must be write-protected
         self.nonzero = np.zeros(n, dtype=bool)  # content the model expects to be non-zero (place, touch write)
         self.wp_registered = False
+        self.unmapped = np.zeros(n, dtype=bool)  # pages the last split trigger unmapped on purpose (partial-unmap)
 
     # --- driving -------------------------------------------------------------------------------------------
 
@@ -131,7 +132,12 @@ class SyntheticRun:
 
     def do_shrink(self, step: Step, sel: np.ndarray) -> Faults:
         thp.verify(self.s.thp)
-        self.ledger.shrink(step.phase, self.trigger, self.cg, self.nonzero)
+        if self.s.split == "shrinker" and not self.s.thp.mthp_kb:
+            self.ledger.shrink(step.phase, self.trigger, self.cg, self.nonzero)
+        else:  # another trigger, or folios other than PMD THPs: split_triggers fires and judges it
+            self.unmapped = split_triggers.split_region(self.ledger, self.h, self.s, step.phase, self.nonzero,
+                                                        self.trigger, self.cg)
+            self.wp_expected &= ~self.unmapped
         return _no_faults()
 
     def do_touch(self, step: Step, sel: np.ndarray) -> Faults:
@@ -170,5 +176,5 @@ class SyntheticRun:
             self.wp_expected &= ~sel  # the handler un-protected what it trapped, as QEMU does
 
         if before is not None and OPS[step.op]:  # this step must not clear protection bits
-            keep = ~sel if step.op == "discard" else np.ones_like(sel)
+            keep = ~sel if step.op == "discard" else ~self.unmapped if step.op == "shrink" else np.ones_like(sel)
             led.lost_bits(phase, before, after, wp=self.wp_expected & keep, keep=keep)

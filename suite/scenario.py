@@ -49,6 +49,8 @@ KIND_OPS: dict[str, frozenset[str]] = {
 # with multifd channels (zero-page-detection=multifd), with postcopy-preempt.
 POSTCOPY_VARIANTS = ("", "multifd", "preempt")
 SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed")
+# What a "shrink" step fires to split large folios (``split_triggers``); "shrinker" is the default.
+SPLITS = ("shrinker", "pageout", "partial-unmap", "debugfs", "ksm", "ksm-zero")
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class Scenario:
     thp: ThpSettings = field(default_factory=ThpSettings)
     trigger: str = "auto"  # shrinker trigger: auto (memcg-scoped where possible), memcg, drop_caches
     variant: str = ""  # real postcopy only: one of POSTCOPY_VARIANTS
+    split: str = "shrinker"  # what a shrink step fires: one of SPLITS (ids name it when not the default)
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_OPS:
@@ -122,13 +125,17 @@ class Scenario:
         if self.variant and (self.kind != "postcopy" or self.variant not in POSTCOPY_VARIANTS):
             raise ValueError(f"a {self.kind} scenario has no migration variant {self.variant!r} "
                              f"(postcopy: one of {', '.join(v for v in POSTCOPY_VARIANTS if v)})")
+        if self.split not in SPLITS or (self.split == "partial-unmap" and not self.synthetic):
+            raise ValueError(f"a {self.kind} scenario has no split trigger {self.split!r} (one of {SPLITS}; "
+                             "partial-unmap is synthetic only)")
         if bad := [st.op for st in self.steps if st.op not in KIND_OPS[self.kind]]:
             raise ValueError(f"{self.kind} scenario cannot have steps {', '.join(bad)}")
 
     @property
     def id(self) -> str:
         """The scenario's name in verdicts, reports and reproducers: ``kind[name-thp-fill]``."""
-        return f"{self.kind}[{self.name}-{self.thp.id}-{self.fill.id}]"
+        split = "" if self.split == "shrinker" else f"-by-{self.split}"
+        return f"{self.kind}[{self.name}-{self.thp.id}-{self.fill.id}{split}]"
 
     @property
     def npages(self) -> int:
@@ -170,6 +177,7 @@ class Scenario:
         return cls(
             name=d["name"], kind=d["kind"], steps=tuple(Step(**s) for s in d["steps"]), size_mib=d["size_mib"],
             fill=Fill(**d["fill"]), thp=ThpSettings(**d["thp"]), trigger=d["trigger"], variant=d.get("variant", ""),
+            split=d.get("split", "shrinker"),
         )
 
 

@@ -31,6 +31,8 @@ class ThpSettings:
     defrag: str | None = "madvise"
     max_ptes_none: int | None = 409
     shrink_underused: bool | None = True
+    mthp_kb: int = 0  # >0: only this mTHP size is enabled (hugepages-<N>kB/enabled), PMD THPs off; 0: PMD as today
+    mthp_enabled: str = "always"  # that size's enabled value: always or madvise
 
     @property
     def id(self) -> str:
@@ -40,6 +42,8 @@ class ThpSettings:
             parts.append(f"thp-{self.enabled}")
         if self.shrink_underused is False:
             parts.append("noshrink")
+        if self.mthp_kb:
+            parts.append(f"mthp{self.mthp_kb}k" + ("" if self.mthp_enabled == "always" else f"-{self.mthp_enabled}"))
         return "-".join(parts)
 
     def to_json(self) -> dict:
@@ -79,7 +83,7 @@ def applied(settings: ThpSettings) -> Iterator[dict[str, str]]:
     on error."""
     if not KNOBS["enabled"].exists():
         raise SetupError("kernel has no transparent hugepages (CONFIG_TRANSPARENT_HUGEPAGE=n)")
-    with exclusive(), _applied(settings) as knobs:
+    with exclusive(), _applied(settings) as knobs, sizes_applied(settings):
         yield knobs
 
 
@@ -143,3 +147,40 @@ class ShrinkerSupport:
         if self.max_ptes_none >= NO_SPLIT_MAX_PTES_NONE:
             return f"max_ptes_none is {self.max_ptes_none}: underused splits disabled"
         return ""
+
+
+MTHP_SIZES_KB = (16, 32, 64, 128, 256, 512, 1024)
+
+
+def sizes_current() -> dict[str, str]:
+    """Every per-size knob (``hugepages-64kB/enabled`` …) as now; empty on kernels without mTHP."""
+    return {f"{k.parent.name}/enabled": _read(k) for k in sorted(SYSFS.glob("hugepages-*kB/enabled"))}
+
+
+def size_knob(kb: int) -> Path:
+    return SYSFS / f"hugepages-{kb}kB" / "enabled"
+
+
+@contextlib.contextmanager
+def sizes_applied(settings: ThpSettings) -> Iterator[None]:
+    """For an mTHP scenario: its size alone enabled (PMD-sized THPs set to never), every size knob restored.
+    A kernel without per-size knobs (before 6.8) is left alone: the cell then maps no large folio and says so."""
+    if not settings.mthp_kb or not size_knob(settings.mthp_kb).exists():
+        yield
+        return
+    if settings.mthp_kb not in MTHP_SIZES_KB or settings.mthp_enabled not in ("always", "madvise"):
+        raise SetupError(f"mTHP {settings.mthp_kb}kB={settings.mthp_enabled}: sizes are {MTHP_SIZES_KB} kB, "
+                         "enabled always or madvise")
+    knobs = sorted(SYSFS.glob("hugepages-*kB/enabled"))
+    saved = {k: _read(k) for k in knobs}
+    try:
+        for k in knobs:
+            want = settings.mthp_enabled if k == size_knob(settings.mthp_kb) else "never"
+            if saved[k] != want:
+                k.write_text(want)
+        yield
+    finally:
+        for k, v in saved.items():
+            if _read(k) != v:
+                with contextlib.suppress(OSError):
+                    k.write_text(v)

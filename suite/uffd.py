@@ -223,7 +223,7 @@ class UffdHelper:
         return self.addr
 
     def madvise(self, advice: str, off: int, length: int, timeout: float | None = None) -> Faults:
-        """advice: hugepage | nohugepage | dontneed | populate_read. dontneed keeps the pages' expected content."""
+        """advice: hugepage | nohugepage | dontneed | populate_read | mergeable. dontneed keeps the expected content."""
         return Faults.from_reply(self.command(f"madvise {advice} {off:#x} {length:#x}", timeout))
 
     def place(self, off: int, length: int, timeout: float | None = None) -> Faults:

@@ -394,13 +394,14 @@ static void cmd_madvise(char *advice_s, char *off_s, char *len_s)
 		{"nohugepage", MADV_NOHUGEPAGE},
 		{"dontneed", MADV_DONTNEED}, /* expected stays: the handler re-supplies it, as QEMU's source re-sends */
 		{"populate_read", MADV_POPULATE_READ},
+		{"mergeable", MADV_MERGEABLE}, /* split triggers: KSM scans (and splits) only mergeable ranges */
 	};
 	int advice = -1;
 	for (size_t i = 0; advice_s && i < sizeof(advices) / sizeof(advices[0]); i++)
 		if (!strcmp(advice_s, advices[i].name))
 			advice = advices[i].advice;
 	if (advice < 0) {
-		reply_error("madvise: advice must be hugepage|nohugepage|dontneed|populate_read", EINVAL);
+		reply_error("madvise: advice must be hugepage|nohugepage|dontneed|populate_read|mergeable", EINVAL);
 		return;
 	}
 	unsigned long off, len;

@@ -14,7 +14,7 @@ KINDS = {
     "no-wp-fault": "writes to write-protected pages raised no WP fault (the write went through untrapped)",
     "content": "pages differ from the expected content",
     "stall": "received pages a reader stalls on (a read did not return in time)",
-    "no-split": "THPs were not split although the shrinker should have split them",
+    "no-split": "THPs (large folios) were not split although the shrinker (split trigger) should have split them",
 }
 FIRST_SHOWN = 8  # addresses shown in a message
 KEPT = 4096  # page addresses kept in the JSON per finding (the count is always exact)
@@ -75,7 +75,9 @@ class Verdict:
     def summary(self) -> str:
         """One line for logs and the terminal: the verdict and whether anything was split."""
         split = "; ".join(
-            f"{s['phase']}: {s['thp_before']}→{s['thp_after']} THPs ({s['trigger']})" for s in self.shrinks
+            f"{s['phase']}: {s['folios_before']}→{s['folios_after']} large folios ({s['split']}: {s['trigger']})"
+            if "folios_before" in s else f"{s['phase']}: {s['thp_before']}→{s['thp_after']} THPs ({s['trigger']})"
+            for s in self.shrinks
         )
         state = "ok" if self.ok else f"{len(self.findings)} finding(s)"
         reason = f"; no split expected: {self.no_split_reason}" if self.no_split_reason else ""

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from suite import memcg, procs, thp
+from suite import memcg, procs, split_triggers, thp
 from suite.waits import wait_for
 
 RUN_DIR = Path("/run")
@@ -116,7 +116,7 @@ def thp_knobs(timeout: float = 300.0) -> dict[str, str]:
 
         wait_for(take, bool, what=f"the THP knob lock {thp.LOCK} to read the knobs", timeout=timeout,
                  interval=0.005, max_interval=0.02)
-        return thp.current()
+        return {**thp.current(), **thp.sizes_current(), **split_triggers.ksm_current()}
     finally:
         os.close(fd)
 

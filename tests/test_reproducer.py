@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +83,17 @@ def test_header_says_what_where_and_how():
         reproducer.generate(sc.postcopy("completed"))
 
 
+def test_split_trigger_and_folio_size_are_in_the_generated_source():
+    scenario = replace(sc.snapshot_style("after-protect", thp=thp.ThpSettings(mthp_kb=64)), split="ksm-zero")
+    text = reproducer.generate(scenario)
+    assert 'static const char SPLIT[] = "ksm-zero";' in text and "#define FOLIO_KB 64" in text
+    assert '{"hugepages-64kB/enabled", "always"},' in text and '{"hugepages-2048kB/enabled", "never"},' in text
+    assert '{"../ksm/use_zero_pages", "1"},' in text and '{"../ksm/run", "0"},' in text
+    assert "Split trigger of the shrink steps: ksm-zero" in text[: text.index("*/")]
+    partial = reproducer.generate(replace(sc.snapshot_style("after-protect"), split="partial-unmap"))
+    assert "static const struct run SEL_partial[] = {\n\t{511, 1}, {1023, 1}," in partial
+
+
 def test_written_from_a_failing_cells_artifacts(tmp_path: Path):
     scenario = sc.snapshot_style("after-protect", sabotage=True)
     (tmp_path / "scenario.json").write_text(scenario.to_json())
@@ -117,3 +128,27 @@ def test_sabotaged_postcopy_reproducer_names_exactly_the_punched_pages(tmp_path:
     assert out.pages("missing-fault") == out.pages("missing-fault", "touch(read)") == punched
     assert {k for k, _, _ in out.bad} <= {"hole", "missing-fault", "lost-soft-dirty"}  # DONTNEED clears soft-dirty
     assert f"# verdict: {len(out.bad)} bad page report(s)" in out.stdout
+
+
+SPLIT_LINE = re.compile(r"^# shrink@[^:]+: (?P<how>[^:]+): .*thp_split_page \+(?P<split>\d+)"
+                        r"(, hugepages-\d+kB/stats/split \+(?P<size>\d+))?")
+SPLIT_CELLS = [(split, thp.ThpSettings()) for split in sc.SPLITS] + [("pageout", thp.ThpSettings(mthp_kb=64)),
+                                                                    ("partial-unmap", thp.ThpSettings(mthp_kb=64))]
+
+
+@pytest.mark.host
+@host
+@pytest.mark.parametrize(("split", "settings"), SPLIT_CELLS, ids=[f"{s}-{t.id}" for s, t in SPLIT_CELLS])
+def test_split_trigger_reproducer_names_the_unprotected_pages(tmp_path: Path, split: str, settings: thp.ThpSettings):
+    """Every split trigger replays in C: it splits (or says it cannot), and a sabotaged run names exactly the
+    pages un-protected behind its back, at the write that went through."""
+    scenario = replace(sc.snapshot_style("after-protect", sabotage=True, thp=settings), split=split)
+    out = run(build(tmp_path, scenario))
+    lines = [m for m in map(SPLIT_LINE.match, out.stdout.splitlines()) if m]
+    assert len(lines) == 1, out.stdout + out.stderr
+    counted = int(lines[0]["size"] or 0) if settings.mthp_kb else int(lines[0]["split"])
+    assert counted > 0 or "CANNOT SPLIT" in lines[0]["how"], out.stdout
+    sabotaged = np.nonzero(scenario.selector("sabotage"))[0].tolist()
+    assert out.rc == 1 and out.pages("no-wp-fault") == out.pages("no-wp-fault", "touch(write, zero)") == sabotaged, \
+        out.stdout + out.stderr
+    assert {k for k, _, _ in out.bad} <= {"no-wp-fault", "lost-uffd-wp"}, out.stdout

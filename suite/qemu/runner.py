@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import ledger, memcg, pagemap, shrinker, thp
+from .. import ledger, memcg, pagemap, shrinker, split_triggers, thp
 from ..errors import HolecheckError, StallError
 from ..ledger import Ledger
 from ..options import RunOptions
@@ -159,7 +159,12 @@ class MigrationRun:
     def shrink(self, step: Step, sides: list[Side]) -> None:
         thp.verify(self.s.thp)
         for side in sides:
-            before, after = side.ledger.shrink(step.phase, self.trigger, side.cg, self.nonzero)
+            if self.s.split == "shrinker" and not self.s.thp.mthp_kb:
+                before, after = side.ledger.shrink(step.phase, self.trigger, side.cg, self.nonzero)
+            else:  # another trigger on QEMU's RAM, from outside (process_madvise, debugfs, ksmd with mem-merge)
+                start, _ = side.machine.ram_mapping()
+                before, after = split_triggers.judged_split(side.ledger, side.machine.pid, start, self.s,
+                                                            step.phase, self.trigger, side.cg)
             side.ledger.lost_bits(step.phase, before, after)
 
     def compare(self, step: Step, side: Side, expected: np.ndarray, what: str) -> None:

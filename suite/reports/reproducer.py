@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import split_triggers, thp
 from ..oracle import runs
 from ..pagemap import PAGE, PAGES_PER_THP
 from ..scenario import OPS, Scenario, Step
@@ -35,6 +36,44 @@ BUILD = "cc -O2 -pthread repro.c -o repro"
 # The fixed part of every reproducer: set-up, the step loop and the judge (C tooling and diffs see it as C).
 RUNTIME = resources.files(__package__) / "reproducer_runtime.c"
 assert PAGE == 4096  # the C side hard-codes 4 KiB pages (uffd_helper.c's PAGE)
+
+
+SPLIT_TEXT = {
+    "shrinker": "the deferred-split shrinker",
+    "pageout": "MADV_PAGEOUT of the region: reclaim splits each large folio, with or without swap",
+    "partial-unmap": "MADV_DONTNEED of one zero subpage of every large folio (SEL_partial), then the shrinker",
+    "debugfs": "debugfs split_huge_pages on this pid and region (mounted privately if absent)",
+    "ksm": "MADV_MERGEABLE, ksmd run for 20 full scans with use_zero_pages=0",
+    "ksm-zero": "MADV_MERGEABLE, ksmd run for 20 full scans with use_zero_pages=1",
+}
+KSM_KNOBS = {"../ksm/run": "0", "../ksm/pages_to_scan": "100000", "../ksm/sleep_millisecs": "0",
+             "../ksm/smart_scan": "0"}
+
+
+def knobs(s: Scenario) -> dict[str, str | None]:
+    """Knob file (relative to the THP sysfs dir) → value the reproducer sets (None: left as found); the
+    reproducer restores each at exit, also on a signal. mTHP: only its size enabled; KSM's knobs for ksm*."""
+    settings = s.thp.to_json()
+    size_kb, size_enabled = settings.pop("mthp_kb", 0), settings.pop("mthp_enabled", "always")
+    out: dict[str, str | None] = {KNOB_FILES[k]: None if v is None else str(int(v) if isinstance(v, bool) else v)
+                                  for k, v in settings.items()}
+    if size_kb:
+        for kb in (8, *thp.MTHP_SIZES_KB, 2048):
+            out[f"hugepages-{kb}kB/enabled"] = size_enabled if kb == size_kb else "never"
+    if s.split.startswith("ksm"):
+        out |= KSM_KNOBS | {"../ksm/use_zero_pages": str(int(s.split == "ksm-zero"))}
+    return out
+
+
+def nonzero_at_split(s: Scenario) -> np.ndarray:
+    """The pages the model expects non-zero at the first shrink step (as runner.SyntheticRun tracks them)."""
+    nonzero = np.zeros(s.npages, dtype=bool)
+    for st in s.steps:
+        if st.op == "shrink":
+            break
+        if st.op == "place" or (st.op == "touch" and st.arg == "write"):
+            nonzero |= s.selector(st.pages)
+    return nonzero
 
 
 def _slice(text: str, start: str, end: str) -> str:
@@ -73,7 +112,8 @@ def describe(step: Step, s: Scenario) -> str:
         "wp": "MADV_POPULATE_READ, then UFFDIO_WRITEPROTECT the selected pages" if step.arg == "1"
               else "UFFDIO_WRITEPROTECT mode 0 (un-protect) the selected pages",
         "clear-soft-dirty": "echo 4 > /proc/self/clear_refs",
-        "shrink": "fire the deferred-split shrinker (memcg-scoped reclaim, else drop_caches)",
+        "shrink": "fire the deferred-split shrinker (memcg-scoped reclaim, else drop_caches)" if s.split == "shrinker"
+                  else f"split by {s.split}: {SPLIT_TEXT[s.split]}",
         "touch": f"{step.arg} every selected page",
         "verify": "compare every page with its expected content",
         "sabotage-punch": "NEGATIVE CONTROL: MADV_DONTNEED on placed pages (holes on purpose)",
@@ -84,8 +124,7 @@ def describe(step: Step, s: Scenario) -> str:
 
 
 def _header(s: Scenario, verdict: Verdict | None) -> str:
-    knobs = " ".join(f"{KNOB_FILES[k]}={int(v) if isinstance(v, bool) else v}"
-                     for k, v in s.thp.to_json().items() if v is not None)
+    knob_text = " ".join(f"{k}={v}" for k, v in knobs(s).items() if v is not None)
     lines = [f"holecheck reproducer: {s.id}", ""]
     if s.kind == "postcopy-style":
         lines += ["QEMU postcopy's destination without QEMU: pages placed during precopy must never turn into",
@@ -104,7 +143,8 @@ def _header(s: Scenario, verdict: Verdict | None) -> str:
     lines += [f"  {i:2}. {st.phase}: {describe(st, s)}" for i, st in enumerate(s.steps, 1)]
     lines += [
         "",
-        f"THP knobs while it runs (/sys/kernel/mm/transparent_hugepage/, restored at exit): {knobs}",
+        f"THP knobs while it runs (/sys/kernel/mm/transparent_hugepage/, restored at exit): {knob_text}",
+        f"Split trigger of the shrink steps: {s.split} ({SPLIT_TEXT[s.split]}).",
         f"Shrinker trigger: {s.trigger} (auto: the process moves itself into a fresh memory cgroup before touching",
         "memory and the shrinker is fired with cgroup v2 memory.reclaim or v1 memory.force_empty; no memory",
         "cgroup: drop_caches, host-wide). The cgroup is removed at exit, also on SIGINT/SIGTERM.",
@@ -150,14 +190,17 @@ def _tables(s: Scenario, timeout: float) -> str:
            f"static const char SCENARIO[] = {c_string(s.id)};",
            f"#define REGION_SIZE ({s.npages}UL * PAGE)",
            f"static const char TRIGGER[] = {c_string(s.trigger)};",
+           f"static const char SPLIT[] = {c_string(s.split)};",
+           f"#define FOLIO_KB {s.thp.mthp_kb or 2048}",
            f"static const double DEFAULT_TIMEOUT = {timeout!r};", "",
            "/* THP knobs under /sys/kernel/mm/transparent_hugepage/; NULL: left as found */",
            "static const struct knob {", "\tconst char *file, *want;", "} KNOBS[] = {"]
-    for key, value in s.thp.to_json().items():
-        want = "NULL" if value is None else c_string(str(int(value) if isinstance(value, bool) else value))
-        out.append(f"\t{{{c_string(KNOB_FILES[key])}, {want}}},")
+    for file, value in knobs(s).items():
+        out.append(f"\t{{{c_string(file)}, {'NULL' if value is None else c_string(value)}}},")
     out += ["};", "", "struct run {", "\tsize_t first, count; /* pages */", "};", ""]
     out += [_runs_table(sel, s.selector(sel)) for sel in selectors]
+    partial = split_triggers.partial_mask(nonzero_at_split(s), s.thp.mthp_kb) if s.split == "partial-unmap" else None
+    out.append(_runs_table("partial", partial if partial is not None else np.zeros(s.npages, dtype=bool)))
     out += ["enum op {", "\t" + ", ".join("OP_" + op.upper().replace("-", "_") for op in OPS), "};", "",
             "struct step {", "\tenum op op;", "\tconst char *arg, *phase;", "\tconst struct run *runs;",
             "\tsize_t nruns;", "\tint keeps_bits; /* the step must not clear uffd-wp / soft-dirty bits */", "};",

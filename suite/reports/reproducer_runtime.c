@@ -2,6 +2,7 @@
 
 #include <signal.h>
 #include <sys/file.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/utsname.h>
 #include <time.h>
@@ -447,15 +448,126 @@ static void drain(uint8_t *missing, uint8_t *wp)
 	pthread_mutex_unlock(&hits_lock);
 }
 
+/* ---- split triggers (suite/split_triggers.py): what a shrink step fires, SPLIT ---- */
+
+#ifndef MADV_PAGEOUT
+#define MADV_PAGEOUT 21
+#endif
+#define KSM_DIR THP_DIR "../ksm/"
+#define KSM_SCANS 20
+
+static void *zalloc(size_t n);
+static uint8_t *unmapped; /* pages partial-unmap discarded on purpose: no longer placed nor protected */
+
+static long read_long(const char *path)
+{
+	char text[64];
+	return read_knob(path, text, sizeof(text)) ? -1 : strtol(text, NULL, 10);
+}
+
+/* ksmd on demand (its knobs are in KNOBS: set at start with run=0, restored at exit): KSM_SCANS full scans. */
+static const char *ksm_scan(void)
+{
+	if (access(KSM_DIR "run", F_OK))
+		die("this kernel has no KSM (" KSM_DIR ")");
+	if (madvise(region, region_size, MADV_MERGEABLE))
+		die("madvise MADV_MERGEABLE: %s", strerror(errno));
+	long first = read_long(KSM_DIR "full_scans");
+	int64_t deadline = now_ns() + (int64_t)10e9;
+	put(KSM_DIR "run", "1");
+	while (read_long(KSM_DIR "full_scans") < first + KSM_SCANS) {
+		if (now_ns() > deadline) {
+			put(KSM_DIR "run", "0");
+			die("KSM: %d full scans not done within 10 s (full_scans %ld, was %ld)", KSM_SCANS,
+			    read_long(KSM_DIR "full_scans"), first);
+		}
+		usleep(2000);
+	}
+	put(KSM_DIR "run", "0");
+	return "ksmd run=1 for 20 full scans";
+}
+
+/* debugfs split_huge_pages on exactly this process's region; debugfs mounted in a private dir if need be. */
+static const char *debugfs_split(void)
+{
+	static char msg[160];
+	char dir[64] = "/sys/kernel/debug", path[128], text[96];
+	int mounted = 0;
+	if (access("/sys/kernel/debug/split_huge_pages", F_OK)) {
+		snprintf(dir, sizeof(dir), "/tmp/holecheck-repro-debugfs-XXXXXX");
+		if (!mkdtemp(dir))
+			die("mkdtemp: %s", strerror(errno));
+		if (mount("none", dir, "debugfs", 0, NULL))
+			die("mount debugfs on %s: %s", dir, strerror(errno));
+		mounted = 1;
+	}
+	snprintf(path, sizeof(path), "%s/split_huge_pages", dir);
+	snprintf(text, sizeof(text), "%d,%#lx,%#lx", (int)getpid(), (unsigned long)region,
+		 (unsigned long)region + region_size);
+	int err = put(path, text);
+	if (mounted) {
+		umount(dir);
+		rmdir(dir);
+	}
+	if (err == EPERM)
+		snprintf(msg, sizeof(msg), "debugfs split_huge_pages refused (%s, kernel lockdown?) CANNOT SPLIT",
+			 strerror(err));
+	else if (err)
+		die("write %s: %s", path, strerror(err));
+	else
+		snprintf(msg, sizeof(msg), "debugfs split_huge_pages %s", text);
+	return msg;
+}
+
+static const char *fire_split(void)
+{
+	if (!strcmp(SPLIT, "pageout")) { /* reclaim; without swap the kernel still splits before add_to_swap fails */
+		if (madvise(region, region_size, MADV_PAGEOUT))
+			die("madvise MADV_PAGEOUT: %s", strerror(errno));
+		return "MADV_PAGEOUT";
+	}
+	if (!strcmp(SPLIT, "partial-unmap")) { /* one zero subpage of every large folio: the deferred-split queue */
+		if (!unmapped)
+			unmapped = zalloc(npages);
+		for (size_t i = 0; i < sizeof(SEL_partial) / sizeof(SEL_partial[0]); i++) {
+			const struct run *r = &SEL_partial[i];
+			if (!r->count)
+				continue;
+			if (madvise(region + r->first * PAGE, r->count * PAGE, MADV_DONTNEED))
+				die("madvise MADV_DONTNEED: %s", strerror(errno));
+			memset(unmapped + r->first, 1, r->count);
+			memset(placed + r->first, 0, r->count);
+			memset(wp_expected + r->first, 0, r->count);
+		}
+		return fire_shrinker();
+	}
+	if (!strcmp(SPLIT, "debugfs"))
+		return debugfs_split();
+	if (!strncmp(SPLIT, "ksm", 3))
+		return ksm_scan();
+	return fire_shrinker();
+}
+
+static long size_splits(void)
+{
+	char path[128];
+	snprintf(path, sizeof(path), THP_DIR "hugepages-%dkB/stats/split", FOLIO_KB);
+	return read_long(path);
+}
+
 static void shrink(const struct step *s)
 {
 	check_knobs(s->phase);
 	long thp_before = region_thps(), splits_before = vmstat("thp_underused_split_page");
-	const char *how = fire_shrinker();
+	long all_before = vmstat("thp_split_page"), size_before = size_splits();
+	const char *how = fire_split();
 	long thp_after = region_thps(), splits_after = vmstat("thp_underused_split_page");
 	printf("# %s: %s: %ld -> %ld THPs in the region", s->phase, how, thp_before, thp_after);
 	if (splits_before >= 0)
 		printf(", thp_underused_split_page +%ld (host-wide)", splits_after - splits_before);
+	printf(", thp_split_page +%ld", vmstat("thp_split_page") - all_before);
+	if (size_before >= 0)
+		printf(", hugepages-%dkB/stats/split +%ld", FOLIO_KB, size_splits() - size_before);
 	printf("\n");
 }
 
@@ -556,12 +668,12 @@ static void judge(const struct step *s, const uint64_t *before, const uint64_t *
 	}
 	if (before && s->keeps_bits) {
 		for (size_t i = 0; i < npages; i++) {
-			int keep = s->op == OP_DISCARD ? !sel[i] : 1;
+			int keep = s->op == OP_DISCARD ? !sel[i] : s->op == OP_SHRINK && unmapped ? !unmapped[i] : 1;
 			if (keep && wp_expected[i] && (before[i] & PM_UFFD_WP) && !(after[i] & PM_UFFD_WP))
 				report(K_LOST_WP, i, ph);
 		}
 		for (size_t i = 0; i < npages; i++) {
-			int keep = s->op == OP_DISCARD ? !sel[i] : 1;
+			int keep = s->op == OP_DISCARD ? !sel[i] : s->op == OP_SHRINK && unmapped ? !unmapped[i] : 1;
 			if (keep && (before[i] & PM_SOFT_DIRTY) && !(after[i] & PM_SOFT_DIRTY))
 				report(K_LOST_SD, i, ph);
 		}

@@ -1,0 +1,125 @@
+"""Split triggers × folio sizes: every way the kernel splits a large anonymous folio, PMD THPs and mTHPs.
+
+The same synthetic sequences as test_synthetic.py (background-snapshot WP, soft-dirty, postcopy destination), their
+``shrink`` step firing ``Scenario.split`` (``suite.split_triggers``) on folios of one size. A trigger that cannot
+split here (the shrinker on mTHPs, debugfs under kernel lockdown) says so in the cell, never silently passes.
+
+The self-test run samples the axes (``SAMPLE``); the full trigger × size product (``test_trigger_product``, marker
+``full_product``) runs when ``--matrix`` is given explicitly (main: host only; nightly: every kernel).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from suite import pagemap
+from suite import scenario as sc
+from suite.thp import MTHP_SIZES_KB, ThpSettings
+
+pytestmark = pytest.mark.host
+
+SIZES = [ThpSettings(), *(ThpSettings(mthp_kb=kb) for kb in MTHP_SIZES_KB),
+         ThpSettings(mthp_kb=64, mthp_enabled="madvise")]
+KINDS = {
+    "wp": lambda thp: sc.snapshot_style("after-protect", thp=thp),
+    "soft-dirty": lambda thp: sc.soft_dirty_style(thp=thp),
+    # clear_refs on the empty region (the VMA's VM_SOFTDIRTY, which pagemap ORs into every page, goes), then
+    # the fault marks every subpage soft-dirty. On PTE-mapped mTHPs "soft-dirty" above has nothing to lose:
+    # its clear_refs clears every subpage and the write re-marks only the data subpage
+    "soft-dirty-fault": lambda thp: sc.Scenario(
+        name="soft-dirty-fault", kind="snapshot-style", thp=thp,
+        steps=(sc.Step("map", "hugepage"), sc.Step("clear-soft-dirty"), sc.Step("place", pages="data"),
+               sc.Step("shrink", label="shrink@after-place"), sc.Step("verify"))),
+    "missing": lambda thp: sc.postcopy_style("after-discard", "after-place", thp=thp),
+}
+ALWAYS_SPLIT = ("pageout", "partial-unmap", "ksm", "ksm-zero")  # on any kernel with THP and these interfaces
+PMD, K64 = SIZES[0], ThpSettings(mthp_kb=64)
+# (kind, split, size): the self-test's sample — every trigger on PMD THPs, the mTHP axis on a few triggers
+SAMPLE = ([("wp", split, PMD) for split in sc.SPLITS]
+          + [("wp", split, K64) for split in ("shrinker", "pageout", "partial-unmap", "ksm-zero")]
+          + [("soft-dirty", split, PMD) for split in ("pageout", "partial-unmap", "ksm-zero")]
+          + [("soft-dirty-fault", "pageout", K64)]
+          + [("missing", split, PMD) for split in ("pageout", "partial-unmap")])
+
+
+def size_id(thp: ThpSettings) -> str:
+    return f"mthp{thp.mthp_kb}k" + ("" if thp.mthp_enabled == "always" else f"-{thp.mthp_enabled}") \
+        if thp.mthp_kb else "pmd"
+
+
+def cell_id(kind: str, split: str, thp: ThpSettings) -> str:
+    return f"{kind}-{split}-{size_id(thp)}"
+
+
+def scenario_for(kind: str, split: str, thp: ThpSettings) -> sc.Scenario:
+    return replace(KINDS[kind](thp), split=split)
+
+
+def judge(verdict, kernel_features: dict[str, bool], split: str, thp: ThpSettings) -> None:
+    """A cell either split (and was judged) or says why it could not: never a silent pass."""
+    assert verdict.split_expected or verdict.no_split_reason, f"no split and no reason: {verdict.summary()}"
+    if split == "shrinker" and thp.mthp_kb:
+        assert "only splits PMD-sized THPs" in verdict.no_split_reason, verdict.summary()
+    if not thp.mthp_kb and split in ALWAYS_SPLIT:
+        assert verdict.split_expected, f"{split} was due to split the PMD THPs: {verdict.summary()}"
+    if not thp.mthp_kb and split == "shrinker":
+        assert verdict.split_expected == kernel_features["shrink_underused"], verdict.summary()
+
+
+def _run_cell(run, check_verdict, kernel_features, kind: str, split: str, thp: ThpSettings) -> None:
+    if kind.startswith("soft-dirty") and not kernel_features["soft_dirty"]:
+        pytest.skip("kernel under test lacks CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 is never set")
+    verdict = run(scenario_for(kind, split, thp))
+    check_verdict(verdict)
+    judge(verdict, kernel_features, split, thp)
+
+
+@pytest.mark.parametrize(("kind", "split", "thp_settings"), SAMPLE, ids=[cell_id(*c) for c in SAMPLE])
+def test_trigger(run, check_verdict, kernel_features, kind, split, thp_settings):
+    """No uffd-wp / soft-dirty bit lost, no hole, no untrapped write, whatever split the folios."""
+    _run_cell(run, check_verdict, kernel_features, kind, split, thp_settings)
+
+
+PRODUCT = list(itertools.product(KINDS, sc.SPLITS, SIZES))
+
+
+@pytest.mark.full_product
+@pytest.mark.parametrize(("kind", "split", "thp_settings"), PRODUCT, ids=[cell_id(*c) for c in PRODUCT])
+def test_trigger_product(run, check_verdict, kernel_features, kind, split, thp_settings):
+    """The full trigger × size × kind product (selected with an explicit ``--matrix``)."""
+    _run_cell(run, check_verdict, kernel_features, kind, split, thp_settings)
+
+
+@pytest.mark.parametrize("split", sc.SPLITS)
+def test_trigger_negative_control(run, check_verdict, split):
+    """Pages un-protected behind the model's back after each trigger's split are named exactly, at that phase."""
+    scenario = replace(sc.snapshot_style("after-protect", sabotage=True), split=split)
+    verdict = run(scenario)
+    check_verdict(verdict, must_pass=False)
+    assert not verdict.ok, f"the oracle missed pages un-protected on purpose after a {split} split"
+    untrapped = [f for f in verdict.findings if f.kind == "no-wp-fault"]
+    assert [f.phase for f in untrapped] == ["touch(write, zero)"], verdict.failure_message()
+    idx = np.nonzero(scenario.selector("sabotage"))[0]
+    base = untrapped[0].addresses[0] - int(idx[0]) * pagemap.PAGE
+    assert untrapped[0].addresses == [base + int(i) * pagemap.PAGE for i in idx], verdict.failure_message()
+    assert {f.kind for f in verdict.findings} <= {"no-wp-fault", "lost-uffd-wp"}, verdict.failure_message()
+
+
+# Real QEMU: the trigger fired on QEMU's RAM from outside (process_madvise, debugfs with QEMU's pid and RAM range,
+# ksmd: QEMU's RAM is MADV_MERGEABLE by default, mem-merge=on). partial-unmap is synthetic only.
+QEMU_CELLS = [("snapshot", "pageout"), ("snapshot", "ksm-zero"), ("snapshot", "debugfs"), ("postcopy", "pageout")]
+QEMU_KINDS = {"snapshot": lambda: sc.snapshot("snapshot-running"), "postcopy": lambda: sc.postcopy("precopy-done")}
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("kind", "split"), QEMU_CELLS, ids=[f"{k}-{s}" for k, s in QEMU_CELLS])
+def test_trigger_qemu(run, qemu, check_verdict, kind, split):
+    """A real QEMU's RAM split by each trigger: no received page lost, no uffd-wp bit lost, the same restore."""
+    verdict = run(replace(QEMU_KINDS[kind](), split=split))
+    check_verdict(verdict)
+    assert verdict.split_expected or verdict.no_split_reason, f"no split and no reason: {verdict.summary()}"
+    if split != "debugfs":
+        assert verdict.split_expected, f"{split} was due to split QEMU's THPs: {verdict.summary()}"
