@@ -119,6 +119,8 @@ class Prefetcher:
         ``upcoming``. Returns how ``abi`` got there (for the step's line)."""
         t0 = time.monotonic()
         if self.cached(abi):
+            with self.cv:  # its background fetch may have unpacked it and not yet exited: count it as prefetched
+                self.cv.wait_for(lambda: not (self.current and self.current[0] == abi), timeout=timeout)
             self._cancel(keep=upcoming)  # a fetch of a possible successor goes on
             note = f"prefetched in {self.fetched[abi]:.0f} s" if abi in self.fetched else "cached"
         else:
