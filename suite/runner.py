@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ledger, pagemap, shrinker, thp
+from . import ledger, oracle, pagemap, shrinker, thp
 from .errors import StallError
 from .ledger import Ledger
 from .memcg import Memcg
@@ -53,6 +53,8 @@ class SyntheticRun:
         self.wp_expected = np.zeros(n, dtype=bool)  # must be write-protected
         self.nonzero = np.zeros(n, dtype=bool)  # content the model expects to be non-zero (place, touch write)
         self.wp_registered = False
+        self.wp_async = False  # uffd WP_ASYNC: the kernel resolves WP faults itself; PAGEMAP_SCAN reads them back
+        self.written = np.zeros(n, dtype=bool)  # written since the last clear (soft-dirty / written must show it)
 
     # --- driving -------------------------------------------------------------------------------------------
 
@@ -95,31 +97,43 @@ class SyntheticRun:
     # --- the steps (scenario.OPS) --------------------------------------------------------------------------
 
     def do_map(self, step: Step, sel: np.ndarray) -> Faults:
-        self.ledger.base = self.h.map(self.s.npages * PAGE)
+        self.ledger.base = (self.h.map_memfd if self.s.backing == "memfd" else self.h.map)(self.s.npages * PAGE)
+        if self.s.backing == "memfd":  # a zapped shared PTE is no loss: the page cache keeps the page
+            self.ledger.judged = False
+            self.v.notes.append("memfd: pte_none is not a hole (the page stays in the page cache); data loss is "
+                                "judged by MISSING faults on placed pages and by content")
         if step.arg == "hugepage":
             self.h.madvise("hugepage", 0, self.s.npages * PAGE)
         return _no_faults()
 
     def do_place(self, step: Step, sel: np.ndarray) -> Faults:
         self.nonzero |= sel
+        self.written |= sel
         return self.each_run(sel, self.h.place)
 
     def do_nohugepage(self, step: Step, sel: np.ndarray) -> Faults:
         return self.h.madvise("nohugepage", 0, self.s.npages * PAGE)
 
     def do_discard(self, step: Step, sel: np.ndarray) -> Faults:
-        return self.each_run(sel, lambda o, n: self.h.madvise("dontneed", o, n))
+        advice = "remove" if self.s.backing == "memfd" else "dontneed"  # memfd: punch the page cache, like QEMU
+        return self.each_run(sel, lambda o, n: self.h.madvise(advice, o, n))
 
     do_sabotage_punch = do_discard  # the same MADV_DONTNEED, but the model still counts the pages as placed
 
     def do_register(self, step: Step, sel: np.ndarray) -> Faults:
-        self.h.register(step.arg)
-        self.wp_registered = "wp" in step.arg
+        modes = [m for m in step.arg.split(",") if m in ("missing", "wp", "minor")]
+        features = [f"wp-{f}" for f in step.arg.split(",") if f in ("async", "unpopulated")]
+        if self.s.backing == "memfd" and "wp" in modes:
+            features.append("wp-shmem")  # uffd-wp on shmem: kept in PTE markers across zaps
+        if features:
+            self.h.features(",".join(features))
+        self.h.register(",".join(modes))
+        self.wp_registered, self.wp_async = "wp" in modes, "wp-async" in features
         return _no_faults()
 
     def do_wp(self, step: Step, sel: np.ndarray) -> Faults:
-        on = step.op == "wp" and step.arg == "1"
-        if on:  # like QEMU's snapshot: populate first, so every page is present to protect
+        on = step.op == "wp" and step.arg.split(",")[0] == "1"
+        if on and "unpopulated" not in step.arg:  # like QEMU's snapshot: populate first, so every page is present
             self.h.madvise("populate_read", 0, self.s.npages * PAGE)
         return self.each_run(sel, lambda o, n: self.h.wp(o, n, on))
 
@@ -127,16 +141,28 @@ class SyntheticRun:
 
     def do_clear_soft_dirty(self, step: Step, sel: np.ndarray) -> Faults:
         Path(f"/proc/{self.h.pid}/clear_refs").write_text("4")
+        self.written[:] = False
         return _no_faults()
 
     def do_shrink(self, step: Step, sel: np.ndarray) -> Faults:
         thp.verify(self.s.thp)
-        self.ledger.shrink(step.phase, self.trigger, self.cg, self.nonzero)
+        why_not = "shmem THPs: the underused shrinker splits anonymous THPs only" if self.s.backing == "memfd" else ""
+        before, after = self.ledger.shrink(step.phase, self.trigger, self.cg, self.nonzero, why_not=why_not)
+        if self.v.shrinks[-1]["split_expected"] and not any(f.kind == "no-split" and f.phase == step.phase
+                                                          for f in self.v.findings):
+            mpn = thp.ShrinkerSupport.now().max_ptes_none  # a due split that skipped some THPs: name each one
+            chunks = oracle.skipped_splits(before, after, self.nonzero, mpn)
+            self.ledger.report("no-split", step.phase, chunks * pagemap.PAGES_PER_THP,
+                               f"underused THPs (origin {self.s.origin}, backing {self.s.backing}) still whole "
+                               f"after the shrink (first page of each THP named)")
         return _no_faults()
 
     def do_touch(self, step: Step, sel: np.ndarray) -> Faults:
-        if step.arg == "write":
-            self.nonzero |= sel
+        if step.arg in ("write", "zero"):
+            self.nonzero = self.nonzero | sel if step.arg == "write" else self.nonzero & ~sel
+            self.written |= sel
+        if step.arg == "zero":
+            return self.each_run(sel, self.h.zero)
         return self.each_run(sel, lambda o, n: self.h.touch(step.arg, o, n))
 
     def do_verify(self, step: Step, sel: np.ndarray) -> Faults:
@@ -151,6 +177,42 @@ class SyntheticRun:
         self.ledger.report("content", step.phase, bad)
         return faults
 
+    # --- the memory axes' steps (issue 11; builders in ``memory_axes``) -----------------------------------------
+
+    def do_collapse(self, step: Step, sel: np.ndarray) -> Faults:
+        return self.each_run(sel, self.h.collapse)
+
+    def do_clear_written(self, step: Step, sel: np.ndarray) -> Faults:
+        _, faults = self.h.scan(0, self.s.npages * PAGE, clear=True)
+        self.written[:] = False
+        self.wp_expected = np.ones_like(self.wp_expected)
+        return faults
+
+    def do_dump(self, step: Step, sel: np.ndarray) -> Faults:
+        """What an incremental dump saves: pages reading soft-dirty (pagemap) or PAGE_IS_WRITTEN (PAGEMAP_SCAN).
+        A page written since the clear that it would skip is a finding: the dump restores its stale content."""
+        if step.arg == "soft-dirty":
+            reported, faults = self.snapshot().soft_dirty, _no_faults()
+        else:
+            indices, faults = self.h.scan(0, self.s.npages * PAGE, clear=False)
+            reported = np.zeros_like(sel)
+            reported[indices] = True
+        self.ledger.report("stale-dump", step.phase, np.nonzero(self.written & sel & ~reported)[0],
+                           f"{int(self.written.sum())} pages written since the clear, {int(reported.sum())} "
+                           f"read {step.arg}")
+        return faults
+
+    def do_sabotage_clean(self, step: Step, sel: np.ndarray) -> Faults:
+        """Negative control: the selected written pages read clean, the model still counts them written."""
+        if step.arg == "written":  # WP_ASYNC: re-protecting a page makes it read not-written
+            return self.each_run(sel & self.written, lambda o, n: self.h.wp(o, n, True))
+        Path(f"/proc/{self.h.pid}/clear_refs").write_text("4")  # soft-dirty: clear all, re-dirty the rest
+        return self.each_run(~sel, self.h.rewrite)
+
+    def do_sabotage_fill(self, step: Step, sel: np.ndarray) -> Faults:
+        """Negative control: data into zero subpages behind the model's back (it still expects them zero)."""
+        return self.each_run(sel, self.h.place)
+
     # --- judging -------------------------------------------------------------------------------------------
 
     def judge(self, step: Step, sel: np.ndarray, before: PageStates | None, faults: Faults) -> None:
@@ -163,10 +225,11 @@ class SyntheticRun:
 
         if step.op == "wp":
             self.wp_expected = self.wp_expected | sel if step.arg == "1" else self.wp_expected & ~sel
-        if step.op == "touch" and step.arg == "write":
+        if step.op == "touch" and step.arg in ("write", "zero"):
             trapped = np.zeros_like(sel)
             trapped[faults.wp] = True
-            led.report("no-wp-fault", phase, np.nonzero(sel & self.wp_expected & ~trapped)[0])
+            if not self.wp_async:  # WP_ASYNC: no fault messages; the dump (PAGEMAP_SCAN) judges instead
+                led.report("no-wp-fault", phase, np.nonzero(sel & self.wp_expected & ~trapped)[0])
             self.wp_expected &= ~sel  # the handler un-protected what it trapped, as QEMU does
 
         if before is not None and OPS[step.op]:  # this step must not clear protection bits

@@ -28,6 +28,12 @@ OPS: dict[str, bool] = {
     # negative controls: change the kernel's state behind the model's back; the oracle must name the pages
     "sabotage-punch": True,  # MADV_DONTNEED on placed pages (a re-created hole)
     "sabotage-unprotect": True,  # UFFDIO_WRITEPROTECT mode 0 (a re-created lost uffd-wp bit)
+    # memory axes (issue 11); touch also takes arg "zero" (store zeros: written since the clear, zero-filled)
+    "collapse": False,  # MADV_COLLAPSE on the whole region: THPs born from 4 KiB pages (origin "collapse")
+    "clear-written": False,  # PAGEMAP_SCAN with PM_SCAN_WP_MATCHING: write-protect all (uffd WP_ASYNC's clear)
+    "dump": True,  # arg "soft-dirty" | "written": every page written since the clear must read so (CRIU's dump)
+    "sabotage-clean": True,  # arg "soft-dirty" | "written": selected written pages made to read clean
+    "sabotage-fill": True,  # data into the selected zero subpages behind the model: those THPs are not underused
 }
 # Real-QEMU kinds: a phase op advances the migration to that phase; an action op acts where the migration is.
 POSTCOPY_PHASES = ("before-migrate", "mid-precopy", "precopy-done", "pre-switchover", "nohugepage-window",
@@ -48,7 +54,10 @@ KIND_OPS: dict[str, frozenset[str]] = {
 # How a real postcopy migration is driven (``migration.VARIANTS`` has the capabilities): plain postcopy-ram,
 # with multifd channels (zero-page-detection=multifd), with postcopy-preempt.
 POSTCOPY_VARIANTS = ("", "multifd", "preempt")
-SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed")
+SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed", "sabotage-chunks")
+BACKINGS = ("anon", "memfd")  # the region: private anonymous (default) or a MAP_SHARED memfd (shmem THPs)
+ORIGINS = ("write", "read", "collapse")  # how its THPs are born: write fault, read (huge zero page) then write,
+# MADV_COLLAPSE of 4 KiB pages
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,8 @@ class Scenario:
     thp: ThpSettings = field(default_factory=ThpSettings)
     trigger: str = "auto"  # shrinker trigger: auto (memcg-scoped where possible), memcg, drop_caches
     variant: str = ""  # real postcopy only: one of POSTCOPY_VARIANTS
+    backing: str = "anon"  # one of BACKINGS (synthetic only)
+    origin: str = "write"  # one of ORIGINS (synthetic only)
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_OPS:
@@ -122,13 +133,16 @@ class Scenario:
         if self.variant and (self.kind != "postcopy" or self.variant not in POSTCOPY_VARIANTS):
             raise ValueError(f"a {self.kind} scenario has no migration variant {self.variant!r} "
                              f"(postcopy: one of {', '.join(v for v in POSTCOPY_VARIANTS if v)})")
+        if self.backing not in BACKINGS or self.origin not in ORIGINS:
+            raise ValueError(f"unknown backing {self.backing!r} or origin {self.origin!r}")
         if bad := [st.op for st in self.steps if st.op not in KIND_OPS[self.kind]]:
             raise ValueError(f"{self.kind} scenario cannot have steps {', '.join(bad)}")
 
     @property
     def id(self) -> str:
         """The scenario's name in verdicts, reports and reproducers: ``kind[name-thp-fill]``."""
-        return f"{self.kind}[{self.name}-{self.thp.id}-{self.fill.id}]"
+        axes = "".join(f"-{v}" for v, d in ((self.backing, "anon"), (self.origin, "write")) if v != d)
+        return f"{self.kind}[{self.name}-{self.thp.id}-{self.fill.id}{axes}]"
 
     @property
     def npages(self) -> int:
@@ -156,6 +170,8 @@ class Scenario:
             return (chunk % 4 == 3) & (sub < 64)
         if name == "sabotage":  # a few zero subpages of two chunks, not discarded
             return ~data & ((chunk == 1) & (sub >= 300) & (sub < 303) | (chunk == 5) & (sub >= 500) & (sub < 502))
+        if name == "sabotage-chunks":  # every zero subpage of chunks 1 and 5
+            return ~data & ((chunk == 1) | (chunk == 5))
         if name == "sabotage-mixed":  # the same, plus the first data subpage of chunk 3
             first_data = (chunk == 3) & data & (np.cumsum(data & (chunk == 3)) == 1)
             return self.selector("sabotage") | first_data
@@ -170,6 +186,7 @@ class Scenario:
         return cls(
             name=d["name"], kind=d["kind"], steps=tuple(Step(**s) for s in d["steps"]), size_mib=d["size_mib"],
             fill=Fill(**d["fill"]), thp=ThpSettings(**d["thp"]), trigger=d["trigger"], variant=d.get("variant", ""),
+            backing=d.get("backing", "anon"), origin=d.get("origin", "write"),
         )
 
 
