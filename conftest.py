@@ -37,6 +37,8 @@ MARKERS = {
     "vm": "boots a kernel under test in a VM",
     "power": "proves the suite fails on a known-bad kernel",
     "bench": "benchmark: records numbers, asserts nothing about time",
+    "matrix": "a cell of a full cross product: collected only when --matrix is given (main, nightly), not in the "
+              "self-tests, which run a sample of it",
 }
 
 
@@ -156,6 +158,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     from suite.qemu.plugin import QEMUS  # here, not at the top: pytest imports its plugins itself
 
     kept, dropped = [], []
+    matrix_given = any(a.startswith("--matrix") for a in config.invocation_params.args)
     for item in items:
         spec = item.callspec.params.get("kernel_spec") if hasattr(item, "callspec") else None
         if spec is None and "target" in getattr(item, "fixturenames", ()):
@@ -172,7 +175,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # ledger still counts them as placed holes (127 once in 2 runs on 11.1.3): nightly-only until it knows
         known_false_holes = item.name.startswith("test_postcopy_variant[") and "multifd-" in item.name
         main = config.getoption("matrix") == "main"
-        (dropped if main and ((in_vm and sampled_out) or known_false_holes) else kept).append(item)
+        product_only = item.get_closest_marker("matrix") is not None and not matrix_given
+        (dropped if product_only or (main and ((in_vm and sampled_out) or known_false_holes)) else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept

@@ -30,7 +30,7 @@ from ..verdict import Verdict
 PRELUDE = ("#define _GNU_SOURCE", "/* ---- growable string")
 HANDLER = ("/* ---- page contents ---- */", "/* ---- commands ---- */")
 KNOB_FILES = {"enabled": "enabled", "defrag": "defrag", "max_ptes_none": "khugepaged/max_ptes_none",
-              "shrink_underused": "shrink_underused"}
+              "shrink_underused": "shrink_underused", "shmem_enabled": "shmem_enabled"}
 BUILD = "cc -O2 -pthread repro.c -o repro"
 # The fixed part of every reproducer: set-up, the step loop and the judge (C tooling and diffs see it as C).
 RUNTIME = resources.files(__package__) / "reproducer_runtime.c"
