@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from suite import memcg, thp
+from suite import memory_axes as ma
 from suite import scenario as sc
 from suite.reports import reproducer
 from suite.verdict import Finding, Verdict
@@ -117,3 +118,24 @@ def test_sabotaged_postcopy_reproducer_names_exactly_the_punched_pages(tmp_path:
     assert out.pages("missing-fault") == out.pages("missing-fault", "touch(read)") == punched
     assert {k for k, _, _ in out.bad} <= {"hole", "missing-fault", "lost-soft-dirty"}  # DONTNEED clears soft-dirty
     assert f"# verdict: {len(out.bad)} bad page report(s)" in out.stdout
+
+
+# memory axes (issue 11): the reproducer of each new sequence's negative control names exactly the sabotaged pages
+MEMORY_CONTROLS = {
+    "criu-written": (lambda: ma.criu_style("written", sabotage=True), "stale-dump", "dump(written)"),
+    "wp-async": (lambda: ma.wp_feature_style("async", "after-protect", sabotage=True), "stale-dump",
+                 "dump(written)"),
+    "memfd-postcopy": (lambda: ma.with_memory(sc.postcopy_style("after-discard", "after-place", sabotage=True),
+                                              backing="memfd"), "missing-fault", "touch(read)"),
+}
+
+
+@pytest.mark.host
+@host
+@pytest.mark.parametrize("control", MEMORY_CONTROLS)
+def test_memory_axes_reproducer_names_the_sabotaged_pages(tmp_path: Path, control: str):
+    build_scenario, kind, phase = MEMORY_CONTROLS[control]
+    scenario = build_scenario()
+    out = run(build(tmp_path, scenario))
+    assert out.rc == 1, out.stdout + out.stderr
+    assert out.pages() == out.pages(kind, phase) == np.nonzero(scenario.selector("sabotage"))[0].tolist(), out.stdout
