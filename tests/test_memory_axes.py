@@ -137,6 +137,8 @@ def test_origin_negative_control(run, check_verdict, kernel_features, origin):
         pytest.skip("kernel under test has no underused-THP shrinker: no split is due, none can be skipped")
     scenario = ma.origin_style(origin, sabotage=True)
     verdict = run(scenario)
+    if origin == "read" and _release(verdict) < (6, 15) and "no THP was mapped" in verdict.no_split_reason:
+        pytest.skip(f"{verdict.kernel}: a write to the huge zero page maps 4 KiB pages before 6.15: no THP to skip")
     check_verdict(verdict, must_pass=False)
     skipped = _findings(verdict, "no-split")
     assert len(verdict.findings) == 1 and len(skipped) == 1, verdict.failure_message()
