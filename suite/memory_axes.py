@@ -85,6 +85,27 @@ def wp_feature_style(feature: str, shrink_at: str, *, sabotage: bool = False, fi
     return replace(base, name=name, steps=tuple(steps))
 
 
+MINOR_POINTS = ("after-place", "after-zap")
+
+
+def minor_style(shrink_at: str, *, sabotage: bool = False, thp: ThpSettings | None = None) -> Scenario:
+    """MINOR mode on memfd (QEMU's postcopy with shared RAM the destination already holds): data everywhere,
+    register MINOR, zap every PTE (the page cache keeps the pages), read all: each read raises a MINOR fault that
+    UFFDIO_CONTINUE resolves, and every page still holds its data. ``sabotage`` punches the selected pages out of
+    the page cache before the reads: they read zeros, and the content check must name exactly them."""
+    if shrink_at not in MINOR_POINTS:
+        raise ValueError(f"unknown point {shrink_at!r} (one of {', '.join(MINOR_POINTS)})")
+    shrink = Step("shrink", label=f"shrink@{shrink_at}")
+    steps = [Step("map", "hugepage"), Step("place", pages="all"), Step("register", "minor")]
+    steps += [shrink] if shrink_at == "after-place" else []
+    steps += [Step("discard", "zap")] + ([shrink] if shrink_at == "after-zap" else [])
+    steps += [Step("sabotage-punch", pages="sabotage")] if sabotage else []
+    steps += [Step("touch", "read"), Step("verify")]
+    name = f"minor-shrink@{shrink_at}" + ("-sabotage" if sabotage else "")
+    base = Scenario(name=name, kind="postcopy-style", steps=tuple(steps), thp=thp or ThpSettings())
+    return with_memory(base, backing="memfd")
+
+
 def origin_style(origin: str, *, backing: str = "anon", sabotage: bool = False,
                  thp: ThpSettings | None = None) -> Scenario:
     """Snapshot-style with the shrink before registration, THPs born by ``origin``: every underused THP must be

@@ -115,7 +115,8 @@ class SyntheticRun:
         return self.h.madvise("nohugepage", 0, self.s.npages * PAGE)
 
     def do_discard(self, step: Step, sel: np.ndarray) -> Faults:
-        advice = "remove" if self.s.backing == "memfd" else "dontneed"  # memfd: punch the page cache, like QEMU
+        # memfd: punch the page cache, like QEMU; arg "zap": only the PTEs (MINOR mode maps the cache back)
+        advice = "remove" if self.s.backing == "memfd" and step.arg != "zap" else "dontneed"
         return self.each_run(sel, lambda o, n: self.h.madvise(advice, o, n))
 
     do_sabotage_punch = do_discard  # the same MADV_DONTNEED, but the model still counts the pages as placed
@@ -125,6 +126,8 @@ class SyntheticRun:
         features = [f"wp-{f}" for f in step.arg.split(",") if f in ("async", "unpopulated")]
         if self.s.backing == "memfd" and "wp" in modes:
             features.append("wp-shmem")  # uffd-wp on shmem: kept in PTE markers across zaps
+        if "minor" in modes:
+            features.append("minor-shmem")
         if features:
             self.h.features(",".join(features))
         self.h.register(",".join(modes))
@@ -163,7 +166,10 @@ class SyntheticRun:
             self.written |= sel
         if step.arg == "zero":
             return self.each_run(sel, self.h.zero)
-        return self.each_run(sel, lambda o, n: self.h.touch(step.arg, o, n))
+        faults = self.each_run(sel, lambda o, n: self.h.touch(step.arg, o, n))
+        if step.arg == "read" and any(st.op == "register" and "minor" in st.arg for st in self.s.steps):
+            self.v.notes.append(f"{step.phase}: {self.h.minor_faults()} MINOR faults resolved with UFFDIO_CONTINUE")
+        return faults
 
     def do_verify(self, step: Step, sel: np.ndarray) -> Faults:
         bad: list[int] = []

@@ -277,6 +277,10 @@ class UffdHelper:
         reply = self.command(f"scan {off:#x} {length:#x} {int(clear)}", timeout)
         return list(reply["written"]), Faults.from_reply(reply)
 
+    def minor_faults(self, timeout: float | None = None) -> int:
+        """MINOR faults resolved with UFFDIO_CONTINUE so far (``register("minor")`` on memfd)."""
+        return int(self.command("minor-faults", timeout)["minor"])
+
     # ---- lifetime ----
 
     def close(self) -> None:

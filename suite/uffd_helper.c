@@ -244,6 +244,25 @@ static void resolve_wp(unsigned long addr, size_t idx)
 	}
 }
 
+/* MINOR mode (shmem): map the page the cache already holds, as a VM's MINOR-mode postcopy does; counted only. */
+static unsigned long minor_faults;
+
+static void resolve_minor(unsigned long addr, size_t idx)
+{
+	struct uffdio_continue c = {.range = {.start = addr, .len = PAGE}, .mode = 0};
+	__atomic_add_fetch(&minor_faults, 1, __ATOMIC_RELAXED);
+	while (ioctl(uffd, UFFDIO_CONTINUE, &c)) {
+		if (errno == EAGAIN)
+			continue;
+		if (errno == EEXIST) {
+			wake(addr);
+			return;
+		}
+		handler_log("UFFDIO_CONTINUE page %zu (0x%lx): %s", idx, addr, strerror(errno));
+		return;
+	}
+}
+
 static void *handler(void *arg)
 {
 	(void)arg;
@@ -288,6 +307,10 @@ static void *handler(void *arg)
 				continue;
 			}
 			size_t idx = (addr - (unsigned long)region) / PAGE;
+			if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR) { /* MINOR mode: the page is in the cache */
+				resolve_minor(addr, idx);
+				continue;
+			}
 			int is_wp = (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0;
 			/* Record before resolving: the faulting command cannot reply before we wake it. */
 			pthread_mutex_lock(&hits_lock);
@@ -458,11 +481,13 @@ static void cmd_register(char *modes_s)
 			mode |= UFFDIO_REGISTER_MODE_MISSING;
 		else if (!strcmp(m, "wp"))
 			mode |= UFFDIO_REGISTER_MODE_WP;
+		else if (!strcmp(m, "minor"))
+			mode |= UFFDIO_REGISTER_MODE_MINOR;
 		else
 			bad = 1;
 	}
 	if (!mode || bad) {
-		reply_error("register: modes must be missing|wp|missing,wp", EINVAL);
+		reply_error("register: modes must be missing|wp|missing,wp|minor", EINVAL);
 		return;
 	}
 	int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
@@ -601,6 +626,7 @@ static void cmd_verify(char *off_s, char *len_s)
  *   rewrite OFF LEN     store every page's expected content again (sets soft-dirty / clears async uffd-wp)
  *   collapse OFF LEN    MADV_COLLAPSE (a THP born from 4 KiB pages)
  *   scan OFF LEN CLEAR  PAGEMAP_SCAN for PAGE_IS_WRITTEN; CLEAR=1 write-protects what it reports (WP_ASYNC)
+ *   minor-faults        how many MINOR faults the handler resolved with UFFDIO_CONTINUE so far (register minor)
  */
 #define HC_FEATURE_MINOR_SHMEM (1ULL << 10)
 #define HC_FEATURE_WP_SHMEM (1ULL << 12)
@@ -830,6 +856,11 @@ static int memory_axes_command(const char *c, int argc, char **argv)
 		cmd_collapse(argv[1], argv[2]);
 	else if (!strcmp(c, "scan") && argc == 4)
 		cmd_scan(argv[1], argv[2], argv[3]);
+	else if (!strcmp(c, "minor-faults") && argc == 1) {
+		struct buf b = reply_ok();
+		buf_printf(&b, ",\"minor\":%lu", __atomic_load_n(&minor_faults, __ATOMIC_RELAXED));
+		reply(&b);
+	}
 	else
 		return 0;
 	return 1;

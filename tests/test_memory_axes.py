@@ -190,3 +190,26 @@ def test_memfd_negative_controls(run, check_verdict, kernel_features):
     assert [f.phase for f in untrapped] == ["touch(write, zero)"], verdict.failure_message()
     assert untrapped[0].addresses == _named(unprotect, untrapped[0], "sabotage")
     assert {f.kind for f in verdict.findings} <= {"no-wp-fault", "lost-uffd-wp"}
+
+
+@pytest.mark.parametrize("shrink_at", _matrix(ma.MINOR_POINTS, {"after-zap"}), ids=lambda p: f"shrink@{p}")
+def test_memfd_minor(run, check_verdict, kernel_features, shrink_at):
+    """MINOR mode on shmem: every zapped page comes back through UFFDIO_CONTINUE with its data."""
+    need(kernel_features, "shmem_thp", "uffd_minor_shmem")
+    scenario = ma.minor_style(shrink_at)
+    verdict = run(scenario)
+    check_verdict(verdict)
+    check_split(kernel_features, scenario, verdict)
+    assert any("MINOR faults resolved" in n and not n.endswith(": 0 MINOR faults resolved with UFFDIO_CONTINUE")
+               for n in verdict.notes), verdict.notes
+
+
+def test_memfd_minor_negative_control(run, check_verdict, kernel_features):
+    """Pages punched out of the page cache under MINOR mode read zeros: the content check names exactly them."""
+    need(kernel_features, "shmem_thp", "uffd_minor_shmem")
+    scenario = ma.minor_style("after-zap", sabotage=True)
+    verdict = run(scenario)
+    check_verdict(verdict, must_pass=False)
+    content = _findings(verdict, "content")
+    assert [f.phase for f in content] == ["verify"] and len(verdict.findings) == 1, verdict.failure_message()
+    assert content[0].addresses == _named(scenario, content[0], "sabotage")

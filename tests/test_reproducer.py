@@ -127,6 +127,7 @@ MEMORY_CONTROLS = {
                  "dump(written)"),
     "memfd-postcopy": (lambda: ma.with_memory(sc.postcopy_style("after-discard", "after-place", sabotage=True),
                                               backing="memfd"), "missing-fault", "touch(read)"),
+    "memfd-minor": (lambda: ma.minor_style("after-zap", sabotage=True), "content", "verify"),
 }
 
 

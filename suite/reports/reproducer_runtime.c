@@ -406,10 +406,12 @@ static void write_pages(size_t first, size_t count, int kind)
 static void do_register(const char *modes)
 {
 	__u64 mode = (strstr(modes, "missing") ? UFFDIO_REGISTER_MODE_MISSING : 0) |
-			(strstr(modes, "wp") ? UFFDIO_REGISTER_MODE_WP : 0);
+			(strstr(modes, "wp") ? UFFDIO_REGISTER_MODE_WP : 0) |
+			(strstr(modes, "minor") ? UFFDIO_REGISTER_MODE_MINOR : 0);
 	/* memory axes: WP_ASYNC / WP_UNPOPULATED as the register arg names them; uffd-wp on shmem for memfd */
 	extra_features = (strstr(modes, "async") ? 1ULL << 15 : 0) | (strstr(modes, "unpopulated") ? 1ULL << 13 : 0) |
-			 (BACKING_MEMFD && (mode & UFFDIO_REGISTER_MODE_WP) ? 1ULL << 12 : 0);
+			 (BACKING_MEMFD && (mode & UFFDIO_REGISTER_MODE_WP) ? 1ULL << 12 : 0) |
+			 (mode & UFFDIO_REGISTER_MODE_MINOR ? 1ULL << 10 : 0);
 	wp_async = strstr(modes, "async") != NULL;
 	int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
 	if (fd < 0 && (errno == EPERM || errno == ENOSYS)) {
@@ -595,7 +597,8 @@ static void perform(const struct step *s)
 	case OP_DISCARD:
 	case OP_SABOTAGE_PUNCH: /* memfd: MADV_REMOVE punches the page cache too, as QEMU's discard does */
 		for (size_t i = 0; i < s->nruns; i++)
-			advise(r[i].first, r[i].count, BACKING_MEMFD ? MADV_REMOVE : MADV_DONTNEED, "discard");
+			advise(r[i].first, r[i].count, BACKING_MEMFD && strcmp(s->arg, "zap") ? MADV_REMOVE : MADV_DONTNEED,
+			       "discard");
 		break;
 	case OP_REGISTER:
 		do_register(s->arg);
