@@ -27,7 +27,9 @@ SHMEM_THP = "advise"  # shmem_enabled for memfd cells: THPs where MADV_HUGEPAGE 
 def with_memory(scenario: Scenario, *, backing: str = "anon", origin: str = "write") -> Scenario:
     """The same sequence on another backing and/or with its THPs born another way (ids gain a suffix)."""
     steps = list(scenario.steps)
-    first_place = next(i for i, st in enumerate(steps) if st.op == "place")
+    first_place = next((i for i, st in enumerate(steps) if st.op == "place"), -1)
+    if origin != "write" and first_place < 0:
+        raise ValueError(f"{scenario.id}: origin {origin!r} needs a synthetic sequence (real QEMU: write only)")
     if origin == "read":  # the huge zero page first, then the writes of the place step
         steps.insert(first_place, Step("touch", "read", label="touch(read)@origin"))
     elif origin == "collapse":  # no MADV_HUGEPAGE at map: 4 KiB pages, then collapsed
