@@ -19,7 +19,7 @@ OPS: dict[str, bool] = {
     "place": False,  # write data into the `data` pages: faults THPs in (the destination's precopy)
     "nohugepage": True,  # MADV_NOHUGEPAGE on the whole region (QEMU at the postcopy switch)
     "discard": True,  # MADV_DONTNEED on the selected pages: no longer placed (QEMU's discards)
-    "register": True,  # arg: "missing", "wp" or "missing,wp": UFFDIO_REGISTER the whole region
+    "register": True,  # arg: "missing", "wp" or "missing,wp" (+ "minor", "async", "unpopulated"): UFFDIO_REGISTER all
     "wp": False,  # arg "1"/"0": UFFDIO_WRITEPROTECT the selected pages
     "clear-soft-dirty": False,  # echo 4 > /proc/PID/clear_refs
     "shrink": True,  # fire the deferred-split shrinker
