@@ -37,7 +37,8 @@ MARKERS = {
     "vm": "boots a kernel under test in a VM",
     "power": "proves the suite fails on a known-bad kernel",
     "bench": "benchmark: records numbers, asserts nothing about time",
-    "full_product": "a full cross product (split trigger × folio size): only with an explicit --matrix",
+    "matrix": "a cell of a full cross product beyond its sample: run with --matrix=nightly, and with --matrix=main "
+              "on the host only; the self-tests (no --matrix) run the sample",
 }
 
 
@@ -157,6 +158,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     from suite.qemu.plugin import QEMUS  # here, not at the top: pytest imports its plugins itself
 
     kept, dropped = [], []
+    matrix_given = any(a.startswith("--matrix") for a in config.invocation_params.args)
     for item in items:
         spec = item.callspec.params.get("kernel_spec") if hasattr(item, "callspec") else None
         if spec is None and "target" in getattr(item, "fixturenames", ()):
@@ -173,16 +175,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # ledger still counts them as placed holes (127 once in 2 runs on 11.1.3): nightly-only until it knows
         known_false_holes = item.name.startswith("test_postcopy_variant[") and "multifd-" in item.name
         main = config.getoption("matrix") == "main"
-        # full products: with an explicit --matrix only (the self-tests sample them); main runs them on the host
-        full = item.get_closest_marker("full_product") is not None and (not _matrix_given(config) or (main and in_vm))
-        (dropped if full or (main and ((in_vm and sampled_out) or known_false_holes)) else kept).append(item)
+        # a cross product's rest: nightly's everywhere, main's on the host only (an L1 kernel runs the sample)
+        product_only = item.get_closest_marker("matrix") is not None and (not matrix_given or (main and in_vm))
+        (dropped if product_only or (main and ((in_vm and sampled_out) or known_false_holes)) else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
-
-
-def _matrix_given(config: pytest.Config) -> bool:
-    return any(a == "--matrix" or a.startswith("--matrix=") for a in config.invocation_params.args)
 
 
 # The real-QEMU cells an L1 kernel runs in the main job: every phase of postcopy and snapshot at max_ptes_none 409

@@ -4,6 +4,8 @@ Every module, in reading order:
 
 What a run is and what it yields
 - ``scenario``     — a scenario is data: a list of steps (map, place, register, shrink, …).
+- ``memory_axes``  — builders for the memory axes: RAM backing (memfd), THP origin, uffd WP features, CRIU's
+                     soft-dirty / PAGE_IS_WRITTEN dump sequence.
 - ``verdict``      — the structured, JSON-serialisable result pytest asserts on.
 - ``kernelspec``   — parsing ``--kernel`` values: which kernel a scenario runs on.
 - ``options``      — checks of the command-line options that would otherwise fail late (``--artifacts``, …).

@@ -81,7 +81,7 @@ class Ledger:
         return states
 
     def shrink(self, phase: str, trigger: str, cg: Memcg | None,
-               nonzero: np.ndarray) -> tuple[PageStates, PageStates]:
+               nonzero: np.ndarray, why_not: str = "") -> tuple[PageStates, PageStates]:
         """Fire the shrinker once between two THP-aware snapshots (kept for the artifacts); the second is observed
         and the split judged (``nonzero``: the pages the model expects to hold data). Returns both snapshots."""
         before = self.snapshot(with_thp=True)
@@ -90,7 +90,8 @@ class Ledger:
         prefix = f"{self.name}-" if self.name else ""
         self.around_shrinks[f"{prefix}before-{phase}"] = before
         self.around_shrinks[f"{prefix}after-{phase}"] = after
-        shrinker.judge_split(self.verdict, phase, before, after, nonzero, result, side=self.name, space=self.space)
+        shrinker.judge_split(self.verdict, phase, before, after, nonzero, result, side=self.name, space=self.space,
+                             why_not=why_not)
         return before, after
 
     def lost_bits(self, phase: str, before: PageStates, after: PageStates, wp: np.ndarray | None = None,

@@ -47,6 +47,17 @@ def underused_thps(states: PageStates, nonzero: np.ndarray, max_ptes_none: int) 
     return int((thp & (zero > max_ptes_none)).sum())
 
 
+def skipped_splits(before: PageStates, after: PageStates, nonzero: np.ndarray, max_ptes_none: int) -> np.ndarray:
+    """Chunk indices of THPs that were underused before a shrink and are still whole THPs after it."""
+    if before.thp is None or after.thp is None:
+        raise ValueError("snapshot taken without kpageflags (with_thp=False)")
+    n = before.npages // 512 * 512
+    whole_before = before.thp[:n].reshape(-1, 512).all(axis=1)
+    whole_after = after.thp[:n].reshape(-1, 512).all(axis=1)
+    zero = 512 - nonzero[:n].reshape(-1, 512).sum(axis=1)
+    return np.nonzero(whole_before & (zero > max_ptes_none) & whole_after)[0]
+
+
 def split_expectation(before: PageStates, nonzero: np.ndarray, knobs_reason: str, max_ptes_none: int) -> str:
     """Why no split is expected at this shrink ('' when one is)."""
     if knobs_reason:

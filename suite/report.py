@@ -35,7 +35,8 @@ from .scenario import Scenario
 STATUSES = ("failed", "error", "passed", "skipped")
 # Finding kinds shown as columns, with short headers.
 COLUMNS = {"hole": "holes", "missing-fault": "missing", "lost-uffd-wp": "lost wp", "lost-soft-dirty": "lost sd",
-           "no-wp-fault": "no wp fault", "content": "content", "stall": "stalls", "no-split": "no split"}
+           "no-wp-fault": "no wp fault", "content": "content", "stall": "stalls", "no-split": "no split",
+           "stale-dump": "stale dump"}
 MESSAGE_LINES = 60  # a traceback longer than this is cut in the report (the JUnit XML keeps it whole)
 PX_PER_PAGE = 2  # page maps 1024 px wide: a single marked page stays visible
 EXTRA_ARTIFACTS = ("verdict.json", "scenario.json", "qmp-*.txt", "stderr-*.txt", "*.log")

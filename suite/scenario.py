@@ -19,7 +19,7 @@ OPS: dict[str, bool] = {
     "place": False,  # write data into the `data` pages: faults THPs in (the destination's precopy)
     "nohugepage": True,  # MADV_NOHUGEPAGE on the whole region (QEMU at the postcopy switch)
     "discard": True,  # MADV_DONTNEED on the selected pages: no longer placed (QEMU's discards)
-    "register": True,  # arg: "missing", "wp" or "missing,wp": UFFDIO_REGISTER the whole region
+    "register": True,  # arg: "missing", "wp" or "missing,wp" (+ "minor", "async", "unpopulated"): UFFDIO_REGISTER all
     "wp": False,  # arg "1"/"0": UFFDIO_WRITEPROTECT the selected pages
     "clear-soft-dirty": False,  # echo 4 > /proc/PID/clear_refs
     "shrink": True,  # fire the deferred-split shrinker
@@ -28,6 +28,12 @@ OPS: dict[str, bool] = {
     # negative controls: change the kernel's state behind the model's back; the oracle must name the pages
     "sabotage-punch": True,  # MADV_DONTNEED on placed pages (a re-created hole)
     "sabotage-unprotect": True,  # UFFDIO_WRITEPROTECT mode 0 (a re-created lost uffd-wp bit)
+    # memory axes (issue 11); touch also takes arg "zero" (store zeros: written since the clear, zero-filled)
+    "collapse": False,  # MADV_COLLAPSE on the whole region: THPs born from 4 KiB pages (origin "collapse")
+    "clear-written": False,  # PAGEMAP_SCAN with PM_SCAN_WP_MATCHING: write-protect all (uffd WP_ASYNC's clear)
+    "dump": True,  # arg "soft-dirty" | "written": every page written since the clear must read so (CRIU's dump)
+    "sabotage-clean": True,  # arg "soft-dirty" | "written": selected written pages made to read clean
+    "sabotage-fill": True,  # data into the selected zero subpages behind the model: those THPs are not underused
 }
 # Real-QEMU kinds: a phase op advances the migration to that phase; an action op acts where the migration is.
 POSTCOPY_PHASES = ("before-migrate", "mid-precopy", "precopy-done", "pre-switchover", "nohugepage-window",
@@ -48,9 +54,12 @@ KIND_OPS: dict[str, frozenset[str]] = {
 # How a real postcopy migration is driven (``migration.VARIANTS`` has the capabilities): plain postcopy-ram,
 # with multifd channels (zero-page-detection=multifd), with postcopy-preempt.
 POSTCOPY_VARIANTS = ("", "multifd", "preempt")
-SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed")
+SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed", "sabotage-chunks")
 # What a "shrink" step fires to split large folios (``split_triggers``); "shrinker" is the default.
 SPLITS = ("shrinker", "pageout", "partial-unmap", "debugfs", "ksm", "ksm-zero")
+BACKINGS = ("anon", "memfd")  # the region: private anonymous (default) or a MAP_SHARED memfd (shmem THPs)
+ORIGINS = ("write", "read", "collapse")  # how its THPs are born: write fault, read (huge zero page) then write,
+# MADV_COLLAPSE of 4 KiB pages
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,8 @@ class Scenario:
     trigger: str = "auto"  # shrinker trigger: auto (memcg-scoped where possible), memcg, drop_caches
     variant: str = ""  # real postcopy only: one of POSTCOPY_VARIANTS
     split: str = "shrinker"  # what a shrink step fires: one of SPLITS (ids name it when not the default)
+    backing: str = "anon"  # one of BACKINGS (synthetic only)
+    origin: str = "write"  # one of ORIGINS (synthetic only)
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_OPS:
@@ -128,6 +139,8 @@ class Scenario:
         if self.split not in SPLITS or (self.split == "partial-unmap" and not self.synthetic):
             raise ValueError(f"a {self.kind} scenario has no split trigger {self.split!r} (one of {SPLITS}; "
                              "partial-unmap is synthetic only)")
+        if self.backing not in BACKINGS or self.origin not in ORIGINS:
+            raise ValueError(f"unknown backing {self.backing!r} or origin {self.origin!r}")
         if bad := [st.op for st in self.steps if st.op not in KIND_OPS[self.kind]]:
             raise ValueError(f"{self.kind} scenario cannot have steps {', '.join(bad)}")
 
@@ -135,7 +148,8 @@ class Scenario:
     def id(self) -> str:
         """The scenario's name in verdicts, reports and reproducers: ``kind[name-thp-fill]``."""
         split = "" if self.split == "shrinker" else f"-by-{self.split}"
-        return f"{self.kind}[{self.name}-{self.thp.id}-{self.fill.id}{split}]"
+        axes = "".join(f"-{v}" for v, d in ((self.backing, "anon"), (self.origin, "write")) if v != d)
+        return f"{self.kind}[{self.name}-{self.thp.id}-{self.fill.id}{axes}{split}]"
 
     @property
     def npages(self) -> int:
@@ -163,6 +177,8 @@ class Scenario:
             return (chunk % 4 == 3) & (sub < 64)
         if name == "sabotage":  # a few zero subpages of two chunks, not discarded
             return ~data & ((chunk == 1) & (sub >= 300) & (sub < 303) | (chunk == 5) & (sub >= 500) & (sub < 502))
+        if name == "sabotage-chunks":  # every zero subpage of chunks 1 and 5
+            return ~data & ((chunk == 1) | (chunk == 5))
         if name == "sabotage-mixed":  # the same, plus the first data subpage of chunk 3
             first_data = (chunk == 3) & data & (np.cumsum(data & (chunk == 3)) == 1)
             return self.selector("sabotage") | first_data
@@ -178,6 +194,7 @@ class Scenario:
             name=d["name"], kind=d["kind"], steps=tuple(Step(**s) for s in d["steps"]), size_mib=d["size_mib"],
             fill=Fill(**d["fill"]), thp=ThpSettings(**d["thp"]), trigger=d["trigger"], variant=d.get("variant", ""),
             split=d.get("split", "shrinker"),
+            backing=d.get("backing", "anon"), origin=d.get("origin", "write"),
         )
 
 

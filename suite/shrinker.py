@@ -84,14 +84,17 @@ def fire(trigger: str = "auto", memcg: Memcg | None = None) -> ShrinkResult:
 
 
 def judge_split(verdict: Verdict, phase: str, before: PageStates, after: PageStates, nonzero: np.ndarray,
-                result: ShrinkResult, *, side: str = "", space: str = "va") -> None:
+                result: ShrinkResult, *, side: str = "", space: str = "va", why_not: str = "") -> None:
     """Record one shrink in ``verdict`` (THPs before/after, vmstat, whether a split was expected and why not),
     and make a shrink that should have split THPs but did not a ``no-split`` finding. ``nonzero``: the pages the
-    model expects to hold data (pagemap cannot see inside a THP)."""
+    model expects to hold data (pagemap cannot see inside a THP). ``why_not``: the caller knows this trigger
+    cannot split these THPs (e.g. shmem under the anon-only shrinker); the record says so with what it measured."""
     assert before.thp is not None and after.thp is not None, "shrinks are judged on with_thp snapshots"
     support = thp.ShrinkerSupport.now()
     reason = oracle.split_expectation(before, nonzero, support.no_split_reason(), support.max_ptes_none)
     thp_before, thp_after = int(before.thp.sum()) // 512, int(after.thp.sum()) // 512
+    if why_not:
+        reason = f"{why_not} (measured: {thp_before} THPs before, {thp_after} after)"
     verdict.shrinks.append({"phase": phase, **({"side": side} if side else {}), "trigger": result.trigger,
                             "seconds": round(result.seconds, 4), "thp_before": thp_before, "thp_after": thp_after,
                             "vmstat": result.vmstat_delta, "split_expected": not reason, "no_split_reason": reason})

@@ -17,6 +17,7 @@ KNOBS = {
     "defrag": SYSFS / "defrag",
     "max_ptes_none": SYSFS / "khugepaged" / "max_ptes_none",
     "shrink_underused": SYSFS / "shrink_underused",
+    "shmem_enabled": SYSFS / "shmem_enabled",  # shmem (memfd) THPs: the memfd backing sets "advise"
 }
 NO_SPLIT_MAX_PTES_NONE = 511
 LOCK = "/run/lock/holecheck-thp.lock"  # the knobs are host-wide: one holecheck scenario at a time sets them
@@ -33,6 +34,7 @@ class ThpSettings:
     shrink_underused: bool | None = True
     mthp_kb: int = 0  # >0: only this mTHP size is enabled (hugepages-<N>kB/enabled), PMD THPs off; 0: PMD as today
     mthp_enabled: str = "always"  # that size's enabled value: always or madvise
+    shmem_enabled: str | None = None  # as found unless a memfd scenario asks (its id says "memfd")
 
     @property
     def id(self) -> str:

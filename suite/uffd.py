@@ -248,6 +248,39 @@ class UffdHelper:
         reply = self.command(f"verify {off:#x} {length:#x}", timeout)
         return list(reply["mismatch"]), Faults.from_reply(reply)
 
+    # ---- memory axes (issue 11): the helper's memory-axes block ----
+
+    def features(self, names: str, timeout: float | None = None) -> int:
+        """uffd features for the next register (wp-async, wp-unpopulated, wp-shmem, minor-shmem, comma-separated,
+        or none); a feature the kernel lacks fails naming it. Returns the kernel's supported-features mask."""
+        return int(self.command(f"features {names or 'none'}", timeout)["supported"])
+
+    def map_memfd(self, size: int, timeout: float | None = None) -> int:
+        """Like ``map``, but a 2 MiB-aligned MAP_SHARED memfd (shmem) region."""
+        reply = self.command(f"map-memfd {size:#x}", timeout)
+        self.addr, self.size, self.pid = int(reply["addr"]), size, int(reply["pid"])
+        return self.addr
+
+    def zero(self, off: int, length: int, timeout: float | None = None) -> Faults:
+        """Store zeros into the pages (written, and zero-filled)."""
+        return Faults.from_reply(self.command(f"zero {off:#x} {length:#x}", timeout))
+
+    def rewrite(self, off: int, length: int, timeout: float | None = None) -> Faults:
+        """Store every page's expected content again (it reads soft-dirty / written afterwards)."""
+        return Faults.from_reply(self.command(f"rewrite {off:#x} {length:#x}", timeout))
+
+    def collapse(self, off: int, length: int, timeout: float | None = None) -> Faults:
+        return Faults.from_reply(self.command(f"collapse {off:#x} {length:#x}", timeout))
+
+    def scan(self, off: int, length: int, clear: bool, timeout: float | None = None) -> tuple[list[int], Faults]:
+        """PAGEMAP_SCAN: the pages reading PAGE_IS_WRITTEN; ``clear`` write-protects them (uffd WP_ASYNC)."""
+        reply = self.command(f"scan {off:#x} {length:#x} {int(clear)}", timeout)
+        return list(reply["written"]), Faults.from_reply(reply)
+
+    def minor_faults(self, timeout: float | None = None) -> int:
+        """MINOR faults resolved with UFFDIO_CONTINUE so far (``register("minor")`` on memfd)."""
+        return int(self.command("minor-faults", timeout)["minor"])
+
     # ---- lifetime ----
 
     def close(self) -> None:

@@ -53,6 +53,7 @@ static uint8_t *hit_missing, *hit_wp;
 
 static int uffd = -1;
 static pid_t parent_pid;
+static __u64 extra_features; /* uffd features asked for by the 'features' command (memory axes block) */
 
 /* ---- growable string for replies (a reply may list 16384+ pages) ---- */
 
@@ -243,6 +244,25 @@ static void resolve_wp(unsigned long addr, size_t idx)
 	}
 }
 
+/* MINOR mode (shmem): map the page the cache already holds, as a VM's MINOR-mode postcopy does; counted only. */
+static unsigned long minor_faults;
+
+static void resolve_minor(unsigned long addr, size_t idx)
+{
+	struct uffdio_continue c = {.range = {.start = addr, .len = PAGE}, .mode = 0};
+	__atomic_add_fetch(&minor_faults, 1, __ATOMIC_RELAXED);
+	while (ioctl(uffd, UFFDIO_CONTINUE, &c)) {
+		if (errno == EAGAIN)
+			continue;
+		if (errno == EEXIST) {
+			wake(addr);
+			return;
+		}
+		handler_log("UFFDIO_CONTINUE page %zu (0x%lx): %s", idx, addr, strerror(errno));
+		return;
+	}
+}
+
 static void *handler(void *arg)
 {
 	(void)arg;
@@ -287,6 +307,10 @@ static void *handler(void *arg)
 				continue;
 			}
 			size_t idx = (addr - (unsigned long)region) / PAGE;
+			if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR) { /* MINOR mode: the page is in the cache */
+				resolve_minor(addr, idx);
+				continue;
+			}
 			int is_wp = (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0;
 			/* Record before resolving: the faulting command cannot reply before we wake it. */
 			pthread_mutex_lock(&hits_lock);
@@ -395,13 +419,14 @@ static void cmd_madvise(char *advice_s, char *off_s, char *len_s)
 		{"dontneed", MADV_DONTNEED}, /* expected stays: the handler re-supplies it, as QEMU's source re-sends */
 		{"populate_read", MADV_POPULATE_READ},
 		{"mergeable", MADV_MERGEABLE}, /* split triggers: KSM scans (and splits) only mergeable ranges */
+		{"remove", MADV_REMOVE}, /* memfd: frees the page cache too (QEMU's discard of shared RAM) */
 	};
 	int advice = -1;
 	for (size_t i = 0; advice_s && i < sizeof(advices) / sizeof(advices[0]); i++)
 		if (!strcmp(advice_s, advices[i].name))
 			advice = advices[i].advice;
 	if (advice < 0) {
-		reply_error("madvise: advice must be hugepage|nohugepage|dontneed|populate_read|mergeable", EINVAL);
+		reply_error("madvise: advice must be hugepage|nohugepage|dontneed|populate_read|mergeable|remove", EINVAL);
 		return;
 	}
 	unsigned long off, len;
@@ -457,11 +482,13 @@ static void cmd_register(char *modes_s)
 			mode |= UFFDIO_REGISTER_MODE_MISSING;
 		else if (!strcmp(m, "wp"))
 			mode |= UFFDIO_REGISTER_MODE_WP;
+		else if (!strcmp(m, "minor"))
+			mode |= UFFDIO_REGISTER_MODE_MINOR;
 		else
 			bad = 1;
 	}
 	if (!mode || bad) {
-		reply_error("register: modes must be missing|wp|missing,wp", EINVAL);
+		reply_error("register: modes must be missing|wp|missing,wp|minor", EINVAL);
 		return;
 	}
 	int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
@@ -485,7 +512,8 @@ static void cmd_register(char *modes_s)
 	}
 	/* Only PAGEFAULT_FLAG_WP, never WP_UNPOPULATED: unpopulated pages must stay plain holes, as for QEMU. */
 	struct uffdio_api api = {.api = UFFD_API,
-				 .features = (mode & UFFDIO_REGISTER_MODE_WP) ? UFFD_FEATURE_PAGEFAULT_FLAG_WP : 0};
+				 .features = ((mode & UFFDIO_REGISTER_MODE_WP) ? UFFD_FEATURE_PAGEFAULT_FLAG_WP : 0) |
+				     extra_features};
 	if (ioctl(fd, UFFDIO_API, &api)) {
 		reply_error("register: UFFDIO_API", errno);
 		close(fd);
@@ -590,6 +618,255 @@ static void cmd_verify(char *off_s, char *len_s)
 	reply(&b);
 }
 
+/* ==== memory axes (issue 11): memfd backing, uffd features, zeroing writes, MADV_COLLAPSE, PAGEMAP_SCAN ====
+ *
+ *   features LIST       uffd features for the next register: none | wp-async,wp-unpopulated,wp-shmem,minor-shmem
+ *                       (replies with the kernel's "supported" mask; a feature it lacks is an error naming it)
+ *   map-memfd SIZE      like map, but a MAP_SHARED memfd (shmem) region: shmem THPs per shmem_enabled
+ *   zero OFF LEN        store zeros into the pages (CRIU's "overwrite with zeros": written, but zero-filled)
+ *   rewrite OFF LEN     store every page's expected content again (sets soft-dirty / clears async uffd-wp)
+ *   collapse OFF LEN    MADV_COLLAPSE (a THP born from 4 KiB pages)
+ *   scan OFF LEN CLEAR  PAGEMAP_SCAN for PAGE_IS_WRITTEN; CLEAR=1 write-protects what it reports (WP_ASYNC)
+ *   minor-faults        how many MINOR faults the handler resolved with UFFDIO_CONTINUE so far (register minor)
+ */
+#define HC_FEATURE_MINOR_SHMEM (1ULL << 10)
+#define HC_FEATURE_WP_SHMEM (1ULL << 12)
+#define HC_FEATURE_WP_UNPOPULATED (1ULL << 13)
+#define HC_FEATURE_WP_ASYNC (1ULL << 15)
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+#ifndef MFD_CLOEXEC
+#define MFD_CLOEXEC 1U
+#endif
+
+/* include/uapi/linux/fs.h (6.7+), spelled here so older headers compile */
+struct hc_page_region {
+	__u64 start, end, categories;
+};
+struct hc_pm_scan_arg {
+	__u64 size, flags, start, end, walk_end, vec, vec_len, max_pages, category_inverted, category_mask,
+		category_anyof_mask, return_mask;
+};
+#define HC_PAGEMAP_SCAN _IOWR('f', 16, struct hc_pm_scan_arg)
+#define HC_PM_SCAN_WP_MATCHING (1ULL << 0)
+#define HC_PM_SCAN_CHECK_WPASYNC (1ULL << 1)
+#define HC_PAGE_IS_WRITTEN (1ULL << 1)
+
+static const struct {
+	const char *name;
+	__u64 bit;
+} hc_features[] = {
+	{"wp-async", HC_FEATURE_WP_ASYNC},
+	{"wp-unpopulated", HC_FEATURE_WP_UNPOPULATED},
+	{"wp-shmem", HC_FEATURE_WP_SHMEM},
+	{"minor-shmem", HC_FEATURE_MINOR_SHMEM},
+};
+
+/* The features the kernel's UFFDIO_API offers (a throw-away userfaultfd), or -1 with errno. */
+static long long supported_features(void)
+{
+	int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC);
+	if (fd < 0) {
+		int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+		if (dev < 0)
+			return -1;
+		fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC);
+		close(dev);
+		if (fd < 0)
+			return -1;
+	}
+	struct uffdio_api api = {.api = UFFD_API, .features = 0};
+	int rc = ioctl(fd, UFFDIO_API, &api);
+	int err = errno;
+	close(fd);
+	errno = err;
+	return rc ? -1 : (long long)api.features;
+}
+
+static void cmd_features(char *list)
+{
+	long long have = supported_features();
+	if (have < 0) {
+		reply_error("features: UFFDIO_API probe", errno);
+		return;
+	}
+	__u64 want = 0;
+	char *save = NULL;
+	for (char *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+		size_t i, n = sizeof(hc_features) / sizeof(hc_features[0]);
+		for (i = 0; i < n && strcmp(t, hc_features[i].name); i++)
+			;
+		if (i == n && strcmp(t, "none")) {
+			reply_error("features: expected none or wp-async,wp-unpopulated,wp-shmem,minor-shmem", EINVAL);
+			return;
+		}
+		if (i == n)
+			continue;
+		if (!((__u64)have & hc_features[i].bit)) {
+			char what[160];
+			snprintf(what, sizeof(what), "features: the kernel lacks UFFD_FEATURE %s (offers 0x%llx)", t, have);
+			reply_error(what, EOPNOTSUPP);
+			return;
+		}
+		want |= hc_features[i].bit;
+	}
+	extra_features = want;
+	struct buf b = reply_ok();
+	buf_printf(&b, ",\"supported\":%lld", have);
+	reply(&b);
+}
+
+static void cmd_map_memfd(char *size_s)
+{
+	unsigned long size;
+	if (region) {
+		reply_error("map-memfd: a region is already mapped", EBUSY);
+		return;
+	}
+	if (parse_num(size_s, &size) || size == 0 || size % HPAGE) {
+		reply_error("map-memfd: SIZE must be a non-zero multiple of 2 MiB", EINVAL);
+		return;
+	}
+	int fd = (int)syscall(__NR_memfd_create, "holecheck", MFD_CLOEXEC);
+	if (fd < 0 || ftruncate(fd, (off_t)size)) {
+		reply_error("map-memfd: memfd_create/ftruncate", errno);
+		return;
+	}
+	/* Reserve 2 MiB more, then map the memfd at the first PMD boundary: file offset 0 aligned too (shmem THPs). */
+	char *raw = mmap(NULL, size + HPAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (raw == MAP_FAILED) {
+		reply_error("map-memfd: mmap reserve", errno);
+		close(fd);
+		return;
+	}
+	char *start = (char *)(((uintptr_t)raw + HPAGE - 1) & ~(HPAGE - 1));
+	if (mmap(start, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
+		reply_error("map-memfd: mmap memfd", errno);
+		close(fd);
+		return;
+	}
+	close(fd); /* the mapping keeps the file */
+	if (start > raw)
+		munmap(raw, (size_t)(start - raw));
+	if (start + size < raw + size + HPAGE)
+		munmap(start + size, (size_t)(raw + size + HPAGE - (start + size)));
+	npages = size / PAGE;
+	expected = calloc(npages, 1);
+	hit_missing = calloc(npages, 1);
+	hit_wp = calloc(npages, 1);
+	if (!expected || !hit_missing || !hit_wp) {
+		reply_error("map-memfd: calloc", ENOMEM);
+		exit(2);
+	}
+	region_size = size;
+	region = start;
+	struct buf b = reply_ok();
+	buf_printf(&b, ",\"addr\":%" PRIuPTR ",\"pid\":%d", (uintptr_t)region, (int)getpid());
+	reply(&b);
+}
+
+static void cmd_zero_rewrite(const char *cmd, char *off_s, char *len_s)
+{
+	unsigned long off, len;
+	if (parse_range(cmd, off_s, len_s, &off, &len))
+		return;
+	if (!strcmp(cmd, "zero"))
+		write_pages(off, len, ZERO);
+	else
+		for (unsigned long o = off; o < off + len; o += PAGE)
+			write_pages(o, PAGE, __atomic_load_n(&expected[o / PAGE], __ATOMIC_ACQUIRE));
+	struct buf b = reply_ok();
+	drain_faults(&b);
+	reply(&b);
+}
+
+static void cmd_collapse(char *off_s, char *len_s)
+{
+	unsigned long off, len;
+	if (parse_range("collapse", off_s, len_s, &off, &len))
+		return;
+	if (madvise(region + off, len, MADV_COLLAPSE)) {
+		reply_error("collapse: madvise MADV_COLLAPSE", errno);
+		return;
+	}
+	struct buf b = reply_ok();
+	drain_faults(&b);
+	reply(&b);
+}
+
+static void cmd_scan(char *off_s, char *len_s, char *clear_s)
+{
+	unsigned long off, len;
+	if (parse_range("scan", off_s, len_s, &off, &len))
+		return;
+	int clear = clear_s && !strcmp(clear_s, "1");
+	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		reply_error("scan: open /proc/self/pagemap", errno);
+		return;
+	}
+	uint8_t *written = calloc(npages, 1);
+	struct hc_page_region *vec = calloc(1024, sizeof(*vec));
+	if (!written || !vec) {
+		reply_error("scan: calloc", ENOMEM);
+		exit(2);
+	}
+	unsigned long base = (unsigned long)region, at = base + off, end = base + off + len;
+	while (at < end) {
+		struct hc_pm_scan_arg a = {.size = sizeof(a), .start = at, .end = end, .vec = (uintptr_t)vec,
+					   .vec_len = 1024, .category_mask = HC_PAGE_IS_WRITTEN,
+					   .return_mask = HC_PAGE_IS_WRITTEN};
+		if (clear)
+			a.flags = HC_PM_SCAN_WP_MATCHING | HC_PM_SCAN_CHECK_WPASYNC;
+		long n = ioctl(fd, HC_PAGEMAP_SCAN, &a);
+		if (n < 0) {
+			int err = errno;
+			free(written);
+			free(vec);
+			close(fd);
+			reply_error(err == ENOTTY ? "scan: PAGEMAP_SCAN (the kernel lacks it)" : "scan: PAGEMAP_SCAN", err);
+			return;
+		}
+		for (long i = 0; i < n; i++)
+			for (__u64 p = vec[i].start; p < vec[i].end; p += PAGE)
+				written[(p - base) / PAGE] = 1;
+		if (a.walk_end <= at) /* no progress: should not happen, but never loop forever */
+			break;
+		at = a.walk_end;
+	}
+	close(fd);
+	free(vec);
+	struct buf b = reply_ok();
+	buf_index_list(&b, "written", written, npages, 0);
+	free(written);
+	drain_faults(&b);
+	reply(&b);
+}
+
+/* Dispatch for this block: 1 if the command was one of it (and has been answered). */
+static int memory_axes_command(const char *c, int argc, char **argv)
+{
+	if (!strcmp(c, "features") && argc == 2)
+		cmd_features(argv[1]);
+	else if (!strcmp(c, "map-memfd") && argc == 2)
+		cmd_map_memfd(argv[1]);
+	else if ((!strcmp(c, "zero") || !strcmp(c, "rewrite")) && argc == 3)
+		cmd_zero_rewrite(c, argv[1], argv[2]);
+	else if (!strcmp(c, "collapse") && argc == 3)
+		cmd_collapse(argv[1], argv[2]);
+	else if (!strcmp(c, "scan") && argc == 4)
+		cmd_scan(argv[1], argv[2], argv[3]);
+	else if (!strcmp(c, "minor-faults") && argc == 1) {
+		struct buf b = reply_ok();
+		buf_printf(&b, ",\"minor\":%lu", __atomic_load_n(&minor_faults, __ATOMIC_RELAXED));
+		reply(&b);
+	}
+	else
+		return 0;
+	return 1;
+}
+
 int main(void)
 {
 	parent_pid = getppid();
@@ -625,6 +902,8 @@ int main(void)
 			cmd_touch(argv[1], argv[2], argv[3]);
 		} else if (!strcmp(c, "verify") && argc == 3) {
 			cmd_verify(argv[1], argv[2]);
+		} else if (memory_axes_command(c, argc, argv)) {
+			/* handled by the memory axes block */
 		} else {
 			char what[160];
 			snprintf(what, sizeof(what), "unknown command or wrong argument count: '%.100s' (%d args)", c,

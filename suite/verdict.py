@@ -15,6 +15,7 @@ KINDS = {
     "content": "pages differ from the expected content",
     "stall": "received pages a reader stalls on (a read did not return in time)",
     "no-split": "THPs (large folios) were not split although the shrinker (split trigger) should have split them",
+    "stale-dump": "pages written since the clear read clean: an incremental dump would restore stale data",
 }
 FIRST_SHOWN = 8  # addresses shown in a message
 KEPT = 4096  # page addresses kept in the JSON per finding (the count is always exact)

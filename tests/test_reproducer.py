@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from suite import memcg, thp
+from suite import memory_axes as ma
 from suite import scenario as sc
 from suite.reports import reproducer
 from suite.verdict import Finding, Verdict
@@ -134,6 +135,15 @@ SPLIT_LINE = re.compile(r"^# shrink@[^:]+: (?P<how>[^:]+): .*thp_split_page \+(?
                         r"(, hugepages-\d+kB/stats/split \+(?P<size>\d+))?")
 SPLIT_CELLS = [(split, thp.ThpSettings()) for split in sc.SPLITS] + [("pageout", thp.ThpSettings(mthp_kb=64)),
                                                                     ("partial-unmap", thp.ThpSettings(mthp_kb=64))]
+# memory axes (issue 11): the reproducer of each new sequence's negative control names exactly the sabotaged pages
+MEMORY_CONTROLS = {
+    "criu-written": (lambda: ma.criu_style("written", sabotage=True), "stale-dump", "dump(written)"),
+    "wp-async": (lambda: ma.wp_feature_style("async", "after-protect", sabotage=True), "stale-dump",
+                 "dump(written)"),
+    "memfd-postcopy": (lambda: ma.with_memory(sc.postcopy_style("after-discard", "after-place", sabotage=True),
+                                              backing="memfd"), "missing-fault", "touch(read)"),
+    "memfd-minor": (lambda: ma.minor_style("after-zap", sabotage=True), "content", "verify"),
+}
 
 
 @pytest.mark.host
@@ -152,3 +162,14 @@ def test_split_trigger_reproducer_names_the_unprotected_pages(tmp_path: Path, sp
     assert out.rc == 1 and out.pages("no-wp-fault") == out.pages("no-wp-fault", "touch(write, zero)") == sabotaged, \
         out.stdout + out.stderr
     assert {k for k, _, _ in out.bad} <= {"no-wp-fault", "lost-uffd-wp"}, out.stdout
+
+
+@pytest.mark.host
+@host
+@pytest.mark.parametrize("control", MEMORY_CONTROLS)
+def test_memory_axes_reproducer_names_the_sabotaged_pages(tmp_path: Path, control: str):
+    build_scenario, kind, phase = MEMORY_CONTROLS[control]
+    scenario = build_scenario()
+    out = run(build(tmp_path, scenario))
+    assert out.rc == 1, out.stdout + out.stderr
+    assert out.pages() == out.pages(kind, phase) == np.nonzero(scenario.selector("sabotage"))[0].tolist(), out.stdout

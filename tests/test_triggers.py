@@ -5,7 +5,7 @@ The same synthetic sequences as test_synthetic.py (background-snapshot WP, soft-
 split here (the shrinker on mTHPs, debugfs under kernel lockdown) says so in the cell, never silently passes.
 
 The self-test run samples the axes (``SAMPLE``); the full trigger × size product (``test_trigger_product``, marker
-``full_product``) runs when ``--matrix`` is given explicitly (main: host only; nightly: every kernel).
+``matrix``) runs when ``--matrix`` is given explicitly (main: host only; nightly: every kernel).
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def test_trigger(run, check_verdict, kernel_features, kind, split, thp_settings)
 PRODUCT = list(itertools.product(KINDS, sc.SPLITS, SIZES))
 
 
-@pytest.mark.full_product
+@pytest.mark.matrix
 @pytest.mark.parametrize(("kind", "split", "thp_settings"), PRODUCT, ids=[cell_id(*c) for c in PRODUCT])
 def test_trigger_product(run, check_verdict, kernel_features, kind, split, thp_settings):
     """The full trigger × size × kind product (selected with an explicit ``--matrix``)."""

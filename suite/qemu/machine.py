@@ -64,6 +64,7 @@ class MachineConfig:
     incoming: bool = False  # -incoming defer: a migration destination, started with migrate-incoming
     extra_args: tuple[str, ...] = ()
     machine: str = "pc"
+    memfd: bool = False  # guest RAM a memory-backend-memfd,share=on (shmem), not anonymous memory
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,9 @@ class RamMachine(QemuProcess):
         assert self.dir is not None
         cfg = self.config
         return [
-            "-machine", cfg.machine, "-accel", self.accel, "-bios", str(bios.path()),
+            "-machine", cfg.machine + (",memory-backend=ram0" if cfg.memfd else ""),
+            *(["-object", f"memory-backend-memfd,id=ram0,size={cfg.mem_mib}M,share=on"] if cfg.memfd else []),
+            "-accel", self.accel, "-bios", str(bios.path()),
             "-m", str(cfg.mem_mib), "-nodefaults", "-display", "none", "-vga", "none", "-serial", "none",
             "-monitor", "none", "-pidfile", str(self.dir / "qemu.pid"),
             "-qmp", f"unix:{self.dir / 'qmp.sock'},server=on,wait=off",
@@ -341,7 +344,9 @@ class RamMachine(QemuProcess):
             for line in f:
                 parts = line.split()
                 lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                if hi - lo == size and parts[1] == "rw-p" and parts[4] == "0" and len(parts) == 5:
+                memfd = len(parts) >= 6 and parts[1] == "rw-s" and parts[5].startswith("/memfd:")
+                if hi - lo == size and (memfd if self.config.memfd else parts[1] == "rw-p" and parts[4] == "0"
+                                        and len(parts) == 5):
                     found.append((lo, size))
         if len(found) != 1:
             raise HolecheckError(f"{self.name}: expected one anonymous rw mapping of {self.config.mem_mib} MiB "

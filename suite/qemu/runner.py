@@ -127,7 +127,7 @@ class MigrationRun:
     def start_side(self, name: str, incoming: bool) -> Side:
         cg = self.stack.enter_context(shrinker.scope(self.trigger, name))
         config = MachineConfig(mem_mib=self.s.size_mib, accel=self.opts.accel, qemu=self.opts.qemu,
-                               incoming=incoming)
+                               incoming=incoming, memfd=self.s.backing == "memfd")
         machine = self.stack.enter_context(RamMachine(config, name=name, argv_prefix=cg.wrap if cg else None))
         self.v.qemu = machine.version
         self.stack.callback(self.save_machine_artifacts, machine)
@@ -136,7 +136,9 @@ class MigrationRun:
             start, size = machine.ram_mapping()
             return pagemap.snapshot(machine.pid, start, size, with_thp=with_thp)
 
-        book = Ledger(self.v, snapshot, self.s.npages, name, "gpa", judged=name == self.under_test,
+        # memfd RAM: a zapped shared PTE keeps its page in the cache, so pte_none is no hole (judged by reads)
+        book = Ledger(self.v, snapshot, self.s.npages, name, "gpa",
+                      judged=name == self.under_test and self.s.backing != "memfd",
                        volatile=self.volatile)
         side = self.sides[name] = Side(name, machine, cg, book)
         return side
@@ -160,7 +162,9 @@ class MigrationRun:
         thp.verify(self.s.thp)
         for side in sides:
             if self.s.split == "shrinker" and not self.s.thp.mthp_kb:
-                before, after = side.ledger.shrink(step.phase, self.trigger, side.cg, self.nonzero)
+                why_not = "shmem THPs: the underused shrinker splits anonymous THPs only" \
+                    if self.s.backing == "memfd" else ""
+                before, after = side.ledger.shrink(step.phase, self.trigger, side.cg, self.nonzero, why_not=why_not)
             else:  # another trigger on QEMU's RAM, from outside (process_madvise, debugfs, ksmd with mem-merge)
                 start, _ = side.machine.ram_mapping()
                 before, after = split_triggers.judged_split(side.ledger, side.machine.pid, start, self.s,

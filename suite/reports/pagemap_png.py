@@ -38,6 +38,7 @@ STATES: dict[str, tuple[RGB, str]] = {
 OVERLAYS: dict[str, tuple[RGB, str]] = {
     "lost-soft-dirty": ((150, 85, 20), "lost soft-dirty bit"),
     "lost-uffd-wp": ((225, 0, 200), "lost uffd-wp bit"),
+    "stale-dump": ((120, 60, 0), "written since the clear, reads clean"),
     "no-wp-fault": ((0, 165, 80), "write raised no WP fault"),
     "missing-fault": ((255, 140, 0), "MISSING fault on placed page"),
     "hole": ((230, 20, 20), "hole among placed pages"),

@@ -31,7 +31,7 @@ from ..verdict import Verdict
 PRELUDE = ("#define _GNU_SOURCE", "/* ---- growable string")
 HANDLER = ("/* ---- page contents ---- */", "/* ---- commands ---- */")
 KNOB_FILES = {"enabled": "enabled", "defrag": "defrag", "max_ptes_none": "khugepaged/max_ptes_none",
-              "shrink_underused": "shrink_underused"}
+              "shrink_underused": "shrink_underused", "shmem_enabled": "shmem_enabled"}
 BUILD = "cc -O2 -pthread repro.c -o repro"
 # The fixed part of every reproducer: set-up, the step loop and the judge (C tooling and diffs see it as C).
 RUNTIME = resources.files(__package__) / "reproducer_runtime.c"
@@ -118,6 +118,11 @@ def describe(step: Step, s: Scenario) -> str:
         "verify": "compare every page with its expected content",
         "sabotage-punch": "NEGATIVE CONTROL: MADV_DONTNEED on placed pages (holes on purpose)",
         "sabotage-unprotect": "NEGATIVE CONTROL: un-protect pages behind the model's back",
+        "collapse": "MADV_COLLAPSE the selected pages (THPs born from 4 KiB pages)",
+        "clear-written": "PAGEMAP_SCAN with PM_SCAN_WP_MATCHING: write-protect every page (uffd WP_ASYNC)",
+        "dump": f"read what an incremental dump saves ({step.arg}): every page written since the clear must be in it",
+        "sabotage-clean": f"NEGATIVE CONTROL: the selected written pages made to read clean ({step.arg})",
+        "sabotage-fill": "NEGATIVE CONTROL: data into zero subpages behind the model's back (THPs not underused)",
     }[step.op]
     pages = "" if step.pages == "all" else f" [pages: {step.pages}, {int(s.selector(step.pages).sum())}]"
     return what + pages
@@ -159,6 +164,7 @@ def _header(s: Scenario, verdict: Verdict | None) -> str:
         "  lost-soft-dirty the soft-dirty bit vanished across such a step",
         "  content         a page does not hold what was written to it",
         "  stall           a step did not finish within --timeout (a fault was never resolved)",
+        "  stale-dump      a page written since the clear reads clean: an incremental dump restores stale data",
         "Lines starting with '#' are information (page-state counts per step, THPs around each shrink).",
         "Exit status: 0 no bad page, 1 bad pages or a stall, 2 set-up error.",
         "--no-lock: do not take /run/lock/holecheck-thp.lock (the caller holds it; holecheck's tests do).",
@@ -192,6 +198,7 @@ def _tables(s: Scenario, timeout: float) -> str:
            f"static const char TRIGGER[] = {c_string(s.trigger)};",
            f"static const char SPLIT[] = {c_string(s.split)};",
            f"#define FOLIO_KB {s.thp.mthp_kb or 2048}",
+           f"#define BACKING_MEMFD {int(s.backing == 'memfd')} /* memory axes: MAP_SHARED memfd region */",
            f"static const double DEFAULT_TIMEOUT = {timeout!r};", "",
            "/* THP knobs under /sys/kernel/mm/transparent_hugepage/; NULL: left as found */",
            "static const struct knob {", "\tconst char *file, *want;", "} KNOBS[] = {"]

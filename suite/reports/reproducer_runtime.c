@@ -17,9 +17,9 @@
 #define NSTEPS (sizeof(STEPS) / sizeof(STEPS[0]))
 #define NKNOBS (sizeof(KNOBS) / sizeof(KNOBS[0]))
 
-enum kind { K_HOLE, K_MISSING, K_NO_WP, K_LOST_WP, K_LOST_SD, K_CONTENT, NKINDS };
+enum kind { K_HOLE, K_MISSING, K_NO_WP, K_LOST_WP, K_LOST_SD, K_CONTENT, K_STALE, NKINDS };
 static const char *const KIND_NAMES[NKINDS] = {"hole", "missing-fault", "no-wp-fault", "lost-uffd-wp",
-						"lost-soft-dirty", "content"};
+						"lost-soft-dirty", "content", "stale-dump"};
 static size_t bad_count[NKINDS];
 
 static double timeout_s;
@@ -30,6 +30,8 @@ static uint8_t *sel, *fault_missing, *fault_wp, *placed, *wp_expected, *reported
 static uint64_t *pm_before, *pm_after;
 static uint64_t zero_pfn;
 static int pagemap_fd = -1, wp_registered;
+static uint8_t *written; /* memory axes: written since the last clear (soft-dirty / PAGE_IS_WRITTEN must show it) */
+static int wp_async;     /* uffd WP_ASYNC: no WP fault messages; the dump judges */
 static size_t max_uffd_wp_bits;
 
 /* ---- leaving the machine as found: async-signal-safe, runs once (exit, die, signal, stall) ---- */
@@ -364,8 +366,14 @@ static void report(enum kind k, size_t idx, const char *phase)
 		(unsigned long)region + idx * PAGE, phase);
 }
 
+static void map_memfd(const char *arg);
+
 static void do_map(const char *arg)
 {
+	if (BACKING_MEMFD) {
+		map_memfd(arg);
+		return;
+	}
 	/* Over-map by 2 MiB and trim, so the region starts on a PMD boundary and can hold THPs. */
 	char *raw = mmap(NULL, REGION_SIZE + HPAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (raw == MAP_FAILED)
@@ -399,7 +407,13 @@ static void write_pages(size_t first, size_t count, int kind)
 static void do_register(const char *modes)
 {
 	__u64 mode = (strstr(modes, "missing") ? UFFDIO_REGISTER_MODE_MISSING : 0) |
-			(strstr(modes, "wp") ? UFFDIO_REGISTER_MODE_WP : 0);
+			(strstr(modes, "wp") ? UFFDIO_REGISTER_MODE_WP : 0) |
+			(strstr(modes, "minor") ? UFFDIO_REGISTER_MODE_MINOR : 0);
+	/* memory axes: WP_ASYNC / WP_UNPOPULATED as the register arg names them; uffd-wp on shmem for memfd */
+	extra_features = (strstr(modes, "async") ? 1ULL << 15 : 0) | (strstr(modes, "unpopulated") ? 1ULL << 13 : 0) |
+			 (BACKING_MEMFD && (mode & UFFDIO_REGISTER_MODE_WP) ? 1ULL << 12 : 0) |
+			 (mode & UFFDIO_REGISTER_MODE_MINOR ? 1ULL << 10 : 0);
+	wp_async = strstr(modes, "async") != NULL;
 	int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
 	if (fd < 0 && (errno == EPERM || errno == ENOSYS)) {
 		int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
@@ -412,7 +426,8 @@ static void do_register(const char *modes)
 		die("userfaultfd: %s", strerror(errno));
 	/* Only PAGEFAULT_FLAG_WP, never WP_UNPOPULATED: unpopulated pages must stay plain holes, as for QEMU. */
 	struct uffdio_api api = {.api = UFFD_API,
-					.features = (mode & UFFDIO_REGISTER_MODE_WP) ? UFFD_FEATURE_PAGEFAULT_FLAG_WP : 0};
+					.features = ((mode & UFFDIO_REGISTER_MODE_WP) ? UFFD_FEATURE_PAGEFAULT_FLAG_WP : 0) |
+						    extra_features};
 	if (ioctl(fd, UFFDIO_API, &api))
 		die("UFFDIO_API: %s", strerror(errno));
 	struct uffdio_register reg = {.range = {.start = (unsigned long)region, .len = region_size}, .mode = mode};
@@ -571,6 +586,110 @@ static void shrink(const struct step *s)
 	printf("\n");
 }
 
+/* ---- memory axes (issue 11): memfd backing, MADV_COLLAPSE, PAGEMAP_SCAN (WP_ASYNC), CRIU's dump ---- */
+
+struct rt_page_region {
+	__u64 start, end, categories;
+};
+struct rt_pm_scan_arg {
+	__u64 size, flags, start, end, walk_end, vec, vec_len, max_pages, category_inverted, category_mask,
+		category_anyof_mask, return_mask;
+};
+#define RT_PAGEMAP_SCAN _IOWR('f', 16, struct rt_pm_scan_arg)
+
+static void map_memfd(const char *arg)
+{
+	int fd = (int)syscall(__NR_memfd_create, "holecheck-repro", 1U /* MFD_CLOEXEC */);
+	if (fd < 0 || ftruncate(fd, (off_t)REGION_SIZE))
+		die("memfd_create/ftruncate: %s", strerror(errno));
+	char *raw = mmap(NULL, REGION_SIZE + HPAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (raw == MAP_FAILED)
+		die("mmap: %s", strerror(errno));
+	char *start = (char *)(((uintptr_t)raw + HPAGE - 1) & ~(HPAGE - 1));
+	if (mmap(start, REGION_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED)
+		die("mmap memfd: %s", strerror(errno));
+	close(fd);
+	if (start > raw)
+		munmap(raw, (size_t)(start - raw));
+	if (start + REGION_SIZE < raw + REGION_SIZE + HPAGE)
+		munmap(start + REGION_SIZE, (size_t)(raw + REGION_SIZE + HPAGE - (start + REGION_SIZE)));
+	region_size = REGION_SIZE;
+	region = start;
+	if (!strcmp(arg, "hugepage") && madvise(region, region_size, MADV_HUGEPAGE))
+		die("madvise MADV_HUGEPAGE: %s", strerror(errno));
+}
+
+/* PAGEMAP_SCAN of the region for PAGE_IS_WRITTEN into out[] (clear: write-protect what it reports). */
+static void scan_written(uint8_t *out, int clear)
+{
+	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	static struct rt_page_region vec[1024];
+	unsigned long base = (unsigned long)region, at = base, end = base + region_size;
+	if (fd < 0)
+		die("open /proc/self/pagemap: %s", strerror(errno));
+	memset(out, 0, npages);
+	while (at < end) {
+		struct rt_pm_scan_arg a = {.size = sizeof(a), .flags = clear ? 3 : 0, .start = at, .end = end,
+					   .vec = (uintptr_t)vec, .vec_len = 1024, .category_mask = 2, .return_mask = 2};
+		long n = ioctl(fd, RT_PAGEMAP_SCAN, &a);
+		if (n < 0)
+			die("PAGEMAP_SCAN: %s", strerror(errno));
+		for (long i = 0; i < n; i++)
+			for (__u64 p = vec[i].start; p < vec[i].end; p += PAGE)
+				out[(p - base) / PAGE] = 1;
+		if (a.walk_end <= at)
+			break;
+		at = a.walk_end;
+	}
+	close(fd);
+}
+
+static void memory_axes_step(const struct step *s)
+{
+	const struct run *r = s->runs;
+	switch (s->op) {
+	case OP_COLLAPSE:
+		for (size_t i = 0; i < s->nruns; i++)
+			advise(r[i].first, r[i].count, 25 /* MADV_COLLAPSE */, "MADV_COLLAPSE");
+		break;
+	case OP_CLEAR_WRITTEN:
+		scan_written(mismatch, 1);
+		memset(written, 0, npages);
+		break;
+	case OP_DUMP: { /* every page written since the clear must be in the dump, else it restores stale data */
+		if (!strcmp(s->arg, "written")) {
+			scan_written(mismatch, 0);
+		} else {
+			read_pagemap(pm_after);
+			for (size_t i = 0; i < npages; i++)
+				mismatch[i] = !!(pm_after[i] & PM_SOFT_DIRTY);
+		}
+		for (size_t i = 0; i < npages; i++)
+			if (written[i] && sel[i] && !mismatch[i])
+				report(K_STALE, i, s->phase);
+		break;
+	}
+	case OP_SABOTAGE_CLEAN: /* NEGATIVE CONTROL: the selected written pages read clean */
+		if (!strcmp(s->arg, "written")) {
+			for (size_t i = 0; i < s->nruns; i++)
+				write_protect(r[i].first, r[i].count, 1);
+		} else {
+			if (put("/proc/self/clear_refs", "4"))
+				die("clear_refs: %s", strerror(errno));
+			for (size_t i = 0; i < npages; i++) /* re-dirty all other pages with their own content */
+				if (!sel[i])
+					write_pages(i, 1, __atomic_load_n(&expected[i], __ATOMIC_ACQUIRE));
+		}
+		break;
+	case OP_SABOTAGE_FILL: /* NEGATIVE CONTROL: data into zero subpages: those THPs are not underused */
+		for (size_t i = 0; i < s->nruns; i++)
+			write_pages(r[i].first, r[i].count, STAMP);
+		break;
+	default:
+		break;
+	}
+}
+
 static void perform(const struct step *s)
 {
 	const struct run *r = s->runs;
@@ -579,26 +698,29 @@ static void perform(const struct step *s)
 		do_map(s->arg);
 		break;
 	case OP_PLACE:
-		for (size_t i = 0; i < s->nruns; i++)
+		for (size_t i = 0; i < s->nruns; i++) {
 			write_pages(r[i].first, r[i].count, STAMP);
+			memset(written + r[i].first, 1, r[i].count);
+		}
 		break;
 	case OP_NOHUGEPAGE:
 		advise(0, npages, MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE");
 		break;
 	case OP_DISCARD:
-	case OP_SABOTAGE_PUNCH:
+	case OP_SABOTAGE_PUNCH: /* memfd: MADV_REMOVE punches the page cache too, as QEMU's discard does */
 		for (size_t i = 0; i < s->nruns; i++)
-			advise(r[i].first, r[i].count, MADV_DONTNEED, "MADV_DONTNEED");
+			advise(r[i].first, r[i].count, BACKING_MEMFD && strcmp(s->arg, "zap") ? MADV_REMOVE : MADV_DONTNEED,
+			       "discard");
 		break;
 	case OP_REGISTER:
 		do_register(s->arg);
 		break;
 	case OP_WP:
 	case OP_SABOTAGE_UNPROTECT: {
-		int on = s->op == OP_WP && !strcmp(s->arg, "1");
+		int on = s->op == OP_WP && s->arg[0] == '1';
 		if (uffd < 0)
 			die("%s: not registered", s->phase);
-		if (on) { /* like QEMU's snapshot: populate first, so every page is present to protect */
+		if (on && !strstr(s->arg, "unpopulated")) { /* like QEMU's snapshot: populate first, so every page is present to protect */
 			advise(0, npages, MADV_POPULATE_READ, "MADV_POPULATE_READ");
 			drain(fault_missing, fault_wp); /* the suite does not judge the populate's faults either */
 		}
@@ -609,18 +731,27 @@ static void perform(const struct step *s)
 	case OP_CLEAR_SOFT_DIRTY:
 		if (put("/proc/self/clear_refs", "4"))
 			die("clear_refs: %s", strerror(errno));
+		memset(written, 0, npages);
 		break;
 	case OP_SHRINK:
 		shrink(s);
 		break;
 	case OP_TOUCH:
 		for (size_t i = 0; i < s->nruns; i++) {
-			if (!strcmp(s->arg, "write"))
-				write_pages(r[i].first, r[i].count, WRITTEN);
-			else
+			if (!strcmp(s->arg, "write") || !strcmp(s->arg, "zero")) {
+				write_pages(r[i].first, r[i].count, s->arg[0] == 'w' ? WRITTEN : ZERO);
+				memset(written + r[i].first, 1, r[i].count);
+			} else
 				for (size_t idx = r[i].first; idx < r[i].first + r[i].count; idx++)
 					(void)*(volatile char *)(region + idx * PAGE);
 		}
+		break;
+	case OP_COLLAPSE:
+	case OP_CLEAR_WRITTEN:
+	case OP_DUMP:
+	case OP_SABOTAGE_CLEAN:
+	case OP_SABOTAGE_FILL:
+		memory_axes_step(s);
 		break;
 	case OP_VERIFY:
 		memset(mismatch, 0, npages);
@@ -648,7 +779,7 @@ static void judge(const struct step *s, const uint64_t *before, const uint64_t *
 	for (size_t i = 0; i < npages; i++) /* QEMU thinks it has the page and never asks the source again */
 		if (fault_missing[i] && placed[i])
 			report(K_MISSING, i, ph);
-	for (size_t i = 0; i < npages; i++)
+	for (size_t i = 0; i < npages && !BACKING_MEMFD; i++) /* memfd: a zapped PTE keeps its page in the cache */
 		if (placed[i] && !(after[i] & (PM_PRESENT | PM_SWAPPED)) && !reported_holes[i]) {
 			reported_holes[i] = 1;
 			report(K_HOLE, i, ph);
@@ -659,8 +790,10 @@ static void judge(const struct step *s, const uint64_t *before, const uint64_t *
 		for (size_t i = 0; i < npages; i++)
 			if (sel[i])
 				wp_expected[i] = !strcmp(s->arg, "1");
-	if (s->op == OP_TOUCH && !strcmp(s->arg, "write")) {
-		for (size_t i = 0; i < npages; i++)
+	if (s->op == OP_CLEAR_WRITTEN)
+		memset(wp_expected, 1, npages);
+	if (s->op == OP_TOUCH && (!strcmp(s->arg, "write") || !strcmp(s->arg, "zero"))) {
+		for (size_t i = 0; i < npages && !wp_async; i++)
 			if (sel[i] && wp_expected[i] && !fault_wp[i])
 				report(K_NO_WP, i, ph);
 		for (size_t i = 0; i < npages; i++) /* the handler un-protected what it trapped, as QEMU does */
@@ -761,6 +894,7 @@ int main(int argc, char **argv)
 	placed = zalloc(npages);
 	wp_expected = zalloc(npages);
 	reported_holes = zalloc(npages);
+	written = zalloc(npages);
 	mismatch = zalloc(npages);
 	pm_before = zalloc(npages * sizeof(uint64_t));
 	pm_after = zalloc(npages * sizeof(uint64_t));

@@ -170,7 +170,7 @@ class GuestTarget:
 
     def features(self) -> dict[str, bool]:
         reply = self.call("features")
-        return {"soft_dirty": bool(reply["soft_dirty"]), "shrink_underused": bool(reply["shrink_underused"])}
+        return {k: bool(v) for k, v in reply.items() if k != "id"}  # preflight.local_features' keys
 
     def call(self, method: str, timeout: float = CALL_TIMEOUT, **params: object) -> dict[str, Any]:
         """One agent request; an agent-side failure carries the console's last lines."""
