@@ -1,13 +1,17 @@
-"""When must a shrink split THPs? One rule for every scenario test module (synthetic, postcopy, snapshot).
+"""When must a shrink split THPs? The rules of every scenario test module, in one place.
 
-A shrink is due to split when the kernel has the underused-THP shrinker, the knobs allow underused splits
-(``max_ptes_none`` below 511) and THPs exist at that point (``due``: a cell that registers before the first fault
-places 4 KiB pages with UFFDIO_COPY). Otherwise the verdict must say why no split was expected.
+The underused shrinker (synthetic, postcopy, snapshot): a shrink is due to split when the kernel has it, the knobs
+allow underused splits (``max_ptes_none`` below 511) and THPs exist at that point (``due``: a cell that registers
+before the first fault places 4 KiB pages with UFFDIO_COPY); it splits anonymous PMD THPs only (not mTHPs, not
+shmem). Other split triggers (pageout, partial unmap, KSM) split whatever large folio they meet; debugfs may be
+refused (lockdown). A THP born by a read (the huge zero page) exists only from 6.15 on. Whenever no split was
+expected, the verdict must say why: never a silent pass.
 """
 from __future__ import annotations
 
 import re
 
+from suite import scenario as sc
 from suite.thp import ThpSettings
 from suite.verdict import Verdict
 
@@ -31,3 +35,33 @@ def assert_split_as_expected(verdict: Verdict, features: dict[str, bool], thp: T
         f"cell was to {'split' if expected else 'not split'} THPs: {verdict.summary()}")
     if not underused_splits(features, thp):
         assert re.search("max_ptes_none|no underused shrinker", verdict.no_split_reason), verdict.summary()
+
+
+ALWAYS_SPLIT = ("pageout", "partial-unmap", "ksm", "ksm-zero")  # on any kernel with THP and these interfaces
+
+
+def assert_trigger_split(verdict: Verdict, features: dict[str, bool], split: str, thp: ThpSettings) -> None:
+    """A split-trigger cell either split (and was judged) or says why it could not."""
+    assert verdict.split_expected or verdict.no_split_reason, f"no split and no reason: {verdict.summary()}"
+    if split == "shrinker" and thp.mthp_kb:
+        assert "only splits PMD-sized THPs" in verdict.no_split_reason, verdict.summary()
+    if not thp.mthp_kb and split in ALWAYS_SPLIT:
+        assert verdict.split_expected, f"{split} was due to split the PMD THPs: {verdict.summary()}"
+    if not thp.mthp_kb and split == "shrinker":
+        assert verdict.split_expected == features["shrink_underused"], verdict.summary()
+
+
+def release_of(verdict: Verdict) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", verdict.kernel)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
+
+
+def assert_memory_split(verdict: Verdict, features: dict[str, bool], scenario: sc.Scenario) -> None:
+    """A backing / origin cell split what the kernel promises, or its verdict says why not."""
+    if scenario.backing == "memfd":
+        assert not verdict.split_expected and "anonymous THPs only" in verdict.no_split_reason, verdict.summary()
+        return
+    can = features["shrink_underused"]
+    if scenario.origin == "read" and release_of(verdict) < (6, 15):  # a write to the huge zero page: 4 KiB pages
+        can = can and "no THP was mapped" not in verdict.no_split_reason
+    assert verdict.split_expected == can, f"split expected {can}: {verdict.summary()}"

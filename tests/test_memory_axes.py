@@ -7,10 +7,9 @@ THPs) says so in its verdict (``no_split_reason`` with the THPs measured before 
 """
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
+from split_rules import assert_memory_split, release_of
 
 from suite import memory_axes as ma
 from suite import pagemap
@@ -26,22 +25,6 @@ def _matrix(values, sampled):
     """Parametrize values: the sampled ones plain, the others marked ``matrix``."""
     return [v if v in sampled else pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=pytest.mark.matrix)
             for v in values]
-
-
-def _release(verdict) -> tuple[int, int]:
-    m = re.match(r"(\d+)\.(\d+)", verdict.kernel)
-    return (int(m[1]), int(m[2])) if m else (0, 0)
-
-
-def check_split(features: dict[str, bool], scenario: sc.Scenario, verdict) -> None:
-    """The cell split what the kernel promises, or its verdict says why not."""
-    if scenario.backing == "memfd":
-        assert not verdict.split_expected and "anonymous THPs only" in verdict.no_split_reason, verdict.summary()
-        return
-    can = features["shrink_underused"]
-    if scenario.origin == "read" and _release(verdict) < (6, 15):  # a write to the huge zero page: 4 KiB pages
-        can = can and "no THP was mapped" not in verdict.no_split_reason
-    assert verdict.split_expected == can, f"split expected {can}: {verdict.summary()}"
 
 
 def need(features: dict[str, bool], *names: str) -> None:
@@ -71,7 +54,7 @@ def test_criu(run, check_verdict, kernel_features, dump):
     scenario = ma.criu_style(dump)
     verdict = run(scenario)
     check_verdict(verdict)
-    check_split(kernel_features, scenario, verdict)
+    assert_memory_split(verdict, kernel_features, scenario)
 
 
 @pytest.mark.parametrize("dump", ma.DUMPS)
@@ -102,7 +85,7 @@ def test_wp_feature(run, check_verdict, kernel_features, feature, shrink_at):
     scenario = ma.wp_feature_style(feature, shrink_at)
     verdict = run(scenario)
     check_verdict(verdict)
-    check_split(kernel_features, scenario, verdict)
+    assert_memory_split(verdict, kernel_features, scenario)
 
 
 def test_wp_async_negative_control(run, check_verdict, kernel_features):
@@ -127,7 +110,7 @@ def test_origin(run, check_verdict, kernel_features, origin, backing):
     scenario = ma.origin_style(origin, backing=backing)
     verdict = run(scenario)
     check_verdict(verdict)
-    check_split(kernel_features, scenario, verdict)
+    assert_memory_split(verdict, kernel_features, scenario)
 
 
 @pytest.mark.parametrize("origin", _matrix(sc.ORIGINS, {"collapse"}))
@@ -137,7 +120,7 @@ def test_origin_negative_control(run, check_verdict, kernel_features, origin):
         pytest.skip("kernel under test has no underused-THP shrinker: no split is due, none can be skipped")
     scenario = ma.origin_style(origin, sabotage=True)
     verdict = run(scenario)
-    if origin == "read" and _release(verdict) < (6, 15) and "no THP was mapped" in verdict.no_split_reason:
+    if origin == "read" and release_of(verdict) < (6, 15) and "no THP was mapped" in verdict.no_split_reason:
         pytest.skip(f"{verdict.kernel}: a write to the huge zero page maps 4 KiB pages before 6.15: no THP to skip")
     check_verdict(verdict, must_pass=False)
     skipped = _findings(verdict, "no-split")
@@ -160,7 +143,7 @@ def test_memfd_snapshot_style(run, check_verdict, kernel_features, shrink_at):
     scenario = ma.with_memory(sc.snapshot_style(shrink_at), backing="memfd")
     verdict = run(scenario)
     check_verdict(verdict)
-    check_split(kernel_features, scenario, verdict)
+    assert_memory_split(verdict, kernel_features, scenario)
 
 
 @pytest.mark.parametrize(("register_at", "shrink_at"), _matrix(POSTCOPY_MEMFD, {POSTCOPY_MEMFD[0]}),
@@ -171,7 +154,7 @@ def test_memfd_postcopy_style(run, check_verdict, kernel_features, register_at, 
     scenario = ma.with_memory(sc.postcopy_style(register_at, shrink_at), backing="memfd")
     verdict = run(scenario)
     check_verdict(verdict)
-    check_split(kernel_features, scenario, verdict)
+    assert_memory_split(verdict, kernel_features, scenario)
 
 
 def test_memfd_negative_controls(run, check_verdict, kernel_features):
@@ -199,7 +182,7 @@ def test_memfd_minor(run, check_verdict, kernel_features, shrink_at):
     scenario = ma.minor_style(shrink_at)
     verdict = run(scenario)
     check_verdict(verdict)
-    check_split(kernel_features, scenario, verdict)
+    assert_memory_split(verdict, kernel_features, scenario)
     assert any("MINOR faults resolved" in n and not n.endswith(": 0 MINOR faults resolved with UFFDIO_CONTINUE")
                for n in verdict.notes), verdict.notes
 
@@ -231,4 +214,4 @@ def test_qemu_memfd(run, qemu, check_verdict, kernel_features, cell):
     scenario = ma.with_memory(REAL_MEMFD[cell](), backing="memfd")
     verdict = run(scenario)
     check_verdict(verdict)
-    check_split(kernel_features, scenario, verdict)
+    assert_memory_split(verdict, kernel_features, scenario)

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from split_rules import assert_trigger_split
 
 from suite import pagemap
 from suite import scenario as sc
@@ -35,7 +36,6 @@ KINDS = {
                sc.Step("shrink", label="shrink@after-place"), sc.Step("verify"))),
     "missing": lambda thp: sc.postcopy_style("after-discard", "after-place", thp=thp),
 }
-ALWAYS_SPLIT = ("pageout", "partial-unmap", "ksm", "ksm-zero")  # on any kernel with THP and these interfaces
 PMD, K64 = SIZES[0], ThpSettings(mthp_kb=64)
 # (kind, split, size): the self-test's sample — every trigger on PMD THPs, the mTHP axis on a few triggers
 SAMPLE = ([("wp", split, PMD) for split in sc.SPLITS]
@@ -58,23 +58,12 @@ def scenario_for(kind: str, split: str, thp: ThpSettings) -> sc.Scenario:
     return replace(KINDS[kind](thp), split=split)
 
 
-def judge(verdict, kernel_features: dict[str, bool], split: str, thp: ThpSettings) -> None:
-    """A cell either split (and was judged) or says why it could not: never a silent pass."""
-    assert verdict.split_expected or verdict.no_split_reason, f"no split and no reason: {verdict.summary()}"
-    if split == "shrinker" and thp.mthp_kb:
-        assert "only splits PMD-sized THPs" in verdict.no_split_reason, verdict.summary()
-    if not thp.mthp_kb and split in ALWAYS_SPLIT:
-        assert verdict.split_expected, f"{split} was due to split the PMD THPs: {verdict.summary()}"
-    if not thp.mthp_kb and split == "shrinker":
-        assert verdict.split_expected == kernel_features["shrink_underused"], verdict.summary()
-
-
 def _run_cell(run, check_verdict, kernel_features, kind: str, split: str, thp: ThpSettings) -> None:
     if kind.startswith("soft-dirty") and not kernel_features["soft_dirty"]:
         pytest.skip("kernel under test lacks CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 is never set")
     verdict = run(scenario_for(kind, split, thp))
     check_verdict(verdict)
-    judge(verdict, kernel_features, split, thp)
+    assert_trigger_split(verdict, kernel_features, split, thp)
 
 
 @pytest.mark.parametrize(("kind", "split", "thp_settings"), SAMPLE, ids=[cell_id(*c) for c in SAMPLE])
