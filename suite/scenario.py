@@ -50,7 +50,7 @@ KIND_OPS: dict[str, frozenset[str]] = {
 POSTCOPY_VARIANTS = ("", "multifd", "preempt")
 SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed")
 # What a "shrink" step fires to split large folios (``split_triggers``); "shrinker" is the default.
-SPLITS = ("shrinker", "pageout", "partial-unmap", "debugfs", "ksm", "ksm-zero")
+SPLITS = ("shrinker", "pageout", "pageout-swap", "partial-unmap", "debugfs", "ksm", "ksm-zero")
 
 
 @dataclass(frozen=True)
