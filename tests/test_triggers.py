@@ -67,6 +67,9 @@ def judge(verdict, kernel_features: dict[str, bool], split: str, thp: ThpSetting
         assert verdict.split_expected, f"{split} was due to split the PMD THPs: {verdict.summary()}"
     if not thp.mthp_kb and split == "shrinker":
         assert verdict.split_expected == kernel_features["shrink_underused"], verdict.summary()
+    if split == "pageout-swap" and verdict.split_expected:  # swap really used, not the no-swap fallback
+        swapped = [s["vmstat"].get("pswpout", 0) for s in verdict.shrinks]
+        assert all(swapped), f"pageout-swap swapped nothing out (pswpout {swapped}): {verdict.summary()}"
 
 
 def skip_host_swap(kernel_spec, split: str) -> None:
