@@ -11,6 +11,7 @@
 #   HC_CACHE      holecheck's cache dir on the host (HOLECHECK_CACHE: the prebuilt uffd helper lives there)
 #   HC_KEEP0..3   host paths under /tmp, /run or /dev/shm the agent needs (the checkout, its venv, the cache):
 #                 the guest's own tmpfs mounts would hide them, so they are bound back on top
+# The agent gets HOLECHECK_L1=1: what may only ever change inside a VM (swap: ``pageout-swap``) checks it.
 # Values may contain spaces (the kernel strips the quotes of NAME="a b"); the host refuses quotes and newlines.
 export PATH=/bin
 /bin/busybox --install -s /bin
@@ -74,7 +75,7 @@ done
 
 say "starting the agent"
 env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TMPDIR=/tmp \
-    HOLECHECK_CACHE="$HC_CACHE" PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    HOLECHECK_CACHE="$HC_CACHE" HOLECHECK_L1=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     chroot "$R" /bin/sh -c 'cd "$0" && exec "$1" -S -m suite.targets.agent "$2"' \
     "$HC_PROJECT" "$HC_PYTHON" "/dev/virtio-ports/$HC_PORT"
 say "agent exited with status $?"

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # The drivers a boot needs, by the config option that builds them (only =m ones go into the initramfs).
 DRIVERS = {"VIRTIO": "virtio", "VIRTIO_MMIO": "virtio_mmio", "VIRTIO_PCI": "virtio_pci",
            "VIRTIO_CONSOLE": "virtio_console", "FUSE_FS": "fuse", "VIRTIO_FS": "virtiofs"}
+# Optional extras, loaded when =m and found beside the required ones (a boot never fails for want of them):
+# zram gives the ``pageout-swap`` split trigger a swap device that lives and dies inside the L1 VM.
+OPTIONAL = {"ZRAM": "zram"}
 UNUSED_TRANSPORT = {"microvm": "VIRTIO_PCI", "pc": "VIRTIO_MMIO"}
 HEAD_BYTES = 1 << 16  # a kernel's setup header, or an ELF header with its program headers
 ET_EXEC, EM_X86_64 = 2, 62
@@ -121,6 +124,21 @@ def needed_modules(config: dict[str, str], machine: str) -> list[str]:
     return [mod for opt, mod in DRIVERS.items() if opt != skip and config.get(opt) == "m"]
 
 
+def optional_modules(config: dict[str, str], tree: ModuleTree) -> list[str]:
+    """``OPTIONAL`` modules this kernel builds as modules and whose dependencies ``tree`` holds too."""
+    out = []
+    for opt, mod in OPTIONAL.items():
+        if config.get(opt) != "m" or mod not in tree.index:
+            continue
+        try:
+            tree.load_order([mod])
+        except SetupError as exc:
+            log.info("optional module %s left out: %s", mod, exc)
+            continue
+        out.append(mod)
+    return out
+
+
 def from_image(name: str, image: Path, release: str = "", config_path: Path | None = None) -> Kernel:
     """Resolve a kernel image (bzImage/vmlinuz or vmlinux) into a bootable ``Kernel``; check its config."""
     if not image.is_file():
@@ -145,7 +163,7 @@ def from_image(name: str, image: Path, release: str = "", config_path: Path | No
         for d in trees:
             tree = ModuleTree(d)
             if all(w in tree.index for w in wanted):
-                modules = tree.load_order(wanted)
+                modules = tree.load_order(wanted + optional_modules(config, tree))
                 break
         else:
             raise SetupError(f"{name}: modules {', '.join(wanted)} (=m in its config) not found in "

@@ -27,6 +27,7 @@ Running and judging
 - ``oracle``       — diffs of page states: spurious holes, lost uffd-wp / soft-dirty bits.
 - ``thp`` / ``memcg`` / ``shrinker`` — THP knobs (always restored), cgroup scopes, shrinker triggers.
 - ``split_triggers`` — every other way to split a large folio (pageout, partial unmap, debugfs, KSM), folio sizes.
+- ``l1_swap``      — a zram swap device set up and torn down inside an L1 VM (``pageout-swap``), never the host's.
 - ``uffd``         — the C helper (``uffd_helper.c``) that performs userfaultfd sequences step by step.
 
 Real QEMU (sub-package ``qemu``)

@@ -56,7 +56,7 @@ KIND_OPS: dict[str, frozenset[str]] = {
 POSTCOPY_VARIANTS = ("", "multifd", "preempt")
 SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed", "sabotage-chunks")
 # What a "shrink" step fires to split large folios (``split_triggers``); "shrinker" is the default.
-SPLITS = ("shrinker", "pageout", "partial-unmap", "debugfs", "ksm", "ksm-zero")
+SPLITS = ("shrinker", "pageout", "pageout-swap", "partial-unmap", "debugfs", "ksm", "ksm-zero")
 BACKINGS = ("anon", "memfd")  # the region: private anonymous (default) or a MAP_SHARED memfd (shmem THPs)
 ORIGINS = ("write", "read", "collapse")  # how its THPs are born: write fault, read (huge zero page) then write,
 # MADV_COLLAPSE of 4 KiB pages

@@ -5,6 +5,9 @@ A scenario's ``split`` names the trigger its ``shrink`` steps fire (``scenario.S
 - ``shrinker``      the deferred-split shrinker on underused PMD THPs (``shrinker.fire``; PMD only).
 - ``pageout``       reclaim: ``process_madvise(MADV_PAGEOUT)`` from outside the process. Without swap (the host:
                     its swap is never touched) the kernel still splits each THP before add_to_swap fails.
+- ``pageout-swap`` the same with swap available: a zram device inside the L1 VM (``l1_swap``; never the host's
+                    swap: on the host the cell says it cannot), swapped off again (every page back in) before the
+                    pages are observed.
 - ``partial-unmap`` the deferred-split queue: ``MADV_DONTNEED`` of one zero subpage of every large folio (done by
                     the process itself), then the shrinker splits the partially mapped folios.
 - ``debugfs``       ``split_huge_pages`` with the exact pid and range (debugfs mounted in a private dir if
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import oracle, pagemap, shrinker, thp, waits
+from . import l1_swap, oracle, pagemap, shrinker, thp, waits
 from .ledger import Ledger
 from .memcg import Memcg
 from .pagemap import PAGE, PAGES_PER_THP, PageStates
@@ -53,7 +56,7 @@ def parse_counters(vmstat_text: str, size_stats: dict[str, str] | None = None) -
     """Split counters from /proc/vmstat text and per-size ``stats/split`` contents (``{"64kB": "3\\n"}``):
     ``thp_split_page``, ``thp_split_page_failed``, ``thp_deferred_split_page`` and ``split-<size>``."""
     wanted = ("thp_split_page", "thp_split_page_failed", "thp_deferred_split_page", "thp_underused_split_page",
-              "thp_swpout_fallback")
+              "thp_swpout_fallback", "thp_swpout", "pswpout", "pswpin")
     out = {}
     for line in vmstat_text.splitlines():
         key, _, value = line.partition(" ")
@@ -142,6 +145,13 @@ def fire(split: str, pid: int, start: int, length: int, *, shrink_trigger: str =
         how = shrinker.fire(shrink_trigger, cg).trigger
     elif split == "pageout":
         how, cannot = "process_madvise(MADV_PAGEOUT)", pageout(pid, start, length)
+    elif split == "pageout-swap":
+        how = f"process_madvise(MADV_PAGEOUT) with {l1_swap.DEVICE} swap, then swapoff"
+        try:
+            with l1_swap.zram_swap():
+                cannot = pageout(pid, start, length)
+        except l1_swap.SwapUnavailable as exc:
+            cannot = str(exc)
     elif split == "debugfs":
         how, cannot = "debugfs split_huge_pages", debugfs_split(pid, start, length)
     else:

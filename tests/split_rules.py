@@ -49,6 +49,9 @@ def assert_trigger_split(verdict: Verdict, features: dict[str, bool], split: str
         assert verdict.split_expected, f"{split} was due to split the PMD THPs: {verdict.summary()}"
     if not thp.mthp_kb and split == "shrinker":
         assert verdict.split_expected == features["shrink_underused"], verdict.summary()
+    if split == "pageout-swap" and verdict.split_expected:  # swap really used, not the no-swap fallback
+        swapped = [s["vmstat"].get("pswpout", 0) for s in verdict.shrinks]
+        assert all(swapped), f"pageout-swap swapped nothing out (pswpout {swapped}): {verdict.summary()}"
 
 
 def release_of(verdict: Verdict) -> tuple[int, int]:

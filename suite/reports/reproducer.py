@@ -41,6 +41,8 @@ assert PAGE == 4096  # the C side hard-codes 4 KiB pages (uffd_helper.c's PAGE)
 SPLIT_TEXT = {
     "shrinker": "the deferred-split shrinker",
     "pageout": "MADV_PAGEOUT of the region: reclaim splits each large folio, with or without swap",
+    "pageout-swap": "MADV_PAGEOUT of the region with swap on (the suite's run used a zram device in its L1 VM; "
+                    "here: whatever swap this machine has on)",
     "partial-unmap": "MADV_DONTNEED of one zero subpage of every large folio (SEL_partial), then the shrinker",
     "debugfs": "debugfs split_huge_pages on this pid and region (mounted privately if absent)",
     "ksm": "MADV_MERGEABLE, ksmd run for 20 full scans with use_zero_pages=0",

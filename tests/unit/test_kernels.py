@@ -289,3 +289,15 @@ def test_initramfs_archive_layout(tmp_path: Path) -> None:
     assert entries["lib/modules/00-virtio_mmio.ko"].data == b"\x7fELFmod"
     assert entries["etc/modules.order"].data == b"00-virtio_mmio.ko\n"
     assert entries["dev/console"].rdev == (5, 1)
+
+
+def test_optional_modules_only_when_built_as_modules_and_loadable(tmp_path: Path) -> None:
+    """zram rides along (for pageout-swap) when =m and its dependencies are there; never breaks a boot otherwise."""
+    write_module(tmp_path, "kernel/drivers/block/zram/zram", "lz4hc_compress", ".xz")
+    tree = modules.ModuleTree(tmp_path)
+    assert kernel.optional_modules({"ZRAM": "m"}, tree) == []  # lz4hc_compress missing: left out
+    write_module(tmp_path, "kernel/crypto/lz4hc_compress", "", ".xz")
+    tree = modules.ModuleTree(tmp_path)
+    assert kernel.optional_modules({"ZRAM": "m"}, tree) == ["zram"]
+    assert kernel.optional_modules({"ZRAM": "y"}, tree) == []
+    assert kernel.optional_modules({}, tree) == []

@@ -84,3 +84,12 @@ def test_no_split_reason_says_why_per_cell() -> None:
     assert st.no_split_reason("shrinker", 0, {"2048kB": 3}, "max_ptes_none is 511") == "max_ptes_none is 511"
     assert st.no_split_reason("pageout", 64, {}, "") == "no large folio was mapped at the split"
     assert st.no_split_reason("ksm", 0, {"2048kB": 1}, "shrink_underused is 0") == ""
+
+
+def test_swap_is_never_set_up_outside_an_l1_vm(monkeypatch: pytest.MonkeyPatch) -> None:
+    from suite import l1_swap
+
+    monkeypatch.delenv("HOLECHECK_L1", raising=False)
+    assert "the host's swap is never changed" in l1_swap.why_not()
+    with pytest.raises(l1_swap.SwapUnavailable, match="only set up inside an L1 VM"), l1_swap.zram_swap():
+        pass
