@@ -35,6 +35,7 @@ Real QEMU (sub-package ``qemu``)
                      ``qemu.qtest``.
 - ``qemu.migration`` — postcopy and background-snapshot steps over QMP, in the style of QEMU's migration tests.
 - ``qemu.inject``  — negative controls: change a QEMU's memory state from outside (gdb calls madvise).
+- ``qemu.discards`` — QEMU's own discards of guest RAM, from its trace events: pages it took back are no holes.
 - ``qemu.runner``  — runs a real-QEMU scenario (postcopy, background snapshot) and judges it with the ledger.
 
 Plumbing

@@ -8,6 +8,7 @@ Addresses in findings are guest-physical (the RAM block starts at gpa 0 on ``pc`
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import tempfile
 import threading
@@ -28,7 +29,7 @@ from ..procs import descendants, signal_all
 from ..scenario import Scenario, Step
 from ..verdict import Verdict
 from ..waits import wait_for
-from . import inject, migration
+from . import discards, inject, migration
 from .machine import MachineConfig, RamMachine
 
 LOW_CHUNKS = 1  # gpa < 2 MiB: ROM/BIOS shadows below 1 MiB and the dirtier's pages; never filled with data
@@ -89,6 +90,7 @@ class MigrationRun:
         self.s, self.opts, self.v, self.stack, self.workdir = scenario, opts, verdict, stack, workdir
         self.trigger = opts.trigger or scenario.trigger
         self.sides: dict[str, Side] = {}
+        self.discards: discards.DiscardLog | None = None  # the judged destination's own discards
         n = scenario.npages
         self.volatile = np.zeros(n, dtype=bool)  # pages the driver itself keeps changing
         first = DIRTIER_GPA // PAGE
@@ -114,6 +116,7 @@ class MigrationRun:
             pass
         finally:
             self.release()
+            self.save_traces()
             ledger.save_page_states(self.opts.artifacts, self.s, self.v, [s.ledger for s in self.sides.values()])
 
     def finish(self) -> None:
@@ -126,8 +129,13 @@ class MigrationRun:
 
     def start_side(self, name: str, incoming: bool) -> Side:
         cg = self.stack.enter_context(shrinker.scope(self.trigger, name))
+        judged = name == self.under_test
+        trace_dir = self.workdir / f"{name}-trace"
+        if judged and incoming:  # a judged destination logs its own discards (QEMU's trace events)
+            trace_dir.mkdir()
         config = MachineConfig(mem_mib=self.s.size_mib, accel=self.opts.accel, qemu=self.opts.qemu,
-                               incoming=incoming)
+                               incoming=incoming,
+                               extra_args=tuple(discards.trace_args(trace_dir)) if trace_dir.is_dir() else ())
         machine = self.stack.enter_context(RamMachine(config, name=name, argv_prefix=cg.wrap if cg else None))
         self.v.qemu = machine.version
         self.stack.callback(self.save_machine_artifacts, machine)
@@ -136,10 +144,23 @@ class MigrationRun:
             start, size = machine.ram_mapping()
             return pagemap.snapshot(machine.pid, start, size, with_thp=with_thp)
 
-        book = Ledger(self.v, snapshot, self.s.npages, name, "gpa", judged=name == self.under_test,
-                       volatile=self.volatile)
+        taken_back = None
+        if trace_dir.is_dir():
+            taken_back = self.discards = discards.DiscardLog(
+                trace_dir / "trace.log", self.s.npages, lambda: machine.ram_mapping()[0],
+                enabled=discards.tracing(machine.qmp))
+        book = Ledger(self.v, snapshot, self.s.npages, name, "gpa", judged=judged, volatile=self.volatile,
+                      taken_back=taken_back)
         side = self.sides[name] = Side(name, machine, cg, book)
         return side
+
+    def save_traces(self) -> None:
+        """On failure: the trace logs of QEMU's discards (the work dir goes before the machines stop)."""
+        if self.opts.artifacts is None or self.v.ok:
+            return
+        for trace in self.workdir.glob("*-trace/trace.log"):
+            with contextlib.suppress(OSError):
+                shutil.copyfile(trace, self.opts.artifacts / f"trace-{trace.parent.name.removesuffix('-trace')}.log")
 
     def save_machine_artifacts(self, machine: RamMachine) -> None:
         if self.opts.artifacts is None or self.v.ok:
@@ -183,6 +204,8 @@ class PostcopyRun(MigrationRun):
 
     def finish(self) -> None:
         self.final_compare()
+        if self.discards is not None and (note := self.discards.note(besides=self.volatile)):
+            self.v.notes.append(note)
         # how QEMU dealt with received pages that were missing (re-requests show here; stalls and zero fills not)
         with contextlib.suppress(HolecheckError):
             self.v.notes.append(f"source postcopy-requests={self.ram_stats().get('postcopy-requests', '?')}")
@@ -300,7 +323,7 @@ class PostcopyRun(MigrationRun):
         present = np.nonzero(self.dst.ledger.placed & states.present)[0]
         if present.size:  # liveness: the destination answers reads of what it has
             q.read(int(present[-1]) * PAGE, PAGE, timeout=self.opts.timeout)
-        missing = [int(i) for i in np.nonzero(self.dst.ledger.placed & states.hole & ~self.volatile)[0]]
+        missing = [int(i) for i in np.nonzero(self.dst.ledger.missing(states))[0]]
         for n, i in enumerate(missing):
             try:
                 q.read(i * PAGE, PAGE, timeout=self.opts.timeout)
