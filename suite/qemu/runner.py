@@ -186,8 +186,10 @@ class MigrationRun:
     def compare(self, step: Step, side: Side, expected: np.ndarray, what: str) -> None:
         """Every page of ``side``'s RAM must equal ``expected`` (uint8 array of the whole RAM)."""
         got = np.frombuffer(side.machine.read_ram(0, self.s.npages * PAGE), dtype=np.uint8)
-        bad = np.nonzero((got.reshape(-1, PAGE) != expected.reshape(-1, PAGE)).any(axis=1))[0]
-        side.ledger.report("content", step.phase, bad, what)
+        pages = got.reshape(-1, PAGE)
+        bad = np.nonzero((pages != expected.reshape(-1, PAGE)).any(axis=1))[0]
+        zeros = bad.size and not pages[bad].any()
+        side.ledger.report("content", step.phase, bad, what + ("; all zero there" if zeros else ""))
 
 
 # --- postcopy --------------------------------------------------------------------------------------------------
@@ -201,6 +203,7 @@ class PostcopyRun(MigrationRun):
         super().__init__(*args, **kwargs)
         self.hold: migration.HoldUffdRegistration | None = None
         self.dirtier: Dirtier | None = None
+        self.sabotaged = False  # a negative control punched holes: the reads must show what QEMU does with them
 
     def finish(self) -> None:
         self.final_compare()
@@ -309,6 +312,7 @@ class PostcopyRun(MigrationRun):
         start, _ = self.dst.machine.ram_mapping()
         sel = self.s.selector(step.pages) & self.dst.ledger.placed
         inject.madvise_in(self.dst.machine.pid, [(start + f * PAGE, n * PAGE) for f, n in runs(sel)])
+        self.sabotaged = True
         self.dst.ledger.observe(step.phase)
 
     def do_read_received(self, step: Step) -> None:
@@ -324,14 +328,60 @@ class PostcopyRun(MigrationRun):
         if present.size:  # liveness: the destination answers reads of what it has
             q.read(int(present[-1]) * PAGE, PAGE, timeout=self.opts.timeout)
         missing = [int(i) for i in np.nonzero(self.dst.ledger.missing(states))[0]]
+        watched = self.sabotaged or bool(missing)  # what QEMU does with a missing page is worth a note
+        if watched and not self.in_postcopy():
+            # the throttle did not hold postcopy (QEMU >= 10 sends ~64 pages per rate window): no reader can stall
+            self.v.notes.append("postcopy was over before the reads: the destination's RAM is no longer "
+                                "userfaultfd-registered, so no reader could stall on a missing page")
+            watched = False
+        waited = 0.0
         for n, i in enumerate(missing):
+            t0 = time.monotonic()
             try:
                 q.read(i * PAGE, PAGE, timeout=self.opts.timeout)
             except StallError as exc:
-                raise self.stalled(step, exc, missing[n:], (
+                aborted = self.stalled(step, exc, missing[n:], (
                     f"{len(missing)} received page(s) are pte_none; QEMU will not re-request a page in its "
-                    "received set, so the faulting reader (a vCPU, here qtest) waits for ever")) from None
+                    "received set, so the faulting reader (a vCPU, here qtest) waits for ever"))
+                self.after_stall(i)
+                raise aborted from None
+            waited = max(waited, time.monotonic() - t0)
+        if watched and missing:  # every read returned: at once, or only when postcopy was over?
+            self.v.notes.append(f"reads of {len(missing)} missing received page(s) returned, the longest after "
+                                f"{waited:.2f} s; postcopy {'still ran' if self.in_postcopy() else 'was over'} "
+                                "after them")
         self.dst.ledger.observe(step.phase)
+
+    def in_postcopy(self) -> bool:
+        """The destination's RAM is still userfaultfd-registered (a missing page still faults to QEMU)."""
+        return "um" in self.dst.machine.ram_flags()
+
+    def after_stall(self, index: int) -> None:
+        """What QEMU does for a reader stuck on a missing received page once the migration may end: the source
+        is let go, the page read again (the stuck read is answered first), both RAMs compared. Noted in the
+        verdict, so the report says per QEMU what a stalled vCPU finally gets."""
+        t0 = time.monotonic()
+        try:
+            migration.set_parameters(self.src.machine, max_postcopy_bandwidth=1 << 30)
+            got = self.dst.machine.qtest.read(index * PAGE, PAGE, timeout=self.opts.timeout)
+        except HolecheckError as exc:
+            status = "?"
+            with contextlib.suppress(HolecheckError):
+                status = self.query(self.src.machine).get("status", "?")
+            self.v.notes.append(f"after the stall: the reader was still stuck {time.monotonic() - t0:.1f} s after "
+                                f"the source was let go (source status {status}; {exc})")
+            return
+        waited = time.monotonic() - t0
+        with contextlib.suppress(HolecheckError):
+            migration.wait_status(self.src.machine, {"completed"}, timeout=self.opts.timeout)
+            migration.wait_status(self.dst.machine, {"completed"}, timeout=self.opts.timeout)
+            self.final_compare()
+        requests = "?"
+        with contextlib.suppress(HolecheckError):
+            requests = str(self.ram_stats().get("postcopy-requests", "?"))
+        self.v.notes.append(f"after the stall: the reader got gpa {index * PAGE:#x} {waited:.1f} s after the source "
+                            f"was let go, {'all zero' if not any(got) else 'data'}; source "
+                            f"postcopy-requests={requests}")
 
     def wait_ram(self, done, what: str) -> dict:
         return wait_for(self.ram_stats, done, what=f"src: {what}", timeout=30, interval=0.005, max_interval=0.05)
