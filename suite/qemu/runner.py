@@ -114,10 +114,18 @@ class MigrationRun:
             self.finish()
         except Aborted:
             pass
+        except BaseException:
+            self.crashed = True  # no verdict: keep what the machines said, for the error's reader
+            raise
         finally:
             self.release()
             self.save_traces()
             ledger.save_page_states(self.opts.artifacts, self.s, self.v, [s.ledger for s in self.sides.values()])
+
+    crashed = False  # an error ended the walk (not a finding): artifacts are kept as for a failure
+
+    def keep_artifacts(self) -> bool:
+        return self.opts.artifacts is not None and (self.crashed or not self.v.ok)
 
     def finish(self) -> None:
         """Checks after the last step."""
@@ -156,15 +164,17 @@ class MigrationRun:
 
     def save_traces(self) -> None:
         """On failure: the trace logs of QEMU's discards (the work dir goes before the machines stop)."""
-        if self.opts.artifacts is None or self.v.ok:
+        if not self.keep_artifacts():
             return
+        assert self.opts.artifacts is not None
         for trace in self.workdir.glob("*-trace/trace.log"):
             with contextlib.suppress(OSError):
                 shutil.copyfile(trace, self.opts.artifacts / f"trace-{trace.parent.name.removesuffix('-trace')}.log")
 
     def save_machine_artifacts(self, machine: RamMachine) -> None:
-        if self.opts.artifacts is None or self.v.ok:
+        if not self.keep_artifacts():
             return
+        assert self.opts.artifacts is not None
         with contextlib.suppress(OSError):
             machine.transcript.write(self.opts.artifacts / f"qmp-{machine.name}.txt")
             (self.opts.artifacts / f"stderr-{machine.name}.txt").write_text(machine.stderr_text())
