@@ -295,7 +295,15 @@ class PostcopyRun(MigrationRun):
         migration.set_parameters(self.src.machine, max_bandwidth=64 * MIB)
         self.src.machine.qmp("migrate-continue", state="pre-switchover")
         assert self.hold is not None
-        self.hold.wait_open(timeout=self.opts.timeout)
+        try:
+            self.hold.wait_open(timeout=self.opts.timeout)
+        except StallError as exc:  # say why the switch never came: the source's state, the destination's words
+            src = {}
+            with contextlib.suppress(HolecheckError):
+                src = self.query(self.src.machine)
+            raise StallError(f"{exc}; source status {src.get('status', '?')!r}"
+                             + (f" ({src['error-desc']})" if src.get("error-desc") else "")
+                             + f"; destination said: {self.dst.machine.log_tail(3) or '(nothing)'}") from None
         self.dst.ledger.observe(step.phase)
 
     def do_postcopy_running(self, step: Step) -> None:
