@@ -67,6 +67,21 @@ def test_negative_control_postcopy_holes(run, qemu, qemu_note, check_verdict):
     verdict.notes.append(f"QEMU {verdict.qemu} on a missing received page: {handling}")
     qemu_note(f"a missing received page: {handling}")
     check_verdict(verdict, must_pass=False)
+    assert_names_the_holes(verdict, scenario)
+
+
+def test_negative_control_multifd_postcopy_holes(run, qemu_offers, check_verdict):
+    """The same holes with multifd channels: the pages QEMU discards itself at the switch are excused (its
+    trace events say which), these never are."""
+    if reason := qemu_offers.refusal("multifd"):
+        pytest.skip(reason)
+    scenario = sc.postcopy("precopy-done", sabotage_at="precopy-done", variant="multifd")
+    verdict = run(scenario)
+    check_verdict(verdict, must_pass=False)
+    assert_names_the_holes(verdict, scenario)
+
+
+def assert_names_the_holes(verdict, scenario):
     punched = [int(i) * 4096 for i in np.nonzero(scenario.selector("sabotage-mixed"))[0]]
     data_page = [a for a in punched if scenario.selector("data")[a // 4096]]
     by_kind = {f.kind: f for f in verdict.findings}
