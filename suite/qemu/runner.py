@@ -278,6 +278,9 @@ class PostcopyRun(MigrationRun):
         self.wait_ram(lambda r: r.get("dirty-sync-count", 0) >= 2 and r.get("remaining", pending + 1) <= pending,
                       f"the first full pass (dirty-sync-count >= 2, at most {pending >> 20} MiB remaining)")
         migration.set_parameters(self.src.machine, max_bandwidth=1024)  # hold: the dirtier keeps pages pending
+        if (status := self.query(self.src.machine).get("status")) != "active":
+            raise HolecheckError(f"src: precopy converged during {step.phase} (status {status!r}) before postcopy "
+                                 "could be asked for: the dirtier kept too few pages pending (slow qtest, e.g. TCG)")
         self.dst.ledger.observe(step.phase)
 
     def do_pre_switchover(self, step: Step) -> None:
