@@ -171,13 +171,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         qemu = item.callspec.params.get("qemu") if hasattr(item, "callspec") else None
         sampled_out = "qemu" in getattr(item, "fixturenames", ()) and (
             not MAIN_L1_SAMPLE.search(item.name) or qemu not in (None, config.stash[QEMUS][0]))
-        # multifd+postcopy: QEMU discards at the switch pages a multifd channel had placed, then re-sends them; the
-        # ledger still counts them as placed holes (127 once in 2 runs on 11.1.3): nightly-only until it knows
-        known_false_holes = item.name.startswith("test_postcopy_variant[") and "multifd-" in item.name
         main = config.getoption("matrix") == "main"
         # a cross product's rest: nightly's everywhere, main's on the host only (an L1 kernel runs the sample)
         product_only = item.get_closest_marker("matrix") is not None and (not matrix_given or (main and in_vm))
-        (dropped if product_only or (main and ((in_vm and sampled_out) or known_false_holes)) else kept).append(item)
+        (dropped if product_only or (main and in_vm and sampled_out) else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept

@@ -38,8 +38,8 @@ Real QEMU (sub-package ``qemu``)
 - ``qemu.machine`` — ``RamMachine``: an L2 QEMU whose guest only halts (``qemu.bios``), RAM read through
                      ``qemu.qtest``.
 - ``qemu.migration`` — postcopy and background-snapshot steps over QMP, in the style of QEMU's migration tests.
-- ``qemu.inject``  — negative controls: change a QEMU's memory state from outside (``madvise_inject.c``: a
-                     ptrace-injected madvise).
+- ``qemu.inject``  — negative controls: change a QEMU's memory state from outside (madvise injected by ptrace).
+- ``qemu.discards`` — QEMU's own discards of guest RAM, from its trace events: pages it took back are no holes.
 - ``qemu.runner``  — runs a real-QEMU scenario (postcopy, background snapshot) and judges it with the ledger.
 
 Plumbing

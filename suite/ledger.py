@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -40,6 +41,15 @@ def recorded(scenario: Scenario) -> Iterator[Verdict]:
     log.info("%s", verdict.summary())
 
 
+class TakenBack(Protocol):
+    """Pages the process under test took back itself (a QEMU's own discards, ``qemu.discards``): read around each
+    snapshot, they are not holes while the process has not placed them again."""
+
+    def before_snapshot(self) -> None: ...
+
+    def after_snapshot(self, present: np.ndarray) -> np.ndarray: ...
+
+
 @dataclass
 class Ledger:
     verdict: Verdict
@@ -50,6 +60,7 @@ class Ledger:
     base: int = 0  # address of page 0 in ``space`` (the helper's region is known once mapped)
     judged: bool = True  # new holes are findings here (not on a postcopy source: a pte_none zero page reads as 0)
     volatile: np.ndarray | None = None  # pages the driver itself keeps changing: never placed, never holes
+    taken_back: TakenBack | None = None  # pages the process discarded itself: not holes until placed again
     last: PageStates | None = None
     around_shrinks: dict[str, PageStates] = field(default_factory=dict)
 
@@ -58,6 +69,7 @@ class Ledger:
         self.reported_holes = np.zeros(self.npages, dtype=bool)
         if self.volatile is None:
             self.volatile = np.zeros(self.npages, dtype=bool)
+        self.excused = np.zeros(self.npages, dtype=bool)  # at the last snapshot: taken back by the process
 
     @property
     def where(self) -> str:
@@ -65,8 +77,17 @@ class Ledger:
         return f"{self.name} RAM" if self.name else ""
 
     def snapshot(self, with_thp: bool = False) -> PageStates:
+        if self.taken_back is not None:
+            self.taken_back.before_snapshot()
         self.last = self.snap(with_thp)
+        if self.taken_back is not None:
+            self.excused = self.taken_back.after_snapshot(self.last.present)
         return self.last
+
+    def missing(self, states: PageStates) -> np.ndarray:
+        """Placed pages that are holes in ``states`` (the last snapshot), but for those the process took back."""
+        assert self.volatile is not None
+        return self.placed & states.hole & ~self.volatile & ~self.excused
 
     def observe(self, phase: str, with_thp: bool = False) -> PageStates:
         """Snapshot; placed pages that are holes now are findings of ``phase`` (once each); then every present
@@ -74,7 +95,7 @@ class Ledger:
         states = self.snapshot(with_thp)
         assert self.volatile is not None
         if self.judged:
-            holes = self.placed & states.hole & ~self.reported_holes & ~self.volatile
+            holes = self.missing(states) & ~self.reported_holes
             self.reported_holes |= holes
             self.report("hole", phase, np.nonzero(holes)[0], self.where)
         self.placed |= states.present & ~self.volatile

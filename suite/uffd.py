@@ -49,17 +49,17 @@ def _compiler() -> str:
     raise SetupError("no C compiler (cc): apt-get install gcc")
 
 
-def build(cache_dir: Path | None = None, source_file: Path = SOURCE, name: str = "uffd-helper") -> Path:
-    """Compile the helper (or another of the suite's C tools) once per source version; return the binary's path.
+def build(cache_dir: Path | None = None) -> Path:
+    """Compile the helper once per source version; return the binary's path.
 
-    The binary lives in ``<cache_dir or cache_root()>/bin/<name>-<sha256[:12] of the source>``, so an
+    The binary lives in ``<cache_dir or cache_root()>/bin/uffd-helper-<sha256[:12] of the source>``, so an
     edited source gets a new binary and a stale one is never run. It is compiled to a temporary name and
     renamed, so concurrent builders (pytest-xdist workers) never see a half-written file.
     """
-    source = source_file.read_bytes()
+    source = SOURCE.read_bytes()
     digest = hashlib.sha256(source).hexdigest()[:12]
     bindir = (cache_dir if cache_dir is not None else cache_root()) / "bin"
-    binary = bindir / f"{name}-{digest}"
+    binary = bindir / f"uffd-helper-{digest}"
     if binary.is_file() and os.access(binary, os.X_OK):
         return binary
     cc = _compiler()
@@ -69,15 +69,15 @@ def build(cache_dir: Path | None = None, source_file: Path = SOURCE, name: str =
     os.close(fd)
     try:
         proc = subprocess.run(
-            [cc, *CFLAGS, "-o", tmp, str(source_file)], capture_output=True, text=True, timeout=120, check=False
+            [cc, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120, check=False
         )
         if proc.returncode != 0 and os.strerror(errno.ENOSPC) in proc.stderr:
             raise no_space()  # the linker could not write the binary into the cache
         if proc.returncode != 0:
             first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:300])
-            raise SetupError(f"compiling {source_file} with {cc} failed: {first}")
+            raise SetupError(f"compiling {SOURCE} with {cc} failed: {first}")
         if proc.stderr.strip():  # warnings: the source is meant to compile cleanly
-            log.warning("%s compiled with warnings:\n%s", source_file.name, proc.stderr)
+            log.warning("uffd helper compiled with warnings:\n%s", proc.stderr)
         os.chmod(tmp, 0o755)
         os.replace(tmp, binary)
     finally:

@@ -8,6 +8,7 @@ Addresses in findings are guest-physical (the RAM block starts at gpa 0 on ``pc`
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import tempfile
 import threading
@@ -28,7 +29,7 @@ from ..procs import descendants, signal_all
 from ..scenario import Scenario, Step
 from ..verdict import Verdict
 from ..waits import wait_for
-from . import inject, migration
+from . import discards, inject, migration
 from .machine import MachineConfig, RamMachine
 
 LOW_CHUNKS = 1  # gpa < 2 MiB: ROM/BIOS shadows below 1 MiB and the dirtier's pages; never filled with data
@@ -89,6 +90,7 @@ class MigrationRun:
         self.s, self.opts, self.v, self.stack, self.workdir = scenario, opts, verdict, stack, workdir
         self.trigger = opts.trigger or scenario.trigger
         self.sides: dict[str, Side] = {}
+        self.discards: discards.DiscardLog | None = None  # the judged destination's own discards
         n = scenario.npages
         self.volatile = np.zeros(n, dtype=bool)  # pages the driver itself keeps changing
         first = DIRTIER_GPA // PAGE
@@ -112,9 +114,18 @@ class MigrationRun:
             self.finish()
         except Aborted:
             pass
+        except BaseException:
+            self.crashed = True  # no verdict: keep what the machines said, for the error's reader
+            raise
         finally:
             self.release()
+            self.save_traces()
             ledger.save_page_states(self.opts.artifacts, self.s, self.v, [s.ledger for s in self.sides.values()])
+
+    crashed = False  # an error ended the walk (not a finding): artifacts are kept as for a failure
+
+    def keep_artifacts(self) -> bool:
+        return self.opts.artifacts is not None and (self.crashed or not self.v.ok)
 
     def finish(self) -> None:
         """Checks after the last step."""
@@ -126,8 +137,13 @@ class MigrationRun:
 
     def start_side(self, name: str, incoming: bool) -> Side:
         cg = self.stack.enter_context(shrinker.scope(self.trigger, name))
+        judged = name == self.under_test
+        trace_dir = self.workdir / f"{name}-trace"
+        if judged and incoming:  # a judged destination logs its own discards (QEMU's trace events)
+            trace_dir.mkdir()
         config = MachineConfig(mem_mib=self.s.size_mib, accel=self.opts.accel, qemu=self.opts.qemu,
-                               incoming=incoming, memfd=self.s.backing == "memfd")
+                               incoming=incoming, memfd=self.s.backing == "memfd",
+                               extra_args=tuple(discards.trace_args(trace_dir)) if trace_dir.is_dir() else ())
         machine = self.stack.enter_context(RamMachine(config, name=name, argv_prefix=cg.wrap if cg else None))
         self.v.qemu = machine.version
         self.stack.callback(self.save_machine_artifacts, machine)
@@ -136,16 +152,30 @@ class MigrationRun:
             start, size = machine.ram_mapping()
             return pagemap.snapshot(machine.pid, start, size, with_thp=with_thp)
 
+        taken_back = None
+        if trace_dir.is_dir():
+            taken_back = self.discards = discards.DiscardLog(
+                trace_dir / "trace.log", self.s.npages, lambda: machine.ram_mapping()[0],
+                enabled=discards.tracing(machine.qmp))
         # memfd RAM: a zapped shared PTE keeps its page in the cache, so pte_none is no hole (judged by reads)
-        book = Ledger(self.v, snapshot, self.s.npages, name, "gpa",
-                      judged=name == self.under_test and self.s.backing != "memfd",
-                       volatile=self.volatile)
+        book = Ledger(self.v, snapshot, self.s.npages, name, "gpa", judged=judged and self.s.backing != "memfd",
+                      volatile=self.volatile, taken_back=taken_back)
         side = self.sides[name] = Side(name, machine, cg, book)
         return side
 
-    def save_machine_artifacts(self, machine: RamMachine) -> None:
-        if self.opts.artifacts is None or self.v.ok:
+    def save_traces(self) -> None:
+        """On failure: the trace logs of QEMU's discards (the work dir goes before the machines stop)."""
+        if not self.keep_artifacts():
             return
+        assert self.opts.artifacts is not None
+        for trace in self.workdir.glob("*-trace/trace.log"):
+            with contextlib.suppress(OSError):
+                shutil.copyfile(trace, self.opts.artifacts / f"trace-{trace.parent.name.removesuffix('-trace')}.log")
+
+    def save_machine_artifacts(self, machine: RamMachine) -> None:
+        if not self.keep_artifacts():
+            return
+        assert self.opts.artifacts is not None
         with contextlib.suppress(OSError):
             machine.transcript.write(self.opts.artifacts / f"qmp-{machine.name}.txt")
             (self.opts.artifacts / f"stderr-{machine.name}.txt").write_text(machine.stderr_text())
@@ -174,8 +204,10 @@ class MigrationRun:
     def compare(self, step: Step, side: Side, expected: np.ndarray, what: str) -> None:
         """Every page of ``side``'s RAM must equal ``expected`` (uint8 array of the whole RAM)."""
         got = np.frombuffer(side.machine.read_ram(0, self.s.npages * PAGE), dtype=np.uint8)
-        bad = np.nonzero((got.reshape(-1, PAGE) != expected.reshape(-1, PAGE)).any(axis=1))[0]
-        side.ledger.report("content", step.phase, bad, what)
+        pages = got.reshape(-1, PAGE)
+        bad = np.nonzero((pages != expected.reshape(-1, PAGE)).any(axis=1))[0]
+        zeros = bad.size and not pages[bad].any()
+        side.ledger.report("content", step.phase, bad, what + ("; all zero there" if zeros else ""))
 
 
 # --- postcopy --------------------------------------------------------------------------------------------------
@@ -189,9 +221,12 @@ class PostcopyRun(MigrationRun):
         super().__init__(*args, **kwargs)
         self.hold: migration.HoldUffdRegistration | None = None
         self.dirtier: Dirtier | None = None
+        self.sabotaged = False  # a negative control punched holes: the reads must show what QEMU does with them
 
     def finish(self) -> None:
         self.final_compare()
+        if self.discards is not None and (note := self.discards.note(besides=self.volatile)):
+            self.v.notes.append(note)
         # how QEMU dealt with received pages that were missing (re-requests show here; stalls and zero fills not)
         with contextlib.suppress(HolecheckError):
             self.v.notes.append(f"source postcopy-requests={self.ram_stats().get('postcopy-requests', '?')}")
@@ -251,24 +286,40 @@ class PostcopyRun(MigrationRun):
         self.wait_ram(lambda r: r.get("dirty-sync-count", 0) >= 2 and r.get("remaining", pending + 1) <= pending,
                       f"the first full pass (dirty-sync-count >= 2, at most {pending >> 20} MiB remaining)")
         migration.set_parameters(self.src.machine, max_bandwidth=1024)  # hold: the dirtier keeps pages pending
+        if (status := self.query(self.src.machine).get("status")) != "active":
+            raise HolecheckError(f"src: precopy converged during {step.phase} (status {status!r}) before postcopy "
+                                 "could be asked for: the dirtier kept too few pages pending (slow qtest, e.g. TCG)")
         self.dst.ledger.observe(step.phase)
 
     def do_pre_switchover(self, step: Step) -> None:
         self.hold = migration.HoldUffdRegistration(self.dst.machine, hold=HOLD)
         self.hold.attach()
         assert self.dirtier is not None
-        self.dirtier.halt()
+        # the dirtier runs until the source is paused before the switch: stopped any earlier, precopy may converge
+        # before QEMU acts on migrate-start-postcopy (it did under TCG in an L1 VM: the migration then completed
+        # as precopy). Its writes before the pause are caught by the last bitmap sync, which follows the pause.
+        migration.start_postcopy(self.src.machine)
+        try:
+            migration.wait_status(self.src.machine, {"pre-switchover"}, timeout=self.opts.timeout)
+        finally:
+            self.dirtier.halt()
         if self.dirtier.error:
             raise HolecheckError(f"dirtier failed: {self.dirtier.error}")
-        migration.start_postcopy(self.src.machine)
-        migration.wait_status(self.src.machine, {"pre-switchover"}, timeout=self.opts.timeout)
         self.dst.ledger.observe(step.phase)
 
     def do_nohugepage_window(self, step: Step) -> None:
         migration.set_parameters(self.src.machine, max_bandwidth=64 * MIB)
         self.src.machine.qmp("migrate-continue", state="pre-switchover")
         assert self.hold is not None
-        self.hold.wait_open(timeout=self.opts.timeout)
+        try:
+            self.hold.wait_open(timeout=self.opts.timeout)
+        except StallError as exc:  # say why the switch never came: the source's state, the destination's words
+            src = {}
+            with contextlib.suppress(HolecheckError):
+                src = self.query(self.src.machine)
+            raise StallError(f"{exc}; source status {src.get('status', '?')!r}"
+                             + (f" ({src['error-desc']})" if src.get("error-desc") else "")
+                             + f"; destination said: {self.dst.machine.log_tail(3) or '(nothing)'}") from None
         self.dst.ledger.observe(step.phase)
 
     def do_postcopy_running(self, step: Step) -> None:
@@ -295,6 +346,7 @@ class PostcopyRun(MigrationRun):
         start, _ = self.dst.machine.ram_mapping()
         sel = self.s.selector(step.pages) & self.dst.ledger.placed
         inject.madvise_in(self.dst.machine.pid, [(start + f * PAGE, n * PAGE) for f, n in runs(sel)])
+        self.sabotaged = True
         self.dst.ledger.observe(step.phase)
 
     def do_read_received(self, step: Step) -> None:
@@ -309,15 +361,61 @@ class PostcopyRun(MigrationRun):
         present = np.nonzero(self.dst.ledger.placed & states.present)[0]
         if present.size:  # liveness: the destination answers reads of what it has
             q.read(int(present[-1]) * PAGE, PAGE, timeout=self.opts.timeout)
-        missing = [int(i) for i in np.nonzero(self.dst.ledger.placed & states.hole & ~self.volatile)[0]]
+        missing = [int(i) for i in np.nonzero(self.dst.ledger.missing(states))[0]]
+        watched = self.sabotaged or bool(missing)  # what QEMU does with a missing page is worth a note
+        if watched and not self.in_postcopy():
+            # the throttle did not hold postcopy (QEMU >= 10 sends ~64 pages per rate window): no reader can stall
+            self.v.notes.append("postcopy was over before the reads: the destination's RAM is no longer "
+                                "userfaultfd-registered, so no reader could stall on a missing page")
+            watched = False
+        waited = 0.0
         for n, i in enumerate(missing):
+            t0 = time.monotonic()
             try:
                 q.read(i * PAGE, PAGE, timeout=self.opts.timeout)
             except StallError as exc:
-                raise self.stalled(step, exc, missing[n:], (
+                aborted = self.stalled(step, exc, missing[n:], (
                     f"{len(missing)} received page(s) are pte_none; QEMU will not re-request a page in its "
-                    "received set, so the faulting reader (a vCPU, here qtest) waits for ever")) from None
+                    "received set, so the faulting reader (a vCPU, here qtest) waits for ever"))
+                self.after_stall(i)
+                raise aborted from None
+            waited = max(waited, time.monotonic() - t0)
+        if watched and missing:  # every read returned: at once, or only when postcopy was over?
+            self.v.notes.append(f"reads of {len(missing)} missing received page(s) returned, the longest after "
+                                f"{waited:.2f} s; postcopy {'still ran' if self.in_postcopy() else 'was over'} "
+                                "after them")
         self.dst.ledger.observe(step.phase)
+
+    def in_postcopy(self) -> bool:
+        """The destination's RAM is still userfaultfd-registered (a missing page still faults to QEMU)."""
+        return "um" in self.dst.machine.ram_flags()
+
+    def after_stall(self, index: int) -> None:
+        """What QEMU does for a reader stuck on a missing received page once the migration may end: the source
+        is let go, the page read again (the stuck read is answered first), both RAMs compared. Noted in the
+        verdict, so the report says per QEMU what a stalled vCPU finally gets."""
+        t0 = time.monotonic()
+        try:
+            migration.set_parameters(self.src.machine, max_postcopy_bandwidth=1 << 30)
+            got = self.dst.machine.qtest.read(index * PAGE, PAGE, timeout=self.opts.timeout)
+        except HolecheckError as exc:
+            status = "?"
+            with contextlib.suppress(HolecheckError):
+                status = self.query(self.src.machine).get("status", "?")
+            self.v.notes.append(f"after the stall: the reader was still stuck {time.monotonic() - t0:.1f} s after "
+                                f"the source was let go (source status {status}; {exc})")
+            return
+        waited = time.monotonic() - t0
+        with contextlib.suppress(HolecheckError):
+            migration.wait_status(self.src.machine, {"completed"}, timeout=self.opts.timeout)
+            migration.wait_status(self.dst.machine, {"completed"}, timeout=self.opts.timeout)
+            self.final_compare()
+        requests = "?"
+        with contextlib.suppress(HolecheckError):
+            requests = str(self.ram_stats().get("postcopy-requests", "?"))
+        self.v.notes.append(f"after the stall: the reader got gpa {index * PAGE:#x} {waited:.1f} s after the source "
+                            f"was let go, {'all zero' if not any(got) else 'data'}; source "
+                            f"postcopy-requests={requests}")
 
     def wait_ram(self, done, what: str) -> dict:
         return wait_for(self.ram_stats, done, what=f"src: {what}", timeout=30, interval=0.005, max_interval=0.05)

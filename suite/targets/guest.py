@@ -23,7 +23,7 @@ from ..cache import cache_root
 from ..errors import HolecheckError, SetupError
 from ..kernelspec import KernelSpec
 from ..options import RunOptions
-from ..qemu import bios, inject
+from ..qemu import bios
 from ..scenario import Scenario
 from ..verdict import Verdict
 from . import vm
@@ -90,7 +90,6 @@ class GuestTarget:
         initrd = initramfs.build(self.kernel.modules)
         # The guest sees the host's cache read-only: build there now what it would otherwise build itself.
         uffd.build()
-        inject.build()
         bios.path()
         self.accel = vm.choose_accel(options.accel)
         root = _artifacts_root(options, self.boot)
