@@ -37,12 +37,15 @@ log = logging.getLogger(__name__)
 ROOT_PREFIX = "holecheck-libvirt-"  # + the owning pid + "-": how a later run tells a leftover from a live run
 ROOT_RE = re.compile(re.escape(ROOT_PREFIX) + r"(\d+)-")
 QEMU_CONF = ('user = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n'
-             'security_driver = "none"\nnamespaces = []\n')
+             'security_driver = "none"\nnamespaces = []\nstdio_handler = "file"\n')
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 
-def libvirt_module():  # type: ignore[no-untyped-def]
-    """libvirt-python, or one line saying what is missing."""
+def libvirt_module(log_file: Path | None = None):  # type: ignore[no-untyped-def]
+    """libvirt-python, or one line saying what is missing. Its log (warnings and errors; by default on stderr)
+    goes to ``log_file`` when this is the first import."""
+    if log_file is not None:
+        os.environ.setdefault("LIBVIRT_LOG_OUTPUTS", f"3:file:{log_file}")
     try:
         import libvirt
     except ImportError:
@@ -89,8 +92,6 @@ class Embed:
             return cls._current
 
     def __init__(self) -> None:
-        libvirt = libvirt_module()
-        self.libvirt = libvirt
         if os.geteuid() == 0:
             import pwd
             try:
@@ -100,6 +101,7 @@ class Embed:
                                  "creates it)") from None
         reap_leftovers()
         self.dir = Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-"))  # 0700
+        self.libvirt = libvirt = libvirt_module(self.dir / "libvirt.log")
         (self.dir / "etc").mkdir()
         (self.dir / "etc" / "qemu.conf").write_text(QEMU_CONF)
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions; no stderr noise
@@ -160,9 +162,11 @@ def domain_xml(spec: vmmod.VmSpec, name: str, channels: dict[str, Path]) -> str:
     cpu = ("<cpu mode='host-passthrough' check='none'/>" if spec.accel == "kvm" else
            "<cpu mode='maximum' check='none'/>" if (spec.cpu or vmmod.TCG_CPU) == "max" else
            f"<cpu mode='custom' check='none'><model>{escape(spec.cpu or vmmod.TCG_CPU)}</model></cpu>")
+    # writable: no <cache> (libvirt 9.0 knows only none/always): virtiofsd's default 'auto' shows host changes
+    cache = {False: "<cache mode='always'/>", True: ""}
     fs = "".join(
         "<filesystem type='mount' accessmode='passthrough'><driver type='virtiofs' queue='1024'/>"
-        f"<binary path={quoteattr(vmmod.find_virtiofsd())}><cache mode='{'auto' if s.writable else 'always'}'/>"
+        f"<binary path={quoteattr(vmmod.find_virtiofsd())}>{cache[s.writable]}"
         "<sandbox mode='chroot'/></binary>"
         f"<source dir={quoteattr(str(s.source))}/><target dir={quoteattr(s.tag)}/>{addr}</filesystem>"
         for s in spec.shares)
@@ -183,7 +187,7 @@ def domain_xml(spec: vmmod.VmSpec, name: str, channels: dict[str, Path]) -> str:
         "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>"
         f"<devices><emulator>{escape(spec.qemu)}</emulator>"
         f"<serial type='file'><source path={quoteattr(str(spec.console_log))}/><target port='0'/></serial>"
-        f"{fs}{serial}{chans}<memballoon model='none'/></devices>"
+        f"{fs}{serial}{chans}<controller type='usb' model='none'/><memballoon model='none'/></devices>"
         f"<qemu:commandline>{cmdline}</qemu:commandline></domain>")
 
 
@@ -294,6 +298,9 @@ class LibvirtVm:
         if dom is not None and self.embed is not None:
             with contextlib.suppress(self.embed.libvirt.libvirtError):
                 dom.destroy()
+            with contextlib.suppress(OSError):  # QEMU's own log, beside the console (the embed root goes at exit)
+                shutil.copyfile(self.embed.dir / "log" / "qemu" / f"{self.name}.log",
+                                self.spec.console_log.parent / "libvirt-qemu.log")
         for s in self.listeners.values():
             s.close()
         self.listeners = {}
