@@ -15,6 +15,9 @@ Where the kernel under test runs
                         ``GuestTarget`` (an L1 VM, ``targets.vm``, talking to ``targets.agent`` inside it).
 - ``targets.host`` / ``targets.guest`` / ``targets.agent`` — the two targets, and the guest side of the second.
 - ``targets.vm``      — ``QemuVm``: the L1 VM (microvm, virtiofsd, virtio-serial ports) a guest target boots.
+- ``targets.backends`` — ``--backend``: ``open_vm`` boots a ``VmSpec`` with QEMU directly or through libvirt.
+- ``targets.libvirt_vm`` — ``LibvirtVm`` (``--backend=libvirt``): the same L1 VM as a transient domain of a
+                        per-run embedded libvirt QEMU driver; leftovers of killed runs reaped.
 - ``targets.preflight`` — can this kernel run scenarios at all, and what does it offer (``features``).
 
 Running and judging

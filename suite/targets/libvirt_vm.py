@@ -71,9 +71,23 @@ def reap_leftovers() -> list[int]:
     for root in Path(tempfile.gettempdir()).glob(ROOT_PREFIX + "*"):
         m = ROOT_RE.match(root.name)
         if m and not Path(f"/proc/{m.group(1)}").exists():
+            killed += kill_pidfiles(root)  # virtiofsd's command line does not name the root; its pid file does
             shutil.rmtree(root, ignore_errors=True)
     if killed:
         log.warning("libvirt: killed %d process(es) a killed run left behind: %s", len(killed), killed)
+    return killed
+
+
+def kill_pidfiles(root: Path) -> list[int]:
+    """SIGKILL the QEMUs and virtiofsds whose pid files libvirt keeps under ``root``/run/qemu."""
+    killed = []
+    for pidfile in (root / "run" / "qemu").glob("*.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().split()[0])
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            if pid != os.getpid() and ("virtiofsd" in comm or "qemu" in comm):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
     return killed
 
 
@@ -139,8 +153,9 @@ class Embed:
             with contextlib.suppress(self.libvirt.libvirtError):
                 conn.close()
         self._running = False
-        shutil.rmtree(self.dir, ignore_errors=True)
+        kill_pidfiles(self.dir)
         reap_leftovers_of(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
         with Embed._lock:
             if Embed._current is self:
                 Embed._current = None
@@ -218,7 +233,7 @@ class LibvirtVm:
             if os.geteuid() != 0:
                 raise SetupError("sharing the host's root over virtio-fs needs root (virtiofsd --sandbox=chroot)")
             self.embed = Embed.get()
-            self.dir = Path(tempfile.mkdtemp(prefix="holecheck-l1-libvirt-"))
+            self.dir = Path(tempfile.mkdtemp(prefix="l1-", dir=self.embed.dir))  # goes with the root, also if killed
             self.spec.console_log.parent.mkdir(parents=True, exist_ok=True)
             self.spec.console_log.write_bytes(b"")
             channels = {}

@@ -266,12 +266,3 @@ class QemuVm(QemuProcess):
         except subprocess.TimeoutExpired:
             return False
 
-
-def open_vm(spec: VmSpec, backend: str = "qemu") -> Vm:
-    """A started VM (call ``stop()``, or use ``with``): QEMU directly, or a libvirt domain (``libvirt_vm``)."""
-    if backend == "libvirt":
-        from .libvirt_vm import LibvirtVm  # libvirt-python only when asked for
-        return LibvirtVm(spec).start()
-    if backend != "qemu":
-        raise SetupError(f"--backend={backend}: unknown (qemu or libvirt)")
-    return QemuVm(spec).start()  # a failed start stops what it started
