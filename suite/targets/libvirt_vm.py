@@ -38,6 +38,7 @@ ROOT_PREFIX = "holecheck-libvirt-"  # + the owning pid + "-": how a later run te
 ROOT_RE = re.compile(re.escape(ROOT_PREFIX) + r"(\d+)-")
 QEMU_CONF = ('user = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n'
              'security_driver = "none"\nnamespaces = []\nstdio_handler = "file"\n')
+RUN_DIR = Path("/run/libvirt")
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 
@@ -114,6 +115,8 @@ class Embed:
                 raise SetupError("--backend=libvirt: libvirt 9.0 needs a 'libvirt-qemu' user (./holecheck setup "
                                  "creates it)") from None
         reap_leftovers()
+        # libvirt 9.0's embedded driver still makes /run/libvirt/{common,hostdevmgr}: removed at close if it did
+        self.made_run_dir = not RUN_DIR.exists()
         self.dir = Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-"))  # 0700
         self.libvirt = libvirt = libvirt_module(self.dir / "libvirt.log")
         (self.dir / "etc").mkdir()
@@ -156,6 +159,8 @@ class Embed:
         kill_pidfiles(self.dir)
         reap_leftovers_of(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.made_run_dir and {p.name for p in RUN_DIR.glob("*")} <= {"common", "hostdevmgr"}:
+            shutil.rmtree(RUN_DIR, ignore_errors=True)
         with Embed._lock:
             if Embed._current is self:
                 Embed._current = None
