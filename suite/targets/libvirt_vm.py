@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 ROOT_PREFIX = "holecheck-libvirt-"  # + the owning pid + "-": how a later run tells a leftover from a live run
 ROOT_RE = re.compile(re.escape(ROOT_PREFIX) + r"(\d+)-")
 QEMU_CONF = ('user = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n'
-             'security_driver = "none"\nnamespaces = []\nstdio_handler = "file"\n')
+             'security_driver = "none"\nnamespaces = []\nstdio_handler = "file"\ncgroup_controllers = []\n')
 RUN_DIR = Path("/run/libvirt")
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
@@ -80,13 +80,13 @@ def reap_leftovers() -> list[int]:
 
 
 def kill_pidfiles(root: Path) -> list[int]:
-    """SIGKILL the QEMUs and virtiofsds whose pid files libvirt keeps under ``root``/run/qemu."""
+    """SIGKILL the QEMUs, virtiofsds and libvirtds whose pid files libvirt keeps under ``root`` (…/run/qemu)."""
     killed = []
-    for pidfile in (root / "run" / "qemu").glob("*.pid"):
+    for pidfile in [*root.glob("run/qemu/*.pid"), *root.glob("*/run/qemu/*.pid"), *root.glob("*/run/*.pid")]:
         with contextlib.suppress(OSError, ValueError):
             pid = int(pidfile.read_text().split()[0])
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            if pid != os.getpid() and ("virtiofsd" in comm or "qemu" in comm):
+            if pid != os.getpid() and any(w in comm for w in ("virtiofsd", "qemu", "libvirtd")):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
     return killed
