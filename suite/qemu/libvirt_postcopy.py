@@ -109,7 +109,10 @@ class LibvirtPostcopyRun(PostcopyRun):
                                    workdir=self.workdir, conn_of=conn_of, log_path=log_path)
         self.stack.callback(machine.stop)
         self.stack.callback(self.save_machine_artifacts, machine)
-        return self.add_side(name, machine, cg)
+        side = self.add_side(name, machine, cg)
+        if incoming:  # judged once attached: a shrink before then reaches the source alone
+            del self.sides[name]
+        return side
 
     def add_side(self, name: str, machine: DomainRamMachine, cg: Any) -> Side:
         def snapshot(with_thp: bool) -> pagemap.PageStates:
@@ -181,6 +184,7 @@ class LibvirtPostcopyRun(PostcopyRun):
         self.wait_ram(lambda r: 0 < r.get("remaining", total) <= total // 2, "half of RAM sent")
         migration.set_parameters(self.src.machine, max_bandwidth=1024)  # hold here
         self.dst.machine.attach(ATTACH_TIMEOUT)
+        self.sides["dst"] = self.dst
         self.dst.ledger.observe(step.phase)
 
     def do_postcopy_running(self, step: Step) -> None:
@@ -209,6 +213,7 @@ class LibvirtPostcopyRun(PostcopyRun):
                  lambda alive: not alive, what="libvirt's migrateToURI3 to return (migration completed)", timeout=60)
         self.migrating()
         migration.wait_status(self.dst.machine, {"completed"}, timeout=30)
+        self.sides.pop("src", None)  # libvirt ended the source QEMU: nothing left to shrink or snapshot there
         self.dst.ledger.observe(step.phase)
 
     def abort_job(self) -> None:
