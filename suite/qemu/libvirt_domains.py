@@ -2,9 +2,9 @@
 
 The source runs in this process's embedded driver (``targets.libvirt_vm.Embed``); two embedded drivers cannot
 migrate to each other, so the destination is a ``libvirtd`` of our own (``DestinationDaemon``) in a private mount
-namespace: ``/etc`` and ``/var`` are overlays whose upper dirs are ours, ``/run`` a tmpfs, and its socket, pid files
-and logs live in a 0700 dir inside the embed root — nothing of the host's libvirt is read or written, and a run
-killed with SIGKILL leaves processes that name that root (``libvirt_vm.reap_leftovers`` finds them).
+namespace: its ``/etc/libvirt``, ``/var/{lib,cache,log}/libvirt`` and ``/run/libvirt`` are new and ours; its
+socket, pid files and logs live in a 0700 dir inside the embed root — nothing of the host's libvirt is read or
+written, and a run killed with SIGKILL leaves processes that name that root (``libvirt_vm.reap_leftovers`` finds them).
 
 ``DomainRamMachine`` is a ``machine.RamMachine`` whose QEMU libvirt starts: the domain XML adds a QMP and a qtest
 socket of ours through ``<qemu:commandline>`` (libvirt keeps its own monitor), so the ledger, qtest reads and QMP
@@ -39,12 +39,21 @@ from .qtest import QtestClient
 log = logging.getLogger(__name__)
 
 DAEMON_TIMEOUT = 30.0  # libvirtd probes QEMU's capabilities once on a new root: ~4 s, more on a busy machine
-NAMESPACE_SCRIPT = """set -e
-mount -t tmpfs -o mode=0755 holecheck-run /run
-mkdir -p /run/libvirt && mount --bind "$1/run" /run/libvirt
-mount -t overlay holecheck-etc -o "lowerdir=/etc,upperdir=$1/etc-up,workdir=$1/etc-work" /etc
-mount -t overlay holecheck-var -o "lowerdir=/var,upperdir=$1/var-up,workdir=$1/var-work" /var
-mkdir -p /etc/libvirt && cp "$1/qemu.conf" /etc/libvirt/qemu.conf
+# In the daemon's own mount namespace (CLONE_NEWNS needs no kernel option; overlayfs would, and minimal kernels
+# lack it): /etc and /var become tmpfs whose entries link to the host's (bound under $1/host), /var/{lib,cache,log}
+# one level deeper, so libvirt's own dirs there are new, empty and ours; /run a tmpfs with $1/run as /run/libvirt.
+NAMESPACE_SCRIPT = r"""set -e
+links() { for e in "$1"/* "$1"/.[!.]*; do if [ -e "$e" ] || [ -L "$e" ]; then ln -s "$e" "$2/${e##*/}"; fi; done; }
+mkdir -p "$1/host/etc" "$1/host/var"
+mount --bind /etc "$1/host/etc" && mount --bind /var "$1/host/var"
+mount -t tmpfs -o mode=0755 holecheck-etc /etc && links "$1/host/etc" /etc
+mount -t tmpfs -o mode=0755 holecheck-var /var && links "$1/host/var" /var
+for d in lib cache log; do rm -f "/var/$d"; mkdir "/var/$d"; links "$1/host/var/$d" "/var/$d"; done
+rm -f /etc/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt
+mkdir /etc/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt "$1/log"
+mount --bind "$1/log" /var/log/libvirt
+cp "$1/qemu.conf" /etc/libvirt/qemu.conf
+mount -t tmpfs -o mode=0755 holecheck-run /run && mkdir /run/libvirt && mount --bind "$1/run" /run/libvirt
 exec libvirtd -f "$1/libvirtd.conf"
 """
 
@@ -72,7 +81,7 @@ class DestinationDaemon:
     def start(self) -> DestinationDaemon:
         if not shutil.which("libvirtd") or not shutil.which("unshare"):
             raise SetupError("libvirt-managed postcopy needs libvirtd (Debian: apt-get install libvirt-daemon)")
-        for sub in ("run", "sock", "etc-up", "etc-work", "var-up", "var-work"):
+        for sub in ("run", "sock"):
             (self.dir / sub).mkdir(parents=True, mode=0o700)
         (self.dir / "qemu.conf").write_text(QEMU_CONF)
         (self.dir / "libvirtd.conf").write_text(
@@ -107,7 +116,7 @@ class DestinationDaemon:
         return " | ".join([ln for ln in text.splitlines() if ln.strip()][-lines:]) or "(no output)"
 
     def qemu_log(self, name: str) -> Path:
-        return self.dir / "var-up" / "log" / "libvirt" / "qemu" / f"{name}.log"
+        return self.dir / "log" / "qemu" / f"{name}.log"
 
     def stop(self) -> None:
         """Destroy its domains, stop libvirtd, kill what its pid files name. Idempotent."""
