@@ -54,6 +54,17 @@ def libvirt_module(log_file: Path | None = None):  # type: ignore[no-untyped-def
     return libvirt
 
 
+def call(fn, *args):  # type: ignore[no-untyped-def]
+    """A libvirt call; Ctrl-C / SIGTERM during it stays a KeyboardInterrupt (libvirt-python, whose C call returns
+    with the interrupt pending, turns it into a SystemError)."""
+    try:
+        return fn(*args)
+    except SystemError as exc:
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+
+
 def reap_leftovers() -> list[int]:
     """Kill processes (QEMU, virtiofsd) naming the embed root of a holecheck run that is gone; remove such roots."""
     killed = []
@@ -252,7 +263,7 @@ class LibvirtVm:
             (self.dir / "domain.xml").write_text(self.xml)
             self.started_at = time.monotonic()
             try:
-                self.dom = self.embed.conn.createXML(self.xml, 0)
+                self.dom = call(self.embed.conn.createXML, self.xml, 0)
             except self.embed.libvirt.libvirtError as exc:
                 raise SetupError(f"L1 VM (libvirt): the domain did not start: {exc}") from None
         except BaseException:
