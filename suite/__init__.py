@@ -39,6 +39,8 @@ Real QEMU (sub-package ``qemu``)
 - ``qemu.migration`` — postcopy and background-snapshot steps over QMP, in the style of QEMU's migration tests.
 - ``qemu.inject``  — negative controls: change a QEMU's memory state from outside (gdb calls madvise).
 - ``qemu.runner``  — runs a real-QEMU scenario (postcopy, background snapshot) and judges it with the ledger.
+- ``qemu.libvirt_domains`` — RAM machines as libvirt domains; the destination's private ``libvirtd``.
+- ``qemu.libvirt_postcopy`` — postcopy through libvirt's migration API, judged by ``qemu.runner``'s ledger.
 
 Plumbing
 - ``errors``       — the error tree (all derive from ``HolecheckError``), drawn in its docstring.
