@@ -180,6 +180,9 @@ class LibvirtPostcopyRun(PostcopyRun):
         wait_for(lambda: (self.migrating(), migration.query(self.src.machine).get("status"))[1],
                  lambda s: s == "active", what="src: libvirt's migration to become active", timeout=ATTACH_TIMEOUT,
                  interval=0.005, max_interval=0.02)
+        # libvirt applies its own downtime as the job starts (300 ms: converges with the dirtier running), so 1 ms
+        # goes over QMP once the migration is active
+        migration.set_parameters(self.src.machine, downtime_limit=1)
         total = self.s.npages * PAGE  # the first pass takes ~0.6 s: hold it before attaching the destination
         self.wait_ram(lambda r: 0 < r.get("remaining", total) <= total // 2, "half of RAM sent")
         migration.set_parameters(self.src.machine, max_bandwidth=1024)  # hold here
@@ -198,9 +201,9 @@ class LibvirtPostcopyRun(PostcopyRun):
         if self.dirtier.error:
             raise HolecheckError(f"dirtier failed: {self.dirtier.error}")
         self.expected = np.frombuffer(self.src.machine.read_ram(0, self.s.npages * PAGE), dtype=np.uint8).copy()
-        migration.set_parameters(self.src.machine, max_bandwidth=64 * MIB)
-        self.event("src", "migrateStartPostCopy")
+        self.event("src", "migrateStartPostCopy")  # still held at 1 KiB/s: the dirtier's MiB cannot converge
         self.src_dom.migrateStartPostCopy(0)
+        migration.set_parameters(self.src.machine, max_bandwidth=64 * MIB)
         migration.wait_ram_flags(self.dst.machine, present={"um"}, timeout=self.opts.timeout)
         migration.wait_status(self.src.machine, {"postcopy-active"}, timeout=self.opts.timeout)
         self.dst.ledger.observe(step.phase)
