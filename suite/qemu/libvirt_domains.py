@@ -51,7 +51,7 @@ mount -t tmpfs -o mode=0755 holecheck-var /var && links "$1/host/var" /var
 for d in lib cache log; do rm -f "/var/$d"; mkdir "/var/$d"; links "$1/host/var/$d" "/var/$d"; done
 rm -f /etc/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt
 mkdir /etc/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt "$1/log"
-mount --bind "$1/log" /var/log/libvirt
+mount --bind "$1/log" /var/log/libvirt && mount --bind "$2" /var/cache/libvirt
 cp "$1/qemu.conf" /etc/libvirt/qemu.conf
 mount -t tmpfs -o mode=0755 holecheck-run /run && mkdir /run/libvirt && mount --bind "$1/run" /run/libvirt
 exec libvirtd -f "$1/libvirtd.conf"
@@ -65,6 +65,8 @@ class DestinationDaemon:
         self.embed = embed
         self.dir = embed.dir / f"dst-{uuid.uuid4().hex[:8]}"  # inside the embed root: reaped with it
         self.argv_prefix = argv_prefix
+        # one capabilities cache for this run's daemons: QEMU's capabilities are probed once (~4 s), not per cell
+        self.cache = embed.dir / "dst-cache"
         self.proc: subprocess.Popen[bytes] | None = None
         self.conn: Any = None
 
@@ -83,12 +85,14 @@ class DestinationDaemon:
             raise SetupError("libvirt-managed postcopy needs libvirtd (Debian: apt-get install libvirt-daemon)")
         for sub in ("run", "sock"):
             (self.dir / sub).mkdir(parents=True, mode=0o700)
+        self.cache.mkdir(mode=0o700, exist_ok=True)
         (self.dir / "qemu.conf").write_text(QEMU_CONF)
         (self.dir / "libvirtd.conf").write_text(
             f'unix_sock_dir = "{self.dir / "sock"}"\nunix_sock_rw_perms = "0700"\nauth_unix_rw = "none"\n'
             f'host_uuid = "{uuid.uuid4()}"\n'  # not the source's: libvirt refuses to migrate to itself
             f'log_outputs = "3:file:{self.dir / "libvirtd.log"}"\n')
-        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", NAMESPACE_SCRIPT, "sh", str(self.dir)]
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", NAMESPACE_SCRIPT, "sh", str(self.dir),
+                str(self.cache)]
         with open(self.dir / "daemon.out", "wb") as out:
             self.proc = subprocess.Popen(self.argv_prefix(argv) if self.argv_prefix else argv,
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
