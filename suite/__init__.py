@@ -17,6 +17,9 @@ Where the kernel under test runs
                         ``GuestTarget`` (an L1 VM, ``targets.vm``, talking to ``targets.agent`` inside it).
 - ``targets.host`` / ``targets.guest`` / ``targets.agent`` — the two targets, and the guest side of the second.
 - ``targets.vm``      — ``QemuVm``: the L1 VM (microvm, virtiofsd, virtio-serial ports) a guest target boots.
+- ``targets.backends`` — ``--backend``: ``open_vm`` boots a ``VmSpec`` with QEMU directly or through libvirt.
+- ``targets.libvirt_vm`` — ``LibvirtVm`` (``--backend=libvirt``): the same L1 VM as a transient domain of a
+                        per-run embedded libvirt QEMU driver; leftovers of killed runs reaped.
 - ``targets.preflight`` — can this kernel run scenarios at all, and what does it offer (``features``).
 
 Running and judging
@@ -41,6 +44,8 @@ Real QEMU (sub-package ``qemu``)
 - ``qemu.inject``  — negative controls: change a QEMU's memory state from outside (madvise injected by ptrace).
 - ``qemu.discards`` — QEMU's own discards of guest RAM, from its trace events: pages it took back are no holes.
 - ``qemu.runner``  — runs a real-QEMU scenario (postcopy, background snapshot) and judges it with the ledger.
+- ``qemu.libvirt_domains`` — RAM machines as libvirt domains; the destination's private ``libvirtd``.
+- ``qemu.libvirt_postcopy`` — postcopy through libvirt's migration API, judged by ``qemu.runner``'s ledger.
 
 Plumbing
 - ``errors``       — the error tree (all derive from ``HolecheckError``), drawn in its docstring.

@@ -28,6 +28,9 @@ from .verdict import Verdict
 def run(scenario: Scenario, options: RunOptions | None = None) -> Verdict:
     """Run any scenario where this process runs (the host, or the agent inside L1)."""
     opts = options or RunOptions()
+    if scenario.kind == "postcopy-libvirt":  # libvirt-python only when asked for
+        from .qemu import libvirt_postcopy
+        return libvirt_postcopy.run(scenario, opts)
     if not scenario.synthetic:
         return qemu_runner.run(scenario, opts)
     trigger = opts.trigger or scenario.trigger

@@ -38,6 +38,8 @@ OPS: dict[str, bool] = {
 # Real-QEMU kinds: a phase op advances the migration to that phase; an action op acts where the migration is.
 POSTCOPY_PHASES = ("before-migrate", "mid-precopy", "precopy-done", "pre-switchover", "nohugepage-window",
                    "postcopy-running", "completed")
+# the phases libvirt's migration API lets one hold (qemu.libvirt_postcopy says why the others are missing)
+LIBVIRT_POSTCOPY_PHASES = ("before-migrate", "mid-precopy", "postcopy-running", "completed")
 SNAPSHOT_PHASES = ("before-snapshot", "snapshot-running", "snapshot-done", "restored")
 ACTIONS = {
     "shrink": "fire the shrinker; arg: src, dst or both (each side in its own memcg)",
@@ -50,6 +52,7 @@ KIND_OPS: dict[str, frozenset[str]] = {
     "snapshot-style": frozenset(OPS),
     "postcopy": frozenset(POSTCOPY_PHASES) | frozenset(ACTIONS),
     "snapshot": frozenset(SNAPSHOT_PHASES) | frozenset(ACTIONS),
+    "postcopy-libvirt": frozenset(LIBVIRT_POSTCOPY_PHASES) | frozenset(ACTIONS),
 }
 # How a real postcopy migration is driven (``migration.VARIANTS`` has the capabilities): plain postcopy-ram,
 # with multifd channels (zero-page-detection=multifd), with postcopy-preempt.
@@ -279,10 +282,23 @@ def postcopy(shrink_at: str, *, side: str = "both", fill: Fill | None = None, th
     """A real QEMU postcopy migration walked through every phase, the shrinker fired at ``shrink_at``; the
     destination's received pages are read (bounded) while postcopy runs, and compared with the source at the end.
     ``variant`` (multifd, preempt) drives the same phases with more of QEMU's migration machinery."""
-    if shrink_at not in POSTCOPY_PHASES:
-        raise ValueError(f"unknown postcopy phase {shrink_at!r} (one of {', '.join(POSTCOPY_PHASES)})")
+    return _postcopy("postcopy", POSTCOPY_PHASES, shrink_at, side, fill, thp, size_mib, sabotage_at, variant)
+
+
+def postcopy_libvirt(shrink_at: str, *, side: str = "both", fill: Fill | None = None,
+                     thp: ThpSettings | None = None, size_mib: int = 256, sabotage_at: str = "") -> Scenario:
+    """``postcopy`` with both RAM machines libvirt domains and the migration through libvirt's API, at the phases
+    libvirt lets one hold."""
+    return _postcopy("postcopy-libvirt", LIBVIRT_POSTCOPY_PHASES, shrink_at, side, fill, thp, size_mib,
+                     sabotage_at, "")
+
+
+def _postcopy(kind: str, phases: tuple[str, ...], shrink_at: str, side: str, fill: Fill | None,
+              thp: ThpSettings | None, size_mib: int, sabotage_at: str, variant: str) -> Scenario:
+    if shrink_at not in phases:
+        raise ValueError(f"unknown {kind} phase {shrink_at!r} (one of {', '.join(phases)})")
     steps: list[Step] = []
-    for phase in POSTCOPY_PHASES:
+    for phase in phases:
         steps.append(Step(phase))
         if phase == shrink_at:
             steps.append(Step("shrink", side, label=f"shrink@{phase}"))
@@ -292,7 +308,7 @@ def postcopy(shrink_at: str, *, side: str = "both", fill: Fill | None = None, th
             steps.append(Step("read-received"))
     name = f"shrink@{shrink_at}" + (f"-sabotage@{sabotage_at}" if sabotage_at else "")
     name = f"{variant}-{name}" if variant else name
-    return Scenario(name=name, kind="postcopy", steps=tuple(steps), size_mib=size_mib,
+    return Scenario(name=name, kind=kind, steps=tuple(steps), size_mib=size_mib,
                     fill=fill or Fill(), thp=thp or ThpSettings(), variant=variant)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from machine_state import Baseline, Proc, ProcessWatch, cache_temporaries, leftovers
+from machine_state import Baseline, Proc, ProcessWatch, cache_temporaries, leftovers, processes_mentioning
 
 from suite.uffd import cache_root
 from suite.waits import wait_for
@@ -216,6 +216,26 @@ def test_during_l1_boot(sig: signal.Signals, private: Private, start: Callable[.
     run.assert_unwound(PYTEST_INTERRUPTED)
     assert not boot_records(), "the agent answered before the interrupt: the boot was not interrupted"
     assert saw(run, "virtiofsd") and saw(run, "qemu-system")
+
+
+@pytest.mark.vm
+@by_signal
+def test_during_l1_boot_libvirt(sig: signal.Signals, private: Private, start: Callable[..., Run]) -> None:
+    """--backend=libvirt: the QEMU libvirt starts is not our descendant (libvirt daemonizes it); it is found by the
+    private TMPDIR its command line names (the embed root), and must be gone after the interrupt all the same."""
+    run = start([*pytest_argv(private, KERNEL, CELL), "--backend=libvirt"])
+    boot_records = lambda: list(private.artifacts.glob("vm/*/boot.json"))  # noqa: E731
+
+    def booting(procs: list[Proc]) -> Point:
+        qemu = named(processes_mentioning([str(private.tmp)]), "qemu-system")
+        return Point(bool(qemu) and not boot_records(), seen(procs) + f"; libvirt's QEMU: {len(qemu)}")
+
+    run.until("libvirt's L1 QEMU to run before its agent answered", booting)
+    time.sleep(1.0)
+    run.interrupt(sig)
+    run.assert_unwound(PYTEST_INTERRUPTED)
+    assert not boot_records(), "the agent answered before the interrupt: the boot was not interrupted"
+    assert not named(processes_mentioning([str(private.tmp)]), "qemu-system"), "libvirt's QEMU outlived the run"
 
 
 @pytest.mark.vm

@@ -1,4 +1,4 @@
 """Where the kernel under test runs: the ``Target`` interface (``base``), ``opening``: ``open_target`` choosing one, the
-host (``host``) or an L1 VM (``vm``) with the agent inside it (``guest``, ``agent``), and what a kernel offers
-(``preflight``). Deliberately empty: the agent imports ``suite.targets.agent`` inside the VM, and a host run
-imports nothing VM-related."""
+host (``host``) or an L1 VM (``vm``; ``backends`` boots it with ``vm.QemuVm`` or ``libvirt_vm``'s domain) with the
+agent inside it (``guest``, ``agent``), and what a kernel offers (``preflight``). Deliberately empty: the agent
+imports ``suite.targets.agent`` inside the VM, and a host run imports nothing VM-related."""

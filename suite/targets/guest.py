@@ -26,7 +26,7 @@ from ..options import RunOptions
 from ..qemu import bios
 from ..scenario import Scenario
 from ..verdict import Verdict
-from . import vm
+from . import backends, vm
 from .agent import AgentClient, AgentError
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class GuestTarget:
 
     def _start(self) -> None:
         t0 = time.monotonic()
-        self.vm = vm.open_vm(self.vm_spec, self.options.backend)
+        self.vm = backends.open_vm(self.vm_spec, self.options.backend)
         try:
             self.client = AgentClient(self.vm.port(PORT, timeout=10), watch=self.vm.problem)
             hello = self.client.hello(timeout=self.boot.boot_timeout)

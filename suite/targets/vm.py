@@ -2,8 +2,8 @@
 virtio-serial ports, watch its console, and stop everything it started.
 
 ``VmSpec`` says what to boot; a backend turns it into a running VM behind the ``Vm`` protocol. ``QemuVm`` runs
-QEMU directly (plus one virtiofsd per share); a libvirt backend would implement the same protocol with a domain
-XML (memfd memory backing, ``<filesystem type='mount'>`` with driver virtiofs, ``<channel type='unix'>``).
+QEMU directly (plus one virtiofsd per share); ``libvirt_vm.LibvirtVm`` (``--backend=libvirt``) the same as a
+transient libvirt domain (memfd memory backing, virtiofs ``<filesystem>``, ``<channel type='unix'>``).
 
 ``QemuVm`` is a ``qemu_process.QemuProcess``: every child process and file lives in a private 0700 temporary
 directory and is removed by ``stop()``, which also runs on exceptions and Ctrl-C (use the VM as a context
@@ -141,6 +141,17 @@ def find_virtiofsd() -> str:
     raise SetupError("virtiofsd not found (Debian: qemu-system-common ships /usr/lib/qemu/virtiofsd)")
 
 
+def console_tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a console log (its last 64 KiB read)."""
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+    return ""
+
+
 # --- the QEMU backend -------------------------------------------------------------------------------------------
 
 class QemuVm(QemuProcess):
@@ -234,13 +245,7 @@ class QemuVm(QemuProcess):
                     raise SetupError(f"L1 VM: QEMU did not connect to port {name} within {timeout:g} s") from None
 
     def console_tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            with open(self.spec.console_log, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 64 * 1024))
-                text = f.read().decode(errors="replace")
-            return "\n".join(text.splitlines()[-lines:])
-        return ""
+        return console_tail(self.spec.console_log, lines)
 
     def problem(self) -> str | None:
         console = self.console_tail(200)
@@ -261,9 +266,3 @@ class QemuVm(QemuProcess):
         except subprocess.TimeoutExpired:
             return False
 
-
-def open_vm(spec: VmSpec, backend: str = "qemu") -> Vm:
-    """A started VM (call ``stop()``, or use ``with``). Only the QEMU backend exists so far."""
-    if backend != "qemu":
-        raise SetupError(f"--backend={backend}: only the qemu backend can boot L1 VMs so far")
-    return QemuVm(spec).start()  # a failed start stops what it started

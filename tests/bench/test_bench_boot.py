@@ -19,8 +19,10 @@ pytestmark = [pytest.mark.bench, pytest.mark.vm]
 ROUNDS = 5
 
 
+@pytest.mark.parametrize("backend", ["qemu", "libvirt"])
 @pytest.mark.parametrize("version", ["newest-6.12+deb12", "newest-6.1"], ids=lambda v: f"debian-{v}")
-def test_bench_boot_to_agent(benchmark, version: str) -> None:
+def test_bench_boot_to_agent(benchmark, version: str, backend: str) -> None:
+    """``backend``: QEMU started directly, or a transient libvirt domain (``--backend=libvirt``)."""
     if os.geteuid() != 0 or not shutil.which("qemu-system-x86_64"):
         pytest.skip("booting L1 VMs needs root and qemu-system-x86_64")
     from kernels import kernel
@@ -32,7 +34,7 @@ def test_bench_boot_to_agent(benchmark, version: str) -> None:
     details: list[dict[str, float]] = []
 
     def boot_once() -> None:
-        target = GuestTarget(spec, RunOptions())
+        target = GuestTarget(spec, RunOptions(backend=backend))
         try:
             boots.append(target.boot_seconds)
             details.append({"guest_uptime_at_hello": target.hello["uptime"],
@@ -42,11 +44,12 @@ def test_bench_boot_to_agent(benchmark, version: str) -> None:
 
     benchmark.pedantic(boot_once, rounds=ROUNDS, iterations=1)
     benchmark.extra_info["release"] = release
+    benchmark.extra_info["backend"] = backend
     benchmark.extra_info["accel"] = accel = _accel()
     benchmark.extra_info["boot_to_agent_s"] = boots
     benchmark.extra_info["boot_to_agent_median_s"] = round(statistics.median(boots), 2)
     benchmark.extra_info["python_startup_median_s"] = round(statistics.median(d["python_startup"] for d in details), 2)
-    print(f"\n{release} ({accel}): boot to agent median {statistics.median(boots):.2f} s over {ROUNDS}: "
+    print(f"\n{release} ({accel}, {backend}): boot to agent median {statistics.median(boots):.2f} s over {ROUNDS}: "
           f"{', '.join(f'{b:.2f}' for b in boots)}")
 
 

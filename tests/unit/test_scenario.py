@@ -83,3 +83,15 @@ def test_kernel_specs(tmp_path):
     img.write_bytes(header[:600])
     with pytest.raises(SetupError, match=r"bzImage: not a kernel image: a truncated bzImage \(600 bytes"):
         parse(str(img))
+
+
+def test_postcopy_libvirt_walks_the_phases_libvirt_can_hold() -> None:
+    from suite import scenario as sc
+
+    s = sc.postcopy_libvirt("mid-precopy")
+    assert s.id == "postcopy-libvirt[shrink@mid-precopy-mpn409-spread8]" and not s.synthetic
+    assert [st.op for st in s.steps] == ["before-migrate", "mid-precopy", "shrink", "postcopy-running",
+                                         "read-received", "completed"]
+    with pytest.raises(ValueError, match="unknown postcopy-libvirt phase 'precopy-done'"):
+        sc.postcopy_libvirt("precopy-done")
+    assert sc.Scenario.from_json(s.to_json()) == s

@@ -1,0 +1,21 @@
+"""Postcopy managed by libvirt: the RAM machines are libvirt domains and libvirt's API migrates them
+(``migrateToURI3`` with POSTCOPY, then ``migrateStartPostCopy``); the shrinker fires at each phase libvirt lets one
+hold, and the verdict is the QMP-driven family's: no received page becomes a hole or stalls a reader, and the
+destination ends equal to the source."""
+from __future__ import annotations
+
+import pytest
+from test_postcopy import FILLS, THP_SETTINGS, assert_split_as_expected
+
+from suite import scenario as sc
+
+pytestmark = [pytest.mark.host, pytest.mark.qemu]
+
+
+@pytest.mark.parametrize("fill", FILLS[:1], ids=lambda f: f.id)
+@pytest.mark.parametrize("thp_settings", THP_SETTINGS, ids=lambda t: t.id)
+@pytest.mark.parametrize("phase", sc.LIBVIRT_POSTCOPY_PHASES, ids=lambda p: f"shrink@{p}")
+def test_postcopy_libvirt(run, qemu, check_verdict, kernel_features, phase, thp_settings, fill):
+    verdict = run(sc.postcopy_libvirt(phase, fill=fill, thp=thp_settings))
+    check_verdict(verdict)
+    assert_split_as_expected(verdict, kernel_features, phase, thp_settings)
