@@ -19,6 +19,7 @@ from suite.bisect import Search
 from suite.bisection import step as bisect_step
 from suite.bisection.prefetch import Prefetcher
 
+# A fetch takes ~50 ms (0.02 s + start-up): both possible next kernels are fetched during any real step
 FETCH = """
 import pathlib, sys, time
 d, abi, secs = pathlib.Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
@@ -33,7 +34,7 @@ time.sleep(secs)
 def fake_fetches(d: Path, slow: dict[str, float] | None = None) -> Prefetcher:
     d.mkdir(parents=True, exist_ok=True)
     return Prefetcher(d / "logs", cached=lambda abi: (d / abi).exists(),
-                      argv=lambda abi: [sys.executable, "-c", FETCH, str(d), abi, str((slow or {}).get(abi, 0.2))])
+                      argv=lambda abi: [sys.executable, "-c", FETCH, str(d), abi, str((slow or {}).get(abi, 0.02))])
 
 
 def started(d: Path) -> list[str]:
