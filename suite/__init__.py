@@ -44,8 +44,10 @@ Real QEMU (sub-package ``qemu``)
 - ``qemu.inject``  — negative controls: change a QEMU's memory state from outside (madvise injected by ptrace).
 - ``qemu.discards`` — QEMU's own discards of guest RAM, from its trace events: pages it took back are no holes.
 - ``qemu.runner``  — runs a real-QEMU scenario (postcopy, background snapshot) and judges it with the ledger.
+- ``qemu.migration_run`` — what both kinds share: the sides, the dirtier, walking steps, fill, split, compare;
+  ``qemu.postcopy_run`` the postcopy phases, ``qemu.snapshot_run`` the background snapshot.
 - ``qemu.libvirt_domains`` — RAM machines as libvirt domains; the destination's private ``libvirtd``.
-- ``qemu.libvirt_postcopy`` — postcopy through libvirt's migration API, judged by ``qemu.runner``'s ledger.
+- ``qemu.libvirt_postcopy`` — postcopy through libvirt's migration API, extending ``qemu.postcopy_run``.
 
 Plumbing
 - ``errors``       — the error tree (all derive from ``HolecheckError``), drawn in its docstring.

@@ -11,7 +11,7 @@
     └── AgentError                [targets.agent] the L1 agent answered with an error, or the channel to it failed
 
 Outside the tree on purpose: ``kernels.elf.ElfError`` (a ValueError of pure parsing; ``kernels.modules`` turns
-it into a SetupError) and ``qemu.runner.Aborted`` (control flow inside one run, never escapes it).
+it into a SetupError) and ``qemu.migration_run.Aborted`` (control flow inside one run, never escapes it).
 """
 
 

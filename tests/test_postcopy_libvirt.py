@@ -5,7 +5,8 @@ destination ends equal to the source."""
 from __future__ import annotations
 
 import pytest
-from test_postcopy import FILLS, THP_SETTINGS, assert_split_as_expected
+from split_rules import assert_split_as_expected
+from test_postcopy import DST_HAS_THPS, FILLS, THP_SETTINGS
 
 from suite import scenario as sc
 
@@ -18,4 +19,4 @@ pytestmark = [pytest.mark.host, pytest.mark.qemu]
 def test_postcopy_libvirt(run, qemu, check_verdict, kernel_features, phase, thp_settings, fill):
     verdict = run(sc.postcopy_libvirt(phase, fill=fill, thp=thp_settings))
     check_verdict(verdict)
-    assert_split_as_expected(verdict, kernel_features, phase, thp_settings)
+    assert_split_as_expected(verdict, kernel_features, thp_settings, side="dst" if phase in DST_HAS_THPS else "src")

@@ -8,7 +8,7 @@ written, and a run killed with SIGKILL leaves processes that name that root (``l
 
 ``DomainRamMachine`` is a ``machine.RamMachine`` whose QEMU libvirt starts: the domain XML adds a QMP and a qtest
 socket of ours through ``<qemu:commandline>`` (libvirt keeps its own monitor), so the ledger, qtest reads and QMP
-waits of ``qemu.runner`` work unchanged. Its ``stop()`` destroys the domain.
+waits of ``qemu.postcopy_run`` work unchanged. Its ``stop()`` destroys the domain.
 """
 from __future__ import annotations
 

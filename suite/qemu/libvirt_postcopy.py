@@ -1,6 +1,6 @@
 """Postcopy driven through libvirt's API (kind ``postcopy-libvirt``): the two RAM machines are libvirt domains
 (``qemu.libvirt_domains``), the migration is ``migrateToURI3(LIVE|PEER2PEER|POSTCOPY)`` then
-``migrateStartPostCopy``, judged by ``qemu.runner``'s ledger, reads and final compare like the QMP-driven family.
+``migrateStartPostCopy``, a ``qemu.postcopy_run`` with the same ledger, reads and final compare.
 
 Where libvirt lacks a step, QMP passes through (our own socket on each QEMU), with the suite's bounded waits:
 - the holds: libvirt's bandwidths are whole MiB/s, and QEMU sends zero pages in a few bytes each, so 1 MiB/s would
@@ -38,7 +38,8 @@ from ..waits import wait_for
 from . import migration
 from .libvirt_domains import DestinationDaemon, DomainRamMachine
 from .machine import MachineConfig
-from .runner import MIB, PostcopyRun, Side
+from .migration_run import MIB, Side
+from .postcopy_run import PostcopyRun
 
 ATTACH_TIMEOUT = 60.0  # libvirt prepares the destination: a capabilities probe on a fresh daemon takes seconds
 

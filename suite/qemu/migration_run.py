@@ -1,0 +1,208 @@
+"""What every real-QEMU scenario run shares: its two sides (a RAM machine, its memory cgroup, its page ledger), the
+guest-RAM dirtier that keeps a migration from converging, and ``MigrationRun``, which walks the scenario's steps,
+fills RAM, fires the split trigger and compares RAM. ``postcopy_run`` and ``snapshot_run`` extend it.
+
+After every step the oracle snapshots the side under test, so a finding names the first phase it showed at.
+Addresses in findings are guest-physical (the RAM block starts at gpa 0 on ``pc``).
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import ledger, memcg, pagemap, shrinker, split_triggers, thp
+from ..errors import HolecheckError
+from ..ledger import Ledger
+from ..options import RunOptions
+from ..pagemap import PAGE, PAGES_PER_THP
+from ..scenario import Scenario, Step
+from ..verdict import Verdict
+from . import discards
+from .machine import MachineConfig, RamMachine
+
+LOW_CHUNKS = 1  # gpa < 2 MiB: ROM/BIOS shadows below 1 MiB and the dirtier's pages; never filled with data
+DIRTIER_GPA = 0x100000  # the dirtier rewrites this MiB: far more pending RAM than a 1 ms downtime can take
+DIRTIER_PAGES = 256
+STAMP = 0x484F4C45_00000000  # "HOLE" | page index: every data page is unique
+MIB = 1 << 20
+HOLD = 60.0  # strace holds the destination's uffd creation at most this long (released earlier by the driver)
+
+
+@dataclass
+
+
+class Side:
+    """One QEMU, the memcg it started in, and the oracle's ledger of its RAM (guest-physical addresses)."""
+
+    name: str
+    machine: RamMachine
+    cg: memcg.Memcg | None
+    ledger: Ledger
+
+
+@dataclass
+class Dirtier:
+    """Keeps a few source pages dirty through qtest, so precopy never converges while it is held open."""
+
+    machine: RamMachine
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    error: str = ""
+
+    def start(self) -> None:
+        def loop() -> None:
+            n = 0
+            while not self.stop.is_set():
+                try:
+                    self.machine.qtest.memset(DIRTIER_GPA, DIRTIER_PAGES * PAGE, n % 255 + 1, timeout=5.0)
+                except HolecheckError as exc:
+                    self.error = str(exc)
+                    return
+                n += 1
+                self.stop.wait(0.001)
+
+        self.thread = threading.Thread(target=loop, name="holecheck-dirtier", daemon=True)
+        self.thread.start()
+
+    def halt(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+
+class Aborted(Exception):
+    """A stall was recorded; nothing after it can be trusted."""
+
+
+class MigrationRun:
+    def __init__(self, scenario: Scenario, opts: RunOptions, verdict: Verdict, stack: contextlib.ExitStack,
+                 workdir: Path) -> None:
+        self.s, self.opts, self.v, self.stack, self.workdir = scenario, opts, verdict, stack, workdir
+        self.trigger = opts.trigger or scenario.trigger
+        self.sides: dict[str, Side] = {}
+        self.discards: discards.DiscardLog | None = None  # the judged destination's own discards
+        n = scenario.npages
+        self.volatile = np.zeros(n, dtype=bool)  # pages the driver itself keeps changing
+        first = DIRTIER_GPA // PAGE
+        self.volatile[first : first + DIRTIER_PAGES] = True
+        self.data = scenario.selector("data") & (np.arange(n) >= LOW_CHUNKS * PAGES_PER_THP)
+        # content the model expects to be non-zero: the fill, the dirtier's MiB, and what the scenario writes
+        self.nonzero = self.data | self.volatile
+
+    # --- the walk ------------------------------------------------------------------------------------------
+
+    under_test = ""  # the side whose page states the phase records show
+
+    def execute(self) -> None:
+        """Each step is a ``do_<op>(step)`` method; a stall aborts the walk (its finding is recorded)."""
+        try:
+            for step in self.s.steps:
+                t0 = time.monotonic()
+                getattr(self, step.handler)(step)
+                if side := self.sides.get(self.under_test):
+                    side.ledger.record(step.phase, t0)
+            self.finish()
+        except Aborted:
+            pass
+        except BaseException:
+            self.crashed = True  # no verdict: keep what the machines said, for the error's reader
+            raise
+        finally:
+            self.release()
+            self.save_traces()
+            ledger.save_page_states(self.opts.artifacts, self.s, self.v, [s.ledger for s in self.sides.values()])
+
+    crashed = False  # an error ended the walk (not a finding): artifacts are kept as for a failure
+
+    def keep_artifacts(self) -> bool:
+        return self.opts.artifacts is not None and (self.crashed or not self.v.ok)
+
+    def finish(self) -> None:
+        """Checks after the last step."""
+
+    def release(self) -> None:
+        """Let go of what holds the migration (throttles, strace, a stopped sink); runs whatever happened."""
+
+    # --- machines ------------------------------------------------------------------------------------------
+
+    def start_side(self, name: str, incoming: bool) -> Side:
+        cg = self.stack.enter_context(shrinker.scope(self.trigger, name))
+        judged = name == self.under_test
+        trace_dir = self.workdir / f"{name}-trace"
+        if judged and incoming:  # a judged destination logs its own discards (QEMU's trace events)
+            trace_dir.mkdir()
+        config = MachineConfig(mem_mib=self.s.size_mib, accel=self.opts.accel, qemu=self.opts.qemu,
+                               incoming=incoming, memfd=self.s.backing == "memfd",
+                               extra_args=tuple(discards.trace_args(trace_dir)) if trace_dir.is_dir() else ())
+        machine = self.stack.enter_context(RamMachine(config, name=name, argv_prefix=cg.wrap if cg else None))
+        self.v.qemu = machine.version
+        self.stack.callback(self.save_machine_artifacts, machine)
+
+        def snapshot(with_thp: bool) -> pagemap.PageStates:
+            start, size = machine.ram_mapping()
+            return pagemap.snapshot(machine.pid, start, size, with_thp=with_thp)
+
+        taken_back = None
+        if trace_dir.is_dir():
+            taken_back = self.discards = discards.DiscardLog(
+                trace_dir / "trace.log", self.s.npages, lambda: machine.ram_mapping()[0],
+                enabled=discards.tracing(machine.qmp))
+        # memfd RAM: a zapped shared PTE keeps its page in the cache, so pte_none is no hole (judged by reads)
+        book = Ledger(self.v, snapshot, self.s.npages, name, "gpa", judged=judged and self.s.backing != "memfd",
+                      volatile=self.volatile, taken_back=taken_back)
+        side = self.sides[name] = Side(name, machine, cg, book)
+        return side
+
+    def save_traces(self) -> None:
+        """On failure: the trace logs of QEMU's discards (the work dir goes before the machines stop)."""
+        if not self.keep_artifacts():
+            return
+        assert self.opts.artifacts is not None
+        for trace in self.workdir.glob("*-trace/trace.log"):
+            with contextlib.suppress(OSError):
+                shutil.copyfile(trace, self.opts.artifacts / f"trace-{trace.parent.name.removesuffix('-trace')}.log")
+
+    def save_machine_artifacts(self, machine: RamMachine) -> None:
+        if not self.keep_artifacts():
+            return
+        assert self.opts.artifacts is not None
+        with contextlib.suppress(OSError):
+            machine.transcript.write(self.opts.artifacts / f"qmp-{machine.name}.txt")
+            (self.opts.artifacts / f"stderr-{machine.name}.txt").write_text(machine.stderr_text())
+
+    def fill(self, side: Side) -> None:
+        """Data into the selected subpages of every chunk (above the low chunk), through QEMU's own qtest."""
+        q = side.machine.qtest
+        for i in np.nonzero(self.data)[0]:
+            q.write(int(i) * PAGE, np.full(PAGE // 8, STAMP | int(i), dtype="<u8").tobytes())
+
+    # --- the oracle ----------------------------------------------------------------------------------------
+
+    def shrink(self, step: Step, sides: list[Side]) -> None:
+        thp.verify(self.s.thp)
+        for side in sides:
+            if self.s.split == "shrinker" and not self.s.thp.mthp_kb:
+                why_not = "shmem THPs: the underused shrinker splits anonymous THPs only" \
+                    if self.s.backing == "memfd" else ""
+                before, after = side.ledger.shrink(step.phase, self.trigger, side.cg, self.nonzero, why_not=why_not)
+            else:  # another trigger on QEMU's RAM, from outside (process_madvise, debugfs, ksmd with mem-merge)
+                start, _ = side.machine.ram_mapping()
+                before, after = split_triggers.judged_split(side.ledger, side.machine.pid, start, self.s,
+                                                            step.phase, self.trigger, side.cg)
+            side.ledger.lost_bits(step.phase, before, after)
+
+    def compare(self, step: Step, side: Side, expected: np.ndarray, what: str) -> None:
+        """Every page of ``side``'s RAM must equal ``expected`` (uint8 array of the whole RAM)."""
+        got = np.frombuffer(side.machine.read_ram(0, self.s.npages * PAGE), dtype=np.uint8)
+        pages = got.reshape(-1, PAGE)
+        bad = np.nonzero((pages != expected.reshape(-1, PAGE)).any(axis=1))[0]
+        zeros = bad.size and not pages[bad].any()
+        side.ledger.report("content", step.phase, bad, what + ("; all zero there" if zeros else ""))
+
+

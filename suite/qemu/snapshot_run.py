@@ -1,0 +1,95 @@
+"""A real QEMU background snapshot: write-protect, write while it runs, restore into a fresh QEMU and compare with
+RAM at snapshot start."""
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+
+from ..errors import StallError
+from ..oracle import runs
+from ..pagemap import PAGE, PAGES_PER_THP
+from ..procs import descendants, signal_all
+from ..scenario import Step
+from ..waits import wait_for
+from . import migration
+from .migration_run import (
+    LOW_CHUNKS,
+    Aborted,
+    MigrationRun,
+)
+
+
+class SnapshotRun(MigrationRun):
+    """The source is the side under test: its RAM is write-protected with uffd-wp while the snapshot runs."""
+
+    under_test = "src"
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.frozen: list[int] = []
+
+    def release(self) -> None:
+        self.thaw()
+
+    def freeze(self) -> None:
+        """Stop the stream's sink: QEMU's snapshot thread soon blocks on the pipe and un-protects nothing more,
+        so the uffd-wp bits before and after a shrink can be compared exactly."""
+        self.frozen = descendants(self.src.machine.pid)
+        signal_all(self.frozen, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        signal_all(self.frozen, signal.SIGCONT)
+        self.frozen = []
+
+    def do_before_snapshot(self, step: Step) -> None:
+        self.src = self.start_side("src", incoming=False)
+        self.fill(self.src)
+        self.start_content = np.frombuffer(self.src.machine.read_ram(0, self.s.npages * PAGE), dtype=np.uint8)
+        self.src.ledger.observe(step.phase)
+
+    def do_snapshot_running(self, step: Step) -> None:
+        self.file = self.workdir / "snapshot.bin"
+        migration.start_snapshot(self.src.machine, self.file, self.opts.snapshot_rate)
+        migration.wait_ram_flags(self.src.machine, present={"uw"}, timeout=self.opts.timeout)
+        self.freeze()
+        # settled: QEMU's thread is blocked on the full pipe when two snapshots show the same uffd-wp bits
+        prev = [-1]
+
+        def wp_count() -> int:
+            n = int(self.src.ledger.snapshot().uffd_wp.sum())
+            same, prev[0] = n == prev[0], n
+            return n if same else -1
+
+        wait_for(wp_count, lambda n: n >= 0, what="src: the snapshot stream to stall on its stopped sink",
+                 timeout=self.opts.timeout, interval=0.02)
+        self.src.ledger.observe(step.phase)
+
+    def do_shrink(self, step: Step) -> None:
+        self.shrink(step, [self.src])
+
+    def do_write(self, step: Step) -> None:
+        """Write the selected pages while the snapshot runs: each write must be trapped and the old content saved."""
+        self.thaw()
+        sel = self.s.selector(step.pages) & (np.arange(self.s.npages) >= LOW_CHUNKS * PAGES_PER_THP)
+        self.nonzero |= sel
+        q = self.src.machine.qtest
+        for first, count in runs(sel):
+            try:
+                q.memset(first * PAGE, count * PAGE, 0x5A, timeout=self.opts.timeout)
+            except StallError as exc:
+                self.src.ledger.stall(step.phase, [first], str(exc))
+                raise Aborted() from None
+        self.src.ledger.observe(step.phase)
+
+    def do_snapshot_done(self, step: Step) -> None:
+        self.thaw()
+        migration.wait_status(self.src.machine, {"completed"}, timeout=60)
+        self.src.ledger.observe(step.phase)
+
+    def do_restored(self, step: Step) -> None:
+        dst = self.start_side("restore", incoming=True)
+        migration.restore(dst.machine, self.file, timeout=60)
+        self.compare(step, dst, self.start_content, "restored RAM differs from RAM at snapshot start")
+
+
