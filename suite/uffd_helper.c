@@ -371,6 +371,29 @@ static int parse_range(const char *cmd, char *off_s, char *len_s, unsigned long 
 	return 0;
 }
 
+/* The region is [start, start + size) inside the 2 MiB-larger reservation at raw: trim the rest, allocate the
+ * model's per-page arrays and answer with the region's address (map and map-memfd). */
+static void adopt_region(char *raw, char *start, unsigned long size)
+{
+	if (start > raw)
+		munmap(raw, (size_t)(start - raw));
+	if (start + size < raw + size + HPAGE)
+		munmap(start + size, (size_t)(raw + size + HPAGE - (start + size)));
+	npages = size / PAGE;
+	expected = calloc(npages, 1);
+	hit_missing = calloc(npages, 1);
+	hit_wp = calloc(npages, 1);
+	if (!expected || !hit_missing || !hit_wp) {
+		reply_error("map: calloc", ENOMEM);
+		exit(2);
+	}
+	region_size = size;
+	region = start;
+	struct buf b = reply_ok();
+	buf_printf(&b, ",\"addr\":%" PRIuPTR ",\"pid\":%d", (uintptr_t)region, (int)getpid());
+	reply(&b);
+}
+
 static void cmd_map(char *size_s)
 {
 	unsigned long size;
@@ -389,23 +412,7 @@ static void cmd_map(char *size_s)
 		return;
 	}
 	char *start = (char *)(((uintptr_t)raw + HPAGE - 1) & ~(HPAGE - 1));
-	if (start > raw)
-		munmap(raw, (size_t)(start - raw));
-	if (start + size < raw + size + HPAGE)
-		munmap(start + size, (size_t)(raw + size + HPAGE - (start + size)));
-	npages = size / PAGE;
-	expected = calloc(npages, 1);
-	hit_missing = calloc(npages, 1);
-	hit_wp = calloc(npages, 1);
-	if (!expected || !hit_missing || !hit_wp) {
-		reply_error("map: calloc", ENOMEM);
-		exit(2);
-	}
-	region_size = size;
-	region = start;
-	struct buf b = reply_ok();
-	buf_printf(&b, ",\"addr\":%" PRIuPTR ",\"pid\":%d", (uintptr_t)region, (int)getpid());
-	reply(&b);
+	adopt_region(raw, start, size);
 }
 
 static void cmd_madvise(char *advice_s, char *off_s, char *len_s)
@@ -747,23 +754,7 @@ static void cmd_map_memfd(char *size_s)
 		return;
 	}
 	close(fd); /* the mapping keeps the file */
-	if (start > raw)
-		munmap(raw, (size_t)(start - raw));
-	if (start + size < raw + size + HPAGE)
-		munmap(start + size, (size_t)(raw + size + HPAGE - (start + size)));
-	npages = size / PAGE;
-	expected = calloc(npages, 1);
-	hit_missing = calloc(npages, 1);
-	hit_wp = calloc(npages, 1);
-	if (!expected || !hit_missing || !hit_wp) {
-		reply_error("map-memfd: calloc", ENOMEM);
-		exit(2);
-	}
-	region_size = size;
-	region = start;
-	struct buf b = reply_ok();
-	buf_printf(&b, ",\"addr\":%" PRIuPTR ",\"pid\":%d", (uintptr_t)region, (int)getpid());
-	reply(&b);
+	adopt_region(raw, start, size);
 }
 
 static void cmd_zero_rewrite(const char *cmd, char *off_s, char *len_s)

@@ -273,19 +273,7 @@ class LibvirtVm:
 
     def port(self, name: str, timeout: float) -> socket.socket:
         """The host end of virtio-serial port ``name`` (QEMU connects to it as it starts)."""
-        listener = self.listeners[name]
-        deadline = time.monotonic() + timeout
-        listener.settimeout(0.2)
-        while True:
-            if problem := self.problem():
-                raise SetupError(f"L1 VM: {problem}")
-            try:
-                conn, _ = listener.accept()
-                conn.settimeout(None)
-                return conn
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    raise SetupError(f"L1 VM: QEMU did not connect to port {name} within {timeout:g} s") from None
+        return vmmod.accept_port(self.listeners[name], name, timeout, self.problem)
 
     def console_tail(self, lines: int = 30) -> str:
         return vmmod.console_tail(self.spec.console_log, lines)

@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -141,6 +142,23 @@ def find_virtiofsd() -> str:
     raise SetupError("virtiofsd not found (Debian: qemu-system-common ships /usr/lib/qemu/virtiofsd)")
 
 
+def accept_port(listener: socket.socket, name: str, timeout: float, problem: Callable[[], str | None]) -> socket.socket:
+    """QEMU's connection to the listening host end of port ``name`` (both backends); a VM that died meanwhile
+    (``problem()`` says how) or never connects is a SetupError."""
+    deadline = time.monotonic() + timeout
+    listener.settimeout(0.2)
+    while True:
+        if what := problem():
+            raise SetupError(f"L1 VM: {what}")
+        try:
+            conn, _ = listener.accept()
+            conn.settimeout(None)
+            return conn
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise SetupError(f"L1 VM: QEMU did not connect to port {name} within {timeout:g} s") from None
+
+
 def console_tail(path: Path, lines: int = 30) -> str:
     """The last lines of a console log (its last 64 KiB read)."""
     with contextlib.suppress(OSError):
@@ -230,19 +248,7 @@ class QemuVm(QemuProcess):
 
     def port(self, name: str, timeout: float) -> socket.socket:
         """The host end of virtio-serial port ``name`` (QEMU connects to it as it starts)."""
-        listener = self.listeners[name]
-        deadline = time.monotonic() + timeout
-        listener.settimeout(0.2)
-        while True:
-            if problem := self.problem():
-                raise SetupError(f"L1 VM: {problem}")
-            try:
-                conn, _ = listener.accept()
-                conn.settimeout(None)
-                return conn
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    raise SetupError(f"L1 VM: QEMU did not connect to port {name} within {timeout:g} s") from None
+        return accept_port(self.listeners[name], name, timeout, self.problem)
 
     def console_tail(self, lines: int = 30) -> str:
         return console_tail(self.spec.console_log, lines)
