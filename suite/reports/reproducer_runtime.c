@@ -368,6 +368,19 @@ static void report(enum kind k, size_t idx, const char *phase)
 
 static void map_memfd(const char *arg);
 
+/* The region is [start, start + REGION_SIZE) inside the 2 MiB-larger reservation at raw: trim the rest, advise. */
+static void adopt_region(char *raw, char *start, const char *arg)
+{
+	if (start > raw)
+		munmap(raw, (size_t)(start - raw));
+	if (start + REGION_SIZE < raw + REGION_SIZE + HPAGE)
+		munmap(start + REGION_SIZE, (size_t)(raw + REGION_SIZE + HPAGE - (start + REGION_SIZE)));
+	region_size = REGION_SIZE;
+	region = start;
+	if (!strcmp(arg, "hugepage") && madvise(region, region_size, MADV_HUGEPAGE))
+		die("madvise MADV_HUGEPAGE: %s", strerror(errno));
+}
+
 static void do_map(const char *arg)
 {
 	if (BACKING_MEMFD) {
@@ -379,14 +392,7 @@ static void do_map(const char *arg)
 	if (raw == MAP_FAILED)
 		die("mmap: %s", strerror(errno));
 	char *start = (char *)(((uintptr_t)raw + HPAGE - 1) & ~(HPAGE - 1));
-	if (start > raw)
-		munmap(raw, (size_t)(start - raw));
-	if (start + REGION_SIZE < raw + REGION_SIZE + HPAGE)
-		munmap(start + REGION_SIZE, (size_t)(raw + REGION_SIZE + HPAGE - (start + REGION_SIZE)));
-	region_size = REGION_SIZE;
-	region = start;
-	if (!strcmp(arg, "hugepage") && madvise(region, region_size, MADV_HUGEPAGE))
-		die("madvise MADV_HUGEPAGE: %s", strerror(errno));
+	adopt_region(raw, start, arg);
 }
 
 static void advise(size_t first, size_t count, int advice, const char *name)
@@ -611,14 +617,7 @@ static void map_memfd(const char *arg)
 	if (mmap(start, REGION_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED)
 		die("mmap memfd: %s", strerror(errno));
 	close(fd);
-	if (start > raw)
-		munmap(raw, (size_t)(start - raw));
-	if (start + REGION_SIZE < raw + REGION_SIZE + HPAGE)
-		munmap(start + REGION_SIZE, (size_t)(raw + REGION_SIZE + HPAGE - (start + REGION_SIZE)));
-	region_size = REGION_SIZE;
-	region = start;
-	if (!strcmp(arg, "hugepage") && madvise(region, region_size, MADV_HUGEPAGE))
-		die("madvise MADV_HUGEPAGE: %s", strerror(errno));
+	adopt_region(raw, start, arg);
 }
 
 /* PAGEMAP_SCAN of the region for PAGE_IS_WRITTEN into out[] (clear: write-protect what it reports). */
