@@ -34,12 +34,23 @@ from . import vm as vmmod
 
 log = logging.getLogger(__name__)
 
-ROOT_PREFIX = "holecheck-libvirt-"  # + the owning pid + "-": how a later run tells a leftover from a live run
+ROOT_PREFIX = "hclv-"  # + the owning pid + "-": how a later run tells a leftover from a live run (short: see below)
+# libvirt puts QEMU's monitor socket at <root>/lib/qemu/domain-N-<name, 20 chars>/monitor.sock (52 more bytes);
+# a unix socket path has 107: a root whose path would leave less goes to /tmp instead of $TMPDIR.
+SOCKET_TAIL = 52 + 1
+
 ROOT_RE = re.compile(re.escape(ROOT_PREFIX) + r"(\d+)-")
 QEMU_CONF = ('user = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n'
              'security_driver = "none"\nnamespaces = []\nstdio_handler = "file"\ncgroup_controllers = []\n')
 RUN_DIR = Path("/run/libvirt")
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+def root_parent() -> Path:
+    """Where a run's embed root goes: $TMPDIR, unless QEMU's monitor socket under it would be too long."""
+    tmp = Path(tempfile.gettempdir())
+    root_len = len(str(tmp)) + 1 + len(ROOT_PREFIX) + 7 + 1 + 8  # pid up to 7 digits, mkdtemp's 8 characters
+    return tmp if root_len + SOCKET_TAIL <= 107 else Path("/tmp")
 
 
 def libvirt_module(log_file: Path | None = None):  # type: ignore[no-untyped-def]
@@ -80,7 +91,7 @@ def reap_leftovers() -> list[int]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(proc.name), signal.SIGKILL)
                 killed.append(int(proc.name))
-    for root in Path(tempfile.gettempdir()).glob(ROOT_PREFIX + "*"):
+    for root in {p for d in (Path(tempfile.gettempdir()), Path("/tmp")) for p in d.glob(ROOT_PREFIX + "*")}:
         m = ROOT_RE.match(root.name)
         if m and not Path(f"/proc/{m.group(1)}").exists():
             killed += kill_pidfiles(root)  # virtiofsd's command line does not name the root; its pid file does
@@ -128,7 +139,7 @@ class Embed:
         reap_leftovers()
         # libvirt 9.0's embedded driver still makes /run/libvirt/{common,hostdevmgr}: removed at close if it did
         self.made_run_dir = not RUN_DIR.exists()
-        self.dir = Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-"))  # 0700
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-", dir=root_parent()))  # 0700
         self.libvirt = libvirt = libvirt_module(self.dir / "libvirt.log")
         (self.dir / "etc").mkdir()
         (self.dir / "etc" / "qemu.conf").write_text(QEMU_CONF)

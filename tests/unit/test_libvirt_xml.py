@@ -50,4 +50,4 @@ def test_kvm_no_acpi_extra_args() -> None:
 
 
 def test_root_names_its_owner() -> None:
-    assert ROOT_RE.findall("-object secret,file=/tmp/holecheck-libvirt-4242-ab_c/lib/qemu/x") == ["4242"]
+    assert ROOT_RE.findall("-object secret,file=/tmp/hclv-4242-ab_c/lib/qemu/x") == ["4242"]
