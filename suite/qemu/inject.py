@@ -13,13 +13,14 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import time
 
 from ..errors import HolecheckError
+from ..waits import wait_for
 
 MADV_DONTNEED = 4
 SYS_MADVISE = 28
 SYSCALL = b"\x0f\x05"
+MAX_STEPS = 100
 
 PTRACE_PEEKTEXT, PTRACE_GETREGS, PTRACE_SETREGS, PTRACE_SINGLESTEP, PTRACE_DETACH = 1, 12, 13, 9, 17
 PTRACE_SEIZE, PTRACE_INTERRUPT = 0x4206, 0x4207
@@ -48,17 +49,12 @@ def _ptrace(request: int, pid: int, addr: int = 0, data: int | ctypes.c_void_p |
 
 
 def _wait_stop(pid: int, timeout: float) -> int:
-    """The signal of ``pid``'s next ptrace stop (bounded: a thread that never stops is an error)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got, status = os.waitpid(pid, os.WNOHANG | WALL)
-        if got == pid:
-            if not os.WIFSTOPPED(status):
-                raise HolecheckError(f"pid {pid} ended while madvise() was injected (status {status:#x})")
-            return os.WSTOPSIG(status)
-        if time.monotonic() > deadline:
-            raise HolecheckError(f"pid {pid} did not stop for ptrace within {timeout:g} s")
-        time.sleep(0.001)
+    """The signal of ``pid``'s next ptrace stop (bounded: a thread that never stops is a StallError)."""
+    _, status = wait_for(lambda: os.waitpid(pid, os.WNOHANG | WALL), lambda r: r[0] == pid,
+                         what=f"pid {pid} to stop for ptrace", timeout=timeout, interval=0.001, max_interval=0.05)
+    if not os.WIFSTOPPED(status):
+        raise HolecheckError(f"pid {pid} ended while madvise() was injected (status {status:#x})")
+    return os.WSTOPSIG(status)
 
 
 def _syscall_at(pid: int, regs: Regs) -> int:
@@ -94,7 +90,7 @@ def madvise_in(pid: int, ranges: list[tuple[int, int]], advice: int = MADV_DONTN
             regs.rip, regs.rax, regs.orig_rax = at, SYS_MADVISE, (1 << 64) - 1  # -1: no restart of a syscall
             regs.rdi, regs.rsi, regs.rdx = addr, length, advice
             _ptrace(PTRACE_SETREGS, pid, 0, ctypes.c_void_p(ctypes.addressof(regs)))
-            while True:
+            for _ in range(MAX_STEPS):  # each signal that stops it first costs one more step
                 _ptrace(PTRACE_SINGLESTEP, pid)
                 sig = _wait_stop(pid, timeout)
                 _ptrace(PTRACE_GETREGS, pid, 0, ctypes.c_void_p(ctypes.addressof(regs)))
@@ -104,6 +100,8 @@ def madvise_in(pid: int, ranges: list[tuple[int, int]], advice: int = MADV_DONTN
                     pending = sig
                     regs.rip, regs.rax, regs.orig_rax = at, SYS_MADVISE, (1 << 64) - 1
                     _ptrace(PTRACE_SETREGS, pid, 0, ctypes.c_void_p(ctypes.addressof(regs)))
+            else:
+                raise HolecheckError(f"pid {pid}: madvise() did not run in {MAX_STEPS} steps (signals kept arriving)")
             results.append(ctypes.c_longlong(regs.rax).value)
         _ptrace(PTRACE_SETREGS, pid, 0, ctypes.c_void_p(ctypes.addressof(saved)))
     finally:

@@ -28,8 +28,9 @@ from dataclasses import replace
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from ..errors import SetupError
+from ..errors import SetupError, StallError
 from ..qemu import binary as qemu_binary
+from ..waits import wait_for
 from . import vm as vmmod
 
 log = logging.getLogger(__name__)
@@ -315,11 +316,12 @@ class LibvirtVm:
         return None
 
     def wait_exit(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.running():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
+        """Wait for the domain to end by itself (the guest powered off); True if it did."""
+        try:
+            wait_for(self.running, lambda up: not up, what=f"libvirt domain {self.name} to end", timeout=timeout,
+                     interval=0.1)
+        except StallError:
+            return False
         return True
 
     def stop(self) -> None:
