@@ -102,6 +102,7 @@ class SyntheticRun:
 
     def do_map(self, step: Step, sel: np.ndarray) -> Faults:
         self.ledger.base = (self.h.map_memfd if self.s.backing == "memfd" else self.h.map)(self.s.npages * PAGE)
+        self.ledger.verdict.region = self.ledger.base
         if self.s.backing == "memfd":  # a zapped shared PTE is no loss: the page cache keeps the page
             self.ledger.judged = False
             self.v.notes.append("memfd: pte_none is not a hole (the page stays in the page cache); data loss is "

@@ -64,6 +64,7 @@ class Verdict:
     no_split_reason: str = ""
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    region: int = 0  # address of page 0 of a synthetic run's region (what the findings' "va" addresses count from)
 
     @property
     def ok(self) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from split_rules import assert_trigger_split
 
-from suite import pagemap
+from suite import known_findings, pagemap
 from suite import scenario as sc
 from suite.thp import MTHP_SIZES_KB, ThpSettings
 
@@ -90,8 +90,10 @@ def test_trigger_product(run, check_verdict, kernel_features, kernel_spec, kind,
 
 
 @pytest.mark.parametrize("split", sc.SPLITS)
-def test_trigger_negative_control(run, check_verdict, kernel_spec, split):
-    """Pages un-protected behind the model's back after each trigger's split are named exactly, at that phase."""
+def test_trigger_negative_control(run, check_verdict, kernel_spec, kernel_features, split):
+    """Pages un-protected behind the model's back after each trigger's split are named exactly, at that phase
+    (plus, on a kernel with a known bug in this trigger, exactly the pages that bug un-protected: they lost their
+    uffd-wp bit at the split)."""
     skip_host_swap(kernel_spec, split)
     scenario = replace(sc.snapshot_style("after-protect", sabotage=True), split=split)
     verdict = run(scenario)
@@ -99,9 +101,9 @@ def test_trigger_negative_control(run, check_verdict, kernel_spec, split):
     assert not verdict.ok, f"the oracle missed pages un-protected on purpose after a {split} split"
     untrapped = [f for f in verdict.findings if f.kind == "no-wp-fault"]
     assert [f.phase for f in untrapped] == ["touch(write, zero)"], verdict.failure_message()
-    idx = np.nonzero(scenario.selector("sabotage"))[0]
-    base = untrapped[0].addresses[0] - int(idx[0]) * pagemap.PAGE
-    assert untrapped[0].addresses == [base + int(i) * pagemap.PAGE for i in idx], verdict.failure_message()
+    sabotaged = {verdict.region + int(i) * pagemap.PAGE for i in np.nonzero(scenario.selector("sabotage"))[0]}
+    known = known_findings.known_pages(verdict, kernel_features, "lost-uffd-wp")
+    assert set(untrapped[0].addresses) == sabotaged | known, verdict.failure_message()
     assert {f.kind for f in verdict.findings} <= {"no-wp-fault", "lost-uffd-wp"}, verdict.failure_message()
 
 
