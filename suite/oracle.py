@@ -73,6 +73,14 @@ def addresses(states: PageStates, indices: np.ndarray) -> list[int]:
     return [states.start + int(i) * 4096 for i in indices]
 
 
+def mixed_thp_anchors(sel: np.ndarray) -> list[int]:
+    """For each 2 MiB chunk holding both selected and unselected pages, its first unselected page."""
+    n = len(sel) // 512 * 512
+    chunks = sel[:n].reshape(-1, 512)
+    mixed = chunks.any(axis=1) & ~chunks.all(axis=1)
+    return [int(c * 512 + np.argmin(chunks[c])) for c in np.nonzero(mixed)[0]]
+
+
 def runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
     """(first page, page count) of each run of True in ``mask``."""
     edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))

@@ -17,7 +17,7 @@ from .errors import StallError
 from .ledger import Ledger
 from .memcg import Memcg
 from .options import RunOptions
-from .oracle import runs
+from .oracle import mixed_thp_anchors, runs
 from .pagemap import PAGE, PageStates
 from .qemu import runner as qemu_runner
 from .scenario import OPS, Scenario, Step
@@ -234,7 +234,12 @@ class SyntheticRun:
         """Negative control: the selected written pages read clean, the model still counts them written."""
         if step.arg == "written":  # WP_ASYNC: re-protecting a page makes it read not-written
             return self.each_run(sel & self.written, lambda o, n: self.h.wp(o, n, True))
-        Path(f"/proc/{self.h.pid}/clear_refs").write_text("4")  # soft-dirty: clear all, re-dirty the rest
+        # soft-dirty: clear all, re-dirty the rest. A PMD-mapped THP has one soft-dirty bit for its 512 pages (on
+        # a kernel that split nothing, e.g. 6.1), so first PTE-map each THP that holds both kinds: MADV_DONTNEED
+        # of one page to be re-dirtied splits the PMD mapping, the rewrite brings that page back
+        for i in mixed_thp_anchors(sel):
+            self.h.madvise("dontneed", i * PAGE, PAGE)
+        Path(f"/proc/{self.h.pid}/clear_refs").write_text("4")
         return self.each_run(~sel, self.h.rewrite)
 
     def do_sabotage_fill(self, step: Step, sel: np.ndarray) -> Faults:

@@ -675,6 +675,18 @@ static void memory_axes_step(const struct step *s)
 			for (size_t i = 0; i < s->nruns; i++)
 				write_protect(r[i].first, r[i].count, 1);
 		} else {
+			/* one soft-dirty bit per PMD-mapped THP: PTE-map each THP holding both kinds first
+			 * (MADV_DONTNEED of one page to be re-dirtied; the rewrite below brings it back) */
+			for (size_t c = 0; c + 512 <= npages; c += 512) {
+				size_t nsel = 0, anchor = npages;
+				for (size_t i = c; i < c + 512; i++) {
+					nsel += sel[i];
+					if (!sel[i] && anchor == npages)
+						anchor = i;
+				}
+				if (nsel && anchor < npages && madvise(region + anchor * PAGE, PAGE, MADV_DONTNEED))
+					die("madvise(MADV_DONTNEED): %s", strerror(errno));
+			}
 			if (put("/proc/self/clear_refs", "4"))
 				die("clear_refs: %s", strerror(errno));
 			for (size_t i = 0; i < npages; i++) /* re-dirty all other pages with their own content */

@@ -76,3 +76,12 @@ def test_huge_zero_page_subpages_count_as_zero():
 def test_thp_chunks_needs_kpageflags():
     with pytest.raises(ValueError, match="with_thp"):
         oracle.thp_chunks(load("split-wp"))
+
+
+def test_mixed_thp_anchors_pick_one_unselected_page_per_mixed_chunk():
+    sel = np.zeros(3 * 512, dtype=bool)
+    sel[0:3] = True  # chunk 0 mixed: first unselected page 3
+    sel[512:1024] = True  # chunk 1 all selected: nothing to split
+    sel[1024 + 7] = True  # chunk 2 mixed: first unselected page 1024
+    assert oracle.mixed_thp_anchors(sel) == [3, 1024]
+    assert oracle.mixed_thp_anchors(np.zeros(512, dtype=bool)) == []
