@@ -97,10 +97,13 @@ class Fill:
 
     data_per_thp: int = 8
     layout: str = "spread"  # "spread": evenly spaced; "head": the first N subpages
+    # "unique": every data page differs; "same": every data page holds the same bytes (real QEMU only), so KSM
+    # has duplicates to merge besides zero pages
+    content: str = "unique"
 
     @property
     def id(self) -> str:
-        return f"{self.layout}{self.data_per_thp}"
+        return f"{self.layout}{self.data_per_thp}" + ("" if self.content == "unique" else f"-{self.content}")
 
     def data_mask(self, npages: int) -> np.ndarray:
         chunk = np.zeros(PAGES_PER_THP, dtype=bool)
@@ -144,6 +147,8 @@ class Scenario:
                              "partial-unmap is synthetic only)")
         if self.backing not in BACKINGS or self.origin not in ORIGINS:
             raise ValueError(f"unknown backing {self.backing!r} or origin {self.origin!r}")
+        if self.fill.content not in ("unique", "same") or (self.fill.content != "unique" and self.synthetic):
+            raise ValueError(f"fill content {self.fill.content!r}: 'unique', or 'same' for a real QEMU")
         if bad := [st.op for st in self.steps if st.op not in KIND_OPS[self.kind]]:
             raise ValueError(f"{self.kind} scenario cannot have steps {', '.join(bad)}")
 

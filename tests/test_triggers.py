@@ -108,16 +108,21 @@ def test_trigger_negative_control(run, check_verdict, kernel_spec, kernel_featur
 
 
 # Real QEMU: the trigger fired on QEMU's RAM from outside (process_madvise, debugfs with QEMU's pid and RAM range,
-# ksmd: QEMU's RAM is MADV_MERGEABLE by default, mem-merge=on). partial-unmap is synthetic only.
-QEMU_CELLS = [("snapshot", "pageout"), ("snapshot", "ksm-zero"), ("snapshot", "debugfs"), ("postcopy", "pageout")]
-QEMU_KINDS = {"snapshot": lambda: sc.snapshot("snapshot-running"), "postcopy": lambda: sc.postcopy("precopy-done")}
+# ksmd: QEMU's RAM is MADV_MERGEABLE by default, mem-merge=on). partial-unmap is synthetic only. "ksm-same": every
+# data page holds the same bytes, so KSM merges write-protected data pages too, on any kernel
+QEMU_CELLS = [("snapshot", "pageout"), ("snapshot", "ksm-zero"), ("snapshot", "ksm-same"), ("snapshot", "debugfs"),
+              ("postcopy", "pageout")]
+QEMU_KINDS = {"snapshot": lambda fill: sc.snapshot("snapshot-running", fill=fill),
+              "postcopy": lambda fill: sc.postcopy("precopy-done", fill=fill)}
 
 
 @pytest.mark.qemu
 @pytest.mark.parametrize(("kind", "split"), QEMU_CELLS, ids=[f"{k}-{s}" for k, s in QEMU_CELLS])
 def test_trigger_qemu(run, qemu, check_verdict, kind, split):
     """A real QEMU's RAM split by each trigger: no received page lost, no uffd-wp bit lost, the same restore."""
-    verdict = run(replace(QEMU_KINDS[kind](), split=split))
+    fill = sc.Fill(content="same") if split.endswith("-same") else sc.Fill()
+    split = split.removesuffix("-same")
+    verdict = run(replace(QEMU_KINDS[kind](fill), split=split))
     check_verdict(verdict)
     assert verdict.split_expected or verdict.no_split_reason, f"no split and no reason: {verdict.summary()}"
     if split != "debugfs":

@@ -179,8 +179,9 @@ class MigrationRun:
     def fill(self, side: Side) -> None:
         """Data into the selected subpages of every chunk (above the low chunk), through QEMU's own qtest."""
         q = side.machine.qtest
+        same = self.s.fill.content == "same"
         for i in np.nonzero(self.data)[0]:
-            q.write(int(i) * PAGE, np.full(PAGE // 8, STAMP | int(i), dtype="<u8").tobytes())
+            q.write(int(i) * PAGE, np.full(PAGE // 8, STAMP | (0 if same else int(i)), dtype="<u8").tobytes())
 
     # --- the oracle ----------------------------------------------------------------------------------------
 

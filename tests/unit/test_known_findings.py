@@ -32,3 +32,10 @@ def test_another_kind_of_finding_is_not_explained():
     v = verdict(KSM_CELL, "lost-uffd-wp", "hole")
     assert not known_findings.applying(v, NO_REMAP).explains(v)
     assert not known_findings.applying(verdict(KSM_CELL), NO_REMAP).explains(verdict(KSM_CELL))
+
+
+def test_duplicate_data_merged_by_ksm_is_known_on_every_kernel():
+    cell = "snapshot[shrink@snapshot-running-mpn409-spread8-same-by-ksm]"
+    for features in (NO_REMAP, REMAP):
+        known = known_findings.applying(verdict(cell, "lost-uffd-wp"), features)
+        assert known is not None and known.explains(verdict(cell, "lost-uffd-wp"))
