@@ -18,13 +18,12 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import SetupError
+from ..errors import SetupError, StallError
 from ..qemu import binary as qemu_binary
 from ..qemu.process import QemuProcess
 from ..waits import wait_for
@@ -145,18 +144,27 @@ def find_virtiofsd() -> str:
 def accept_port(listener: socket.socket, name: str, timeout: float, problem: Callable[[], str | None]) -> socket.socket:
     """QEMU's connection to the listening host end of port ``name`` (both backends); a VM that died meanwhile
     (``problem()`` says how) or never connects is a SetupError."""
-    deadline = time.monotonic() + timeout
-    listener.settimeout(0.2)
-    while True:
+    listener.settimeout(0.2)  # each attempt blocks this long in accept(), so no sleep between attempts
+
+    def attempt() -> socket.socket | str | None:
+        """The connection, or why the VM cannot connect any more (a string), or None: not yet."""
         if what := problem():
-            raise SetupError(f"L1 VM: {what}")
+            return what
         try:
             conn, _ = listener.accept()
-            conn.settimeout(None)
-            return conn
         except TimeoutError:
-            if time.monotonic() > deadline:
-                raise SetupError(f"L1 VM: QEMU did not connect to port {name} within {timeout:g} s") from None
+            return None
+        conn.settimeout(None)
+        return conn
+
+    try:
+        got = wait_for(attempt, lambda v: v is not None, what=f"QEMU to connect to the L1 VM's port {name}",
+                       timeout=timeout, interval=0, max_interval=0)
+    except StallError as exc:
+        raise SetupError(f"L1 VM: {exc}") from None
+    if isinstance(got, str):
+        raise SetupError(f"L1 VM: {got}")
+    return got
 
 
 def console_tail(path: Path, lines: int = 30) -> str:
