@@ -173,6 +173,7 @@ class LibvirtPostcopyRun(PostcopyRun):
         # precopy completes once pending RAM fits into downtime × bandwidth (zero pages cost a few bytes each):
         # 1 ms keeps it from converging; libvirt keeps parameters it does not set itself (downtime, postcopy rate)
         self.src_dom.migrateSetMaxDowntime(1, 0)
+        self.start_dirtier()  # as the QMP family: dirty pages every sync finds hold precopy open
         migration.set_parameters(self.src.machine, max_postcopy_bandwidth=4096)  # B/s: below libvirt's MiB/s
         self.event("src", "migrateToURI3", flags=flags, uri=self.daemon.uri)
         self.thread = threading.Thread(target=perform, name="libvirt-migrate", daemon=True)
