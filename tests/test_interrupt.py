@@ -118,7 +118,9 @@ class Run:
                 return Point(True, f"exited with {self.proc.returncode}")
             return probe(procs)
 
-        point = wait_for(look, lambda p: p.reached, what=what, timeout=timeout, interval=0.05, max_interval=0.3)
+        # a tight poll: some points (strace's hold on the host) last a fraction of a second, and a loaded machine
+        # walks the process tree slowly
+        point = wait_for(look, lambda p: p.reached, what=what, timeout=timeout, interval=0.01, max_interval=0.02)
         self.mark("reached")
         if self.proc.poll() is not None:
             pytest.fail(f"holecheck ended (exit {self.proc.returncode}) before {what}:\n{self.output()}",
