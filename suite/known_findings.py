@@ -62,9 +62,9 @@ KNOWN += (
               "(set by QEMU's background snapshot through UFFDIO_WRITEPROTECT) is gone, the next write to the "
               "merged page COWs without a WP fault, QEMU never copies the old content out first",
         measured="host 6.18.44: a C check (256 write-protected duplicate 4 KiB pages, KSM on: 1 kept its bit); "
-                 "QEMU background snapshots with duplicate data pages, split and merged by ksmd: 995 pages lost "
-                 "the bit under QEMU 7.2.22, 987 under 11.1.3; in one run of 978 lost bits 11 pages of the restored "
-                 "snapshot held data written after its start (in others QEMU had saved them before the write)",
+                 "QEMU background snapshots with duplicate data pages, split and merged by ksmd: 978-1,000 pages "
+                 "lost the bit a run under QEMU 7.2.22 and 11.1.3 (5 runs); in two runs 11 and 166 pages of the "
+                 "restored snapshot held data written after its start (in others QEMU had saved them first)",
         scenario=re.compile(r"-same-by-ksm\]"),
         kinds=frozenset({"lost-uffd-wp", "no-wp-fault", "content"}),
         kernel=lambda features: True,
