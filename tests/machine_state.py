@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from suite import memcg, procs, split_triggers, thp
+from suite.errors import StallError
 from suite.waits import wait_for
 
 RUN_DIR = Path("/run")
@@ -76,8 +77,8 @@ class ProcessWatch:
     def poll(self) -> list[Proc]:
         """The run's descendants now (recorded)."""
         now = [p for pid in procs.descendants(self.root) if (p := proc_info(pid)) is not None]
-        for p in now:
-            self.seen.setdefault((p.pid, p.start), p)
+        for p in now:  # the latest command line: a child first seen between fork and exec still shows its parent's
+            self.seen[(p.pid, p.start)] = p
         return now
 
     @property
@@ -158,10 +159,22 @@ def cache_temporaries(cache: Path) -> list[Path]:
 def leftovers(before: Baseline, watch: ProcessWatch, markers: Iterable[str], private_tmp: Path | None = None,
               caches: Iterable[Path] = ()) -> list[str]:
     """One line per thing the run left behind; [] if the machine is as ``before``."""
-    out = [f"process still running: {p}" for p in watch.survivors()]
-    known = {(p.pid, p.start) for p in watch.survivors()}
-    out += [f"process naming the run's paths: {p}" for p in processes_mentioning(markers)
+    markers = list(markers)
+
+    def left_processes() -> list[str]:
+        survivors = watch.survivors()
+        known = {(p.pid, p.start) for p in survivors}
+        return [f"process still running: {p}" for p in survivors] + [
+            f"process naming the run's paths: {p}" for p in processes_mentioning(markers)
             if (p.pid, p.start) not in known]
+
+    # a child the run's exit kills (PR_SET_PDEATHSIG, e.g. strace) may still be on its way out when the run's exit
+    # status is in: give it a moment, then name whatever is still there
+    try:
+        out = wait_for(left_processes, lambda left: not left, what="the run's processes to be gone", timeout=3.0,
+                       interval=0.05)
+    except StallError:
+        out = left_processes()
     if before.thp is not None:
         out += [f"THP knob {name}: {before.thp.get(name)} before, {value} after"
                 for name, value in thp_knobs().items() if before.thp.get(name) != value]
