@@ -107,6 +107,8 @@ class SyntheticRun:
             self.ledger.judged = False
             self.v.notes.append("memfd: pte_none is not a hole (the page stays in the page cache); data loss is "
                                 "judged by MISSING faults on placed pages and by content")
+        if self.s.fill.content != "unique":
+            self.h.content(self.s.fill.content)
         if step.arg == "hugepage":
             self.h.madvise("hugepage", 0, self.s.npages * PAGE)
         return _no_faults()

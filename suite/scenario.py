@@ -97,7 +97,7 @@ class Fill:
 
     data_per_thp: int = 8
     layout: str = "spread"  # "spread": evenly spaced; "head": the first N subpages
-    # "unique": every data page differs; "same": every data page holds the same bytes (real QEMU only), so KSM
+    # "unique": every data page differs; "same": every data page holds the same bytes (synthetic or QEMU), so KSM
     # has duplicates to merge besides zero pages
     content: str = "unique"
 
@@ -147,8 +147,8 @@ class Scenario:
                              "partial-unmap is synthetic only)")
         if self.backing not in BACKINGS or self.origin not in ORIGINS:
             raise ValueError(f"unknown backing {self.backing!r} or origin {self.origin!r}")
-        if self.fill.content not in ("unique", "same") or (self.fill.content != "unique" and self.synthetic):
-            raise ValueError(f"fill content {self.fill.content!r}: 'unique', or 'same' for a real QEMU")
+        if self.fill.content not in ("unique", "same"):
+            raise ValueError(f"fill content {self.fill.content!r}: 'unique' or 'same'")
         if bad := [st.op for st in self.steps if st.op not in KIND_OPS[self.kind]]:
             raise ValueError(f"{self.kind} scenario cannot have steps {', '.join(bad)}")
 

@@ -277,6 +277,10 @@ class UffdHelper:
         reply = self.command(f"scan {off:#x} {length:#x} {int(clear)}", timeout)
         return list(reply["written"]), Faults.from_reply(reply)
 
+    def content(self, kind: str, timeout: float | None = None) -> None:
+        """'same': every page's stamp the same bytes (KSM merges data pages); 'unique' (default): its own."""
+        self.command(f"content {kind}", timeout)
+
     def minor_faults(self, timeout: float | None = None) -> int:
         """MINOR faults resolved with UFFDIO_CONTINUE so far (``register("minor")`` on memfd)."""
         return int(self.command("minor-faults", timeout)["minor"])

@@ -46,6 +46,9 @@ enum expect { ZERO = 0, STAMP = 1, WRITTEN = 2 };
 static char *region;
 static size_t region_size, npages;
 static uint8_t *expected; /* enum expect per page; written by main, read by the handler (atomics) */
+/* Fill content 'same' (the 'content same' command): every page of a kind holds the same bytes, so KSM can
+ * merge data pages too; default: a page's stamp carries its index (no two data pages alike). */
+static int same_content;
 
 /* Faults the handler resolved since the last drain: one byte per page, so lists come out sorted and unique. */
 static pthread_mutex_t hits_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -163,6 +166,8 @@ static void drain_faults(struct buf *b)
 
 static uint64_t pattern_word(size_t idx, int kind)
 {
+	if (same_content)
+		idx = 0;
 	switch (kind) {
 	case STAMP:
 		return STAMP_MAGIC | idx;
@@ -635,6 +640,7 @@ static void cmd_verify(char *off_s, char *len_s)
  *   collapse OFF LEN    MADV_COLLAPSE (a THP born from 4 KiB pages)
  *   scan OFF LEN CLEAR  PAGEMAP_SCAN for PAGE_IS_WRITTEN; CLEAR=1 write-protects what it reports (WP_ASYNC)
  *   minor-faults        how many MINOR faults the handler resolved with UFFDIO_CONTINUE so far (register minor)
+ *   content same|unique every page's stamp the same bytes (KSM merges data pages), or its own (default)
  */
 #define HC_FEATURE_MINOR_SHMEM (1ULL << 10)
 #define HC_FEATURE_WP_SHMEM (1ULL << 12)
@@ -848,6 +854,11 @@ static int memory_axes_command(const char *c, int argc, char **argv)
 		cmd_collapse(argv[1], argv[2]);
 	else if (!strcmp(c, "scan") && argc == 4)
 		cmd_scan(argv[1], argv[2], argv[3]);
+	else if (!strcmp(c, "content") && argc == 2 && (!strcmp(argv[1], "same") || !strcmp(argv[1], "unique"))) {
+		same_content = !strcmp(argv[1], "same"); /* before the first store: the model never changes mid-run */
+		struct buf b = reply_ok();
+		reply(&b);
+	}
 	else if (!strcmp(c, "minor-faults") && argc == 1) {
 		struct buf b = reply_ok();
 		buf_printf(&b, ",\"minor\":%lu", __atomic_load_n(&minor_faults, __ATOMIC_RELAXED));

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from suite import memcg, thp
+from suite import known_findings, memcg, thp
 from suite import memory_axes as ma
 from suite import scenario as sc
 from suite.reports import reproducer
@@ -174,3 +174,22 @@ def test_memory_axes_reproducer_names_the_sabotaged_pages(tmp_path: Path, contro
     out = run(build(tmp_path, scenario))
     assert out.rc == 1, out.stdout + out.stderr
     assert out.pages() == out.pages(kind, phase) == np.nonzero(scenario.selector("sabotage"))[0].tolist(), out.stdout
+
+
+@pytest.mark.host
+@host
+def test_ksm_duplicates_reproducer_shows_the_known_finding(tmp_path: Path):
+    """A known finding in C, for a bug report (``ksm-merge-of-duplicates-drops-uffd-wp-and-soft-dirty``):
+    write-protected duplicate data pages, split and merged by ksmd, lose their uffd-wp bit and the writes to them
+    go through untrapped. Strict: where it no longer shows, it is fixed and this test (and the entry) must go."""
+    scenario = replace(sc.snapshot_style("after-protect", fill=sc.Fill(content="same")), split="ksm")
+    known = next(k for k in known_findings.KNOWN if k.name.startswith("ksm-merge-of-duplicates"))
+    assert known.scenario.search(scenario.id), scenario.id
+    binary = build(tmp_path, scenario)
+    assert "#define SAME_CONTENT 1" in (tmp_path / "repro.c").read_text()
+    out = run(binary)
+    data = set(np.nonzero(scenario.selector("data"))[0].tolist())
+    lost, untrapped = out.pages("lost-uffd-wp"), out.pages("no-wp-fault", "touch(write, data)")
+    assert out.rc == 1 and lost, f"{known.name} did not show: fixed? then drop it\n{out.stdout}{out.stderr}"
+    assert set(lost) <= data and untrapped == lost, out.stdout
+    assert {k for k, _, _ in out.bad} <= {"lost-uffd-wp", "no-wp-fault"}, out.stdout

@@ -106,8 +106,8 @@ def describe(step: Step, s: Scenario) -> str:
     """What a step does, for the header comment."""
     what = {
         "map": "mmap an anonymous region (2 MiB aligned)" + (" + MADV_HUGEPAGE" if step.arg == "hugepage" else ""),
-        "place": f"write a unique stamp into the selected pages ({s.fill.data_per_thp} per 2 MiB chunk, "
-                 f"{s.fill.layout}): faults THPs in",
+        "place": f"write {'the same' if s.fill.content == 'same' else 'a unique'} stamp into the selected pages "
+                 f"({s.fill.data_per_thp} per 2 MiB chunk, {s.fill.layout}): faults THPs in",
         "nohugepage": "MADV_NOHUGEPAGE on the whole region",
         "discard": "MADV_DONTNEED on the selected pages (no longer placed)",
         "register": f"UFFDIO_REGISTER the region ({step.arg}); a handler thread resolves faults",
@@ -201,6 +201,7 @@ def _tables(s: Scenario, timeout: float) -> str:
            f"static const char SPLIT[] = {c_string(s.split)};",
            f"#define FOLIO_KB {s.thp.mthp_kb or 2048}",
            f"#define BACKING_MEMFD {int(s.backing == 'memfd')} /* memory axes: MAP_SHARED memfd region */",
+           f"#define SAME_CONTENT {int(s.fill.content == 'same')} /* every data page the same bytes (KSM merges) */",
            f"static const double DEFAULT_TIMEOUT = {timeout!r};", "",
            "/* THP knobs under /sys/kernel/mm/transparent_hugepage/; NULL: left as found */",
            "static const struct knob {", "\tconst char *file, *want;", "} KNOBS[] = {"]

@@ -898,6 +898,7 @@ int main(int argc, char **argv)
 	probe_zero_pfn();
 
 	npages = REGION_SIZE / PAGE;
+	same_content = SAME_CONTENT;
 	expected = zalloc(npages);
 	hit_missing = zalloc(npages);
 	hit_wp = zalloc(npages);

@@ -97,7 +97,8 @@ def test_postcopy_libvirt_walks_the_phases_libvirt_can_hold() -> None:
     assert sc.Scenario.from_json(s.to_json()) == s
 
 
-def test_same_content_fill_is_for_real_qemu_only_and_named_in_the_id():
+def test_fill_content_is_named_in_the_id_and_checked():
     assert sc.snapshot(fill=sc.Fill(content="same")).id.endswith("-spread8-same]")
-    with pytest.raises(ValueError, match="real QEMU"):
-        sc.snapshot_style("after-protect", fill=sc.Fill(content="same"))
+    assert sc.snapshot_style("after-protect", fill=sc.Fill(content="same")).id.endswith("-spread8-same]")
+    with pytest.raises(ValueError, match="'unique' or 'same'"):
+        sc.snapshot_style("after-protect", fill=sc.Fill(content="odd"))
