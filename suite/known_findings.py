@@ -67,8 +67,8 @@ KNOWN += (
                  "reproducer (tests/test_reproducer.py) the same on the host; the soft-dirty sibling lost 255 "
                  "soft-dirty bits on 7.3.4 (4 of 4 runs) and 6.12.118 (1 of 5, not a cell: too unsteady). QEMU "
                  "background snapshots with duplicate data pages on the host: "
-                 "978-1,000 pages lost the bit a run under QEMU 7.2.22 and 11.1.3 (5 runs); in two runs 11 and "
-                 "166 pages of the restored snapshot held data written after its start",
+                 "978-1,000 pages lost the bit a run under QEMU 7.2.22 and 11.1.3 (7 runs); in four runs 11, 166, "
+                 "278 and 278 pages of the restored snapshot held data written after its start",
         scenario=re.compile(r"-same-by-ksm\]"),
         kinds=frozenset({"lost-uffd-wp", "no-wp-fault", "lost-soft-dirty", "stale-dump", "content"}),
         kernel=lambda features: True,
