@@ -1,6 +1,6 @@
 """The userfaultfd helper: a small C program that performs userfaultfd sequences step by step.
 
-It owns ONE anonymous region and obeys one line command at a time (``map``, ``madvise``, ``place``,
+It owns ONE anonymous region and obeys one line command at a time (``content``, ``map``, ``madvise``, ``place``,
 ``register``, ``wp``, ``touch``, ``verify``, ``quit``), answering one JSON line each. Between commands it is
 idle, so the caller can read its /proc/PID/pagemap and fire the THP shrinker exactly when it wants. Its
 fault-handler thread resolves MISSING faults with the page's expected content (as QEMU postcopy does) and

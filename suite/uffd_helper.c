@@ -640,7 +640,6 @@ static void cmd_verify(char *off_s, char *len_s)
  *   collapse OFF LEN    MADV_COLLAPSE (a THP born from 4 KiB pages)
  *   scan OFF LEN CLEAR  PAGEMAP_SCAN for PAGE_IS_WRITTEN; CLEAR=1 write-protects what it reports (WP_ASYNC)
  *   minor-faults        how many MINOR faults the handler resolved with UFFDIO_CONTINUE so far (register minor)
- *   content same|unique every page's stamp the same bytes (KSM merges data pages), or its own (default)
  */
 #define HC_FEATURE_MINOR_SHMEM (1ULL << 10)
 #define HC_FEATURE_WP_SHMEM (1ULL << 12)
@@ -854,11 +853,6 @@ static int memory_axes_command(const char *c, int argc, char **argv)
 		cmd_collapse(argv[1], argv[2]);
 	else if (!strcmp(c, "scan") && argc == 4)
 		cmd_scan(argv[1], argv[2], argv[3]);
-	else if (!strcmp(c, "content") && argc == 2 && (!strcmp(argv[1], "same") || !strcmp(argv[1], "unique"))) {
-		same_content = !strcmp(argv[1], "same"); /* before the first store: the model never changes mid-run */
-		struct buf b = reply_ok();
-		reply(&b);
-	}
 	else if (!strcmp(c, "minor-faults") && argc == 1) {
 		struct buf b = reply_ok();
 		buf_printf(&b, ",\"minor\":%lu", __atomic_load_n(&minor_faults, __ATOMIC_RELAXED));
@@ -890,6 +884,10 @@ int main(void)
 			reply(&b);
 			free(line);
 			return 0;
+		} else if (!strcmp(c, "content") && argc == 2 && (!strcmp(argv[1], "same") || !strcmp(argv[1], "unique"))) {
+			same_content = !strcmp(argv[1], "same"); /* before the first store: the model never changes */
+			struct buf b = reply_ok();
+			reply(&b);
 		} else if (!strcmp(c, "map") && argc == 2) {
 			cmd_map(argv[1]);
 		} else if (!strcmp(c, "madvise") && argc == 4) {
