@@ -13,6 +13,7 @@ KINDS = {
     "lost-soft-dirty": "pages lost their soft-dirty bit (pagemap bit 55)",
     "no-wp-fault": "writes to write-protected pages raised no WP fault (the write went through untrapped)",
     "content": "pages differ from the expected content",
+    "lost-data": "data pages read as zeros (or map the zero page) after a split: the zero detector misjudged them",
     "stall": "received pages a reader stalls on (a read did not return in time)",
     "no-split": "THPs (large folios) were not split although the shrinker (split trigger) should have split them",
     "stale-dump": "pages written since the clear read clean: an incremental dump would restore stale data",
