@@ -6,7 +6,9 @@ Debian packages (``debian`` subcommand)::
 
 The candidates are Debian's generic-flavour (``-amd64``) packages between the two ends, one build per upstream
 version (the build ``--kernel=debian:X.Y.Z`` would pick: bookworm-backports before trixie, then the newest
-rebuild), oldest first. ``--good``/``--bad`` say what the suite's verdict is at each end; which end is older
+rebuild), oldest first. Versions Debian still lists but whose packages the archive no longer carries
+(``kernels.debian.unfetchable``) are left out up front: the plan says how many, and which range a change among
+them can only be located to. ``--good``/``--bad`` say what the suite's verdict is at each end; which end is older
 decides what is searched, as with git's old/new terms:
 
 - good older than bad: a regression → ``first bad: debian:…``;
