@@ -17,6 +17,7 @@ findings, a skip's reason) is its ``log_excerpt``.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -39,8 +40,6 @@ from .outcomes import plain_nodeid
 ORIGIN = "holecheck"
 SCHEMA = kcidb_io.schema.LATEST
 EXCERPT = 16384  # the schema's maxLength of a log_excerpt
-HARNESS = {name for name, obj in vars(errors).items()  # holecheck's own errors: a harness fault, not a finding
-           if isinstance(obj, type) and issubclass(obj, errors.HolecheckError)}
 
 
 @dataclass
@@ -68,9 +67,21 @@ def status_of(report: pytest.TestReport) -> tuple[str, str]:
         if report.when == "setup":
             return "MISS", report.longreprtext
         crash = getattr(getattr(report.longrepr, "reprcrash", None), "message", "") or ""
-        error = crash.split(":", 1)[0].rsplit(".", 1)[-1]
-        return ("ERROR" if report.when != "call" or error in HARNESS else "FAIL"), report.longreprtext
+        return ("ERROR" if report.when != "call" or harness_error(crash) else "FAIL"), report.longreprtext
     return ("PASS", "") if report.when == "call" else ("", "")
+
+
+def harness_error(crash: str) -> bool:
+    """Whether a crash line (``suite.errors.StallError: …``) names one of holecheck's own errors: a harness fault
+    (a stall, a helper or QEMU that failed, a set-up problem), never a finding."""
+    module, _, name = crash.split(":", 1)[0].strip().rpartition(".")
+    if not module.startswith("suite."):
+        return False
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, errors.HolecheckError)
 
 
 RANK = {s: i for i, s in enumerate(("FAIL", "ERROR", "MISS", "PASS", "DONE", "SKIP"))}  # the schema's priority

@@ -95,6 +95,14 @@ def test_outcomes_map_faithfully(session: dict) -> None:
     assert session["builds"][0]["misc"]["release"] == "6.18.0-test"  # the release the verdicts named
 
 
+def test_harness_errors_are_told_by_class() -> None:
+    assert kcidb.harness_error("suite.errors.StallError: helper did not answer")
+    assert kcidb.harness_error("suite.qemu.process.LaunchError: dst: QEMU exited with status 1 during startup")
+    assert not kcidb.harness_error("Failed: postcopy[…]: 5 placed pages became pte_none holes")
+    assert not kcidb.harness_error("AssertionError: lost uffd-wp")
+    assert not kcidb.harness_error("suite.nosuchmodule.X: y")
+
+
 def test_path_is_dotted_words() -> None:
     assert kcidb.kcidb_path("tests/test_postcopy.py::test_postcopy[shrink@nohugepage-window-mpn409-spread8]") == (
         "holecheck.test_postcopy.test_postcopy.shrink_nohugepage-window-mpn409-spread8")
