@@ -56,6 +56,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--artifacts", default=ARTIFACTS, help="directory for per-test artifacts (default .holecheck/)")
     g.addoption("--report", metavar="DIR", default=None,
                 help="write this session's summary.md and index.html (matrix, page maps, reproducers) into DIR")
+    g.addoption("--kcidb", metavar="FILE", default=None,
+                help="write this session in KernelCI's KCIDB schema (checkouts, builds, tests) into FILE")
     g.addoption("--matrix", default="nightly", choices=("main", "nightly"),
                 help="nightly (default): every cell on every kernel and QEMU; main: in L1 VMs (TCG-slow) only a "
                      "sample of the real-QEMU cells, every cell on the host (./holecheck main)")
@@ -106,6 +108,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
         config.pluginmanager.register(
             SessionPlugin(Path(config.getoption("report")), Path(config.getoption("artifacts"))), "holecheck-report")
+    if config.getoption("kcidb") and not hasattr(config, "workerinput"):
+        from suite.reports.kcidb import KcidbPlugin
+
+        config.pluginmanager.register(KcidbPlugin(Path(config.getoption("kcidb")), config.stash[KERNELS],
+                                                  f"accel {config.getoption('accel')}, "
+                                                  f"backend {config.getoption('backend')}"), "holecheck-kcidb")
     # SIGTERM (CI timeouts, kill) unwinds like Ctrl-C, so every context manager restores what it changed.
     sigterm_unwinds()
 

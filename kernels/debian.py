@@ -22,7 +22,7 @@ from suite.cache import cache_root
 from suite.errors import SetupError
 
 from .apt import APT_TIMEOUT, Apt, host_mirror  # noqa: F401  (kernels.linux_source and callers use them from here)
-from .packages import KernelIndex
+from .packages import PART_RE, KernelIndex
 from .versions import (  # noqa: F401  (the spec API, as callers know it)
     FLAVOURS,
     VersionSpec,
@@ -50,30 +50,51 @@ def is_complete(tree: Path) -> bool:
 
 # --- what is there ------------------------------------------------------------------------------------------------
 
+def spelt(package: str) -> str:
+    """``linux-image-7.3.4+deb13-cloud-amd64`` → ``7.3.4+deb13-cloud``: the ABI as ``debian:SPEC`` names it."""
+    abi, flavour = split_package(package)
+    return abi + ("-cloud" if flavour == FLAVOURS["cloud"] else "")
+
+
 def abis(index: KernelIndex) -> list[str]:
-    """Every fetchable ``debian:SPEC`` by exact ABI (``-cloud`` for that flavour), in version order."""
+    """Every listed ``debian:SPEC`` by exact ABI (``-cloud`` for that flavour), in version order; ``unfetchable``
+    says which of them cannot be fetched."""
     pairs = [split_package(p) for p in index.images()]
     return [abi + ("-cloud" if flavour == FLAVOURS["cloud"] else "")
             for abi, flavour in sorted(pairs, key=lambda af: (abi_key(af[0]), af[1]))]
 
 
+def unfetchable(index: KernelIndex) -> dict[str, str]:
+    """ABI (as ``abis`` spells it) → why it cannot be fetched: the index still lists its image, but a part the
+    image depends on is gone from every suite (trixie-backports dropped the older builds' -base/-modules)."""
+    out = {}
+    for package in index.images():
+        if missing := index.missing(package):
+            kinds = sorted({m["part"] for name in missing if (m := PART_RE.match(name))})
+            out[spelt(package)] = f"{', '.join(f'linux-{k}-*' for k in kinds)} gone from the archive"
+    return out
+
+
 def series_lines(index: KernelIndex) -> list[str]:
-    """One line per series, oldest first; each run of versions from the same suites is followed by them:
-    ``6.19: 6.19.6+deb13, 6.19.8+deb13 (trixie-backports)``."""
+    """One line per series, oldest first; each run of versions from the same suites (and as fetchable) is followed
+    by them: ``6.19: 6.19.6+deb13, 6.19.8+deb13 (trixie-backports)``; a version that cannot be fetched says why."""
     generic = {split_package(p)[0]: p for p in index.images() if split_package(p)[1] == FLAVOURS[""]}
+    gone = unfetchable(index)
     lines = []
     for name, group in by_series(generic).items():
         runs: list[tuple[str, list[str]]] = []
         for abi in group:
-            suites = ", ".join(index.suites(generic[abi]))
+            suites = ", ".join(index.suites(generic[abi])) + (f"; not fetchable: {gone[abi]}" if abi in gone else "")
             if runs and runs[-1][0] == suites:
                 runs[-1][1].append(abi)
             else:
                 runs.append((suites, [abi]))
         lines.append(f"{name}: " + ", ".join(f"{', '.join(abis)} ({suites})" for suites, abis in runs))
-    if newest := select(parse_spec("newest"), generic.values()):
+    if newest := pick(parse_spec("newest"), index):
         lines.append(f"newest: {split_package(newest)[0]}; newest-SERIES (newest-6.12, newest-6.12+deb12) picks in a "
                      "series; add -cloud for the cloud flavour")
+    if dropped := [abi for abi in generic if abi in gone]:
+        lines.append(f"not fetchable: {len(dropped)} of {len(generic)} versions; newest-* and bisection skip them")
     return lines
 
 
@@ -91,17 +112,26 @@ def list_versions(apt: Apt | None = None) -> list[str]:
 
 # --- fetching -----------------------------------------------------------------------------------------------------
 
+def pick(spec: VersionSpec, index: KernelIndex) -> str | None:
+    """The package ``spec`` names: an exact ABI as listed (fetching says why it cannot be), else (``newest*``, an
+    upstream version) the best among those that can be fetched."""
+    return select(spec, index.images() if spec.exact else index.fetchable())
+
+
 def resolve_package(spec: VersionSpec, apt: Apt) -> tuple[str, KernelIndex]:
     """The package name for ``spec`` (with the index it came from); refreshes the lists once if nothing matches
     (a new upload)."""
     apt.update()
     index = apt.index()
-    if not (found := select(spec, index.images())):
+    if not (found := pick(spec, index)):
         apt.update(force=True)
         index = apt.index()
-        found = select(spec, index.images())
+        found = pick(spec, index)
     if found:
         return found, index
+    if listed := select(spec, index.images()):
+        raise SetupError(f"{listed} is the match, but it is not fetchable ({unfetchable(index)[spelt(listed)]}); "
+                         "debian:list marks which are")
     near = [a for a, f in map(split_package, index.images()) if f == spec.flavour]
     hint = ", ".join(sorted(near, key=abi_key)[-4:])
     raise SetupError(f"no Debian kernel package {package_name(spec.abi or 'newest', spec.flavour)} in any suite "

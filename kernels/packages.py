@@ -89,20 +89,30 @@ class KernelIndex:
             return max(found, key=cmp_to_key(lambda a, b: dpkg_compare(a.version, b.version)))
         return found[0] if found else None
 
+    def _split_parts(self, top: Stanza) -> list[str]:
+        """The linux-binary/-modules/-base package names of ``top``'s ABI that it depends on (split packaging)."""
+        m = PART_RE.match(top.package)
+        assert m is not None
+        wanted = {f"linux-{part}-{m['abi']}-{m['flavour']}" for part in SPLIT_PARTS}
+        return [name for name in top.depends if name in wanted]
+
+    def missing(self, image: str) -> list[str]:
+        """The parts ``image`` depends on that no suite carries (the archive dropped them): empty if fetchable."""
+        top = self.stanza(image)
+        return [name for name in self._split_parts(top) if name not in self.by_name] if top else []
+
+    def fetchable(self) -> list[str]:
+        """The images whose every part some suite carries: what ``newest*`` and bisection may pick."""
+        return [name for name in self.images() if not self.missing(name)]
+
     def parts(self, image: str) -> list[Stanza]:
         """The .debs that hold ``image``'s kernel, config and modules: the image itself (old packaging), or the
         linux-binary/-modules/-base packages of its ABI that it depends on (split packaging)."""
         top = self.stanza(image)
         if top is None:
             return []
-        m = PART_RE.match(image)
-        assert m is not None
-        wanted = {f"linux-{part}-{m['abi']}-{m['flavour']}" for part in SPLIT_PARTS}
-        split = [name for name in top.depends if name in wanted]
-        if not split:
+        if not (split := self._split_parts(top)):
             return [top]
-        parts = [self.stanza(name) for name in split]
-        missing = [name for name, s in zip(split, parts, strict=True) if s is None]
-        if missing:
+        if missing := self.missing(image):
             raise LookupError(f"{image} depends on {', '.join(missing)}, which no suite carries")
-        return [s for s in parts if s is not None]
+        return [s for s in map(self.stanza, split) if s is not None]

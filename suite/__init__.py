@@ -64,6 +64,7 @@ Reports and tools (sub-packages ``reports`` and ``bisection``; the CLIs people t
 - ``reports.outcomes`` — a run's cells: each test's outcome (JUnit XML or pytest's reports) with its verdict.
 - ``report`` / ``reports.pagemap_png`` — the per-run summary and page-map pictures.
 - ``reports.compare``  — which cells changed verdict between two runs (``report --compare``): a nightly's headline.
+- ``reports.kcidb``    — ``--kcidb=FILE``: the session in KernelCI's KCIDB schema, validated by kcidb-io.
 - ``reports.reproducer`` — a standalone C reproducer (``reproducer_runtime.c``) for a synthetic scenario.
 - ``bisect``       — bisect kernels for the first version whose verdict changes: Debian packages, and the CLI.
 - ``bisection.step``  — one bisection step: a pytest session on one kernel, judged good / bad / skip / abort.

@@ -6,7 +6,9 @@ Debian packages (``debian`` subcommand)::
 
 The candidates are Debian's generic-flavour (``-amd64``) packages between the two ends, one build per upstream
 version (the build ``--kernel=debian:X.Y.Z`` would pick: bookworm-backports before trixie, then the newest
-rebuild), oldest first. ``--good``/``--bad`` say what the suite's verdict is at each end; which end is older
+rebuild), oldest first. Versions Debian still lists but whose packages the archive no longer carries
+(``kernels.debian.unfetchable``) are left out up front: the plan says how many, and which range a change among
+them can only be located to. ``--good``/``--bad`` say what the suite's verdict is at each end; which end is older
 decides what is searched, as with git's old/new terms:
 
 - good older than bad: a regression → ``first bad: debian:…``;
@@ -46,7 +48,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -99,14 +101,20 @@ def preferred_builds(abis: Sequence[str]) -> list[Candidate]:
     return sorted((Candidate(a) for a in best.values()), key=lambda c: versions.abi_key(c.upstream))
 
 
-def resolve_endpoint(text: str, abis: Sequence[str]) -> Candidate:
-    """``debian:6.12.95`` (or ``6.12.95``, ``6.12.90+deb12.1``, ``newest-6.1``) → the package it names."""
+def resolve_endpoint(text: str, abis: Sequence[str], unfetchable: Mapping[str, str] | None = None) -> Candidate:
+    """``debian:6.12.95`` (or ``6.12.95``, ``6.12.90+deb12.1``, ``newest-6.1``) → the package it names, among
+    those that can be fetched (``unfetchable``: ABI → why not, from ``kernels.debian.unfetchable``)."""
     value = text.removeprefix("debian:")
     spec = versions.parse_spec(value)
     if spec.flavour != versions.FLAVOURS[""]:
         raise SetupError(f"{text}: bisection runs the generic flavour only (the cloud flavour oopses under TCG)")
-    chosen = versions.select(spec, [versions.package_name(a) for a in abis])
+    gone = unfetchable or {}
+    chosen = versions.select(spec, [versions.package_name(a) for a in abis if a not in gone])
     if chosen is None:
+        if listed := versions.select(spec, [versions.package_name(a) for a in abis]):
+            abi = versions.split_package(listed)[0]
+            raise SetupError(f"{text}: {abi} is listed but not fetchable ({gone[abi]}); choose an end that is "
+                             "(python -m kernels.debian list marks them)")
         raise SetupError(f"{text}: no such Debian kernel package (python -m kernels.debian list shows them)")
     return Candidate(versions.split_package(chosen)[0])
 
@@ -119,6 +127,28 @@ def candidate_range(abis: Sequence[str], a: Candidate, b: Candidate) -> list[Can
     lo_key, hi_key = versions.abi_key(lo.upstream), versions.abi_key(hi.upstream)
     between = [c for c in preferred_builds(abis) if lo_key < versions.abi_key(c.upstream) < hi_key]
     return [lo, *between, hi]
+
+
+def left_out(abis: Sequence[str], candidates: Sequence[Candidate],
+             unfetchable: Mapping[str, str]) -> list[tuple[list[Candidate], Candidate, Candidate]]:
+    """The upstream versions between the ends that only unfetchable builds carry, as gaps: (the versions, the
+    fetchable candidate before them, the one after). A change inside a gap is found only up to that range."""
+    lo_key, hi_key = versions.abi_key(candidates[0].upstream), versions.abi_key(candidates[-1].upstream)
+    kept = {c.upstream for c in candidates}
+    dropped = [c for c in preferred_builds([a for a in abis if a in unfetchable])
+               if lo_key < versions.abi_key(c.upstream) < hi_key and c.upstream not in kept]
+    gaps: list[tuple[list[Candidate], Candidate, Candidate]] = []
+    for c in dropped:
+        key = versions.abi_key(c.upstream)
+        before = max((k for k in candidates if versions.abi_key(k.upstream) < key),
+                     key=lambda k: versions.abi_key(k.upstream))
+        if gaps and gaps[-1][1] == before:
+            gaps[-1][0].append(c)
+        else:
+            after = min((k for k in candidates if versions.abi_key(k.upstream) > key),
+                        key=lambda k: versions.abi_key(k.upstream))
+            gaps.append(([c], before, after))
+    return gaps
 
 
 # --- the binary search ----------------------------------------------------------------------------------------------
@@ -204,6 +234,20 @@ class Plan:
 
     candidates: list[Candidate]
     old_verdict: StepVerdict  # GOOD: a regression (find the first bad); BAD: a fix (find the first good)
+    # upstream versions between the ends left out up front (only unfetchable builds): (versions, before, after)
+    gaps: list[tuple[list[Candidate], Candidate, Candidate]] = field(default_factory=list)
+    why: str = ""  # why they cannot be fetched
+
+    def notes(self) -> list[str]:
+        """What the plan leaves out and what that leaves unresolved: one line per gap."""
+        if not self.gaps:
+            return []
+        n = sum(len(g[0]) for g in self.gaps)
+        lines = [f"left out {n} version{'s' if n != 1 else ''} Debian lists but cannot be fetched ({self.why}):"]
+        for dropped, before, after in self.gaps:
+            lines.append(f"  {dropped[0].upstream} … {dropped[-1].upstream} ({len(dropped)}): a change there is "
+                         f"located only to {before.upstream} … {after.upstream}")
+        return lines
 
     @property
     def new_verdict(self) -> StepVerdict:
@@ -214,15 +258,21 @@ class Plan:
         return f"first {self.new_verdict}"
 
 
-def make_plan(abis: Sequence[str], good: str, bad: str, first_good: bool) -> Plan:
-    """Resolve the ends and order the candidates; the ends' version order decides regression vs fix."""
-    g, b = resolve_endpoint(good, abis), resolve_endpoint(bad, abis)
-    candidates = candidate_range(abis, g, b)
+def make_plan(abis: Sequence[str], good: str, bad: str, first_good: bool,
+              unfetchable: Mapping[str, str] | None = None) -> Plan:
+    """Resolve the ends and order the candidates, leaving out what cannot be fetched (``unfetchable``: ABI → why);
+    the ends' version order decides regression vs fix."""
+    gone = unfetchable or {}
+    g, b = resolve_endpoint(good, abis, gone), resolve_endpoint(bad, abis, gone)
+    fetchable = [a for a in abis if a not in gone]
+    candidates = candidate_range(fetchable, g, b)
     fix = versions.abi_key(g.upstream) > versions.abi_key(b.upstream)
     if first_good and not fix:
         raise SetupError(f"--first-good looks for a fix, so the good end must be the newer one; here {good} is older "
                          f"than {bad} (for a regression, drop --first-good)")
-    return Plan(candidates, StepVerdict.BAD if fix else StepVerdict.GOOD)
+    gaps = left_out(abis, candidates, gone)
+    why = "; ".join(sorted({gone[c.abi] for dropped, _, _ in gaps for c in dropped}))
+    return Plan(candidates, StepVerdict.BAD if fix else StepVerdict.GOOD, gaps, why)
 
 
 class Bisection:
@@ -249,7 +299,7 @@ class Bisection:
         return outcome
 
     def _save(self) -> None:
-        data = {"args": self.args, "candidates": [c.spec for c in self.plan.candidates],
+        data = {"args": self.args, "candidates": [c.spec for c in self.plan.candidates], "left_out": self.plan.notes(),
                 "looking_for": self.plan.looking_for, "steps": [asdict(s) for s in self.steps], "result": self.result}
         if self.prefetch:  # what was fetched ahead (seconds each), and what was stopped as no longer needed
             data["prefetch"] = {"fetched": {a: round(t, 1) for a, t in self.prefetch.fetched.items()},
@@ -271,6 +321,8 @@ class Bisection:
         print(f"bisecting {len(cands)} Debian kernels, {cands[0].label} … {cands[-1].label}, for the "
               f"{plan.looking_for} (old end expected {plan.old_verdict}, new end {plan.new_verdict}): both ends, then "
               f"~{search.steps_left()} steps", flush=True)
+        for line in plan.notes():
+            print(line, flush=True)
         first = search.next()
         ends = (("old end", cands[0], plan.old_verdict, [search.size - 1, first]),
                 ("new end", cands[-1], plan.new_verdict, [first, *search.after(first)] if first is not None else []))
@@ -291,13 +343,22 @@ class Bisection:
             search.record(i, {plan.old_verdict: "old", plan.new_verdict: "new"}.get(got.verdict, "skip"))
         suspects = [cands[i] for i in search.suspects()]
         last_old = cands[search.old]
-        if len(suspects) == 1:
+        # versions left out up front that lie where the change is: it may be in any of them too
+        unfetched = [c for dropped, before, after in plan.gaps
+                     if cands.index(before) >= search.old and cands.index(after) <= search.new for c in dropped]
+        if len(suspects) == 1 and not unfetched:
             print(f"{plan.looking_for}: {suspects[0].label}; last {plan.old_verdict}: {last_old.label}")
             code, result = 0, {"found": suspects[0].spec, "last_old": last_old.spec}
-        else:
+        elif not unfetched:
             print(f"only skipped kernels left: the {plan.looking_for} is one of "
                   f"{', '.join(c.spec for c in suspects)} (last {plan.old_verdict}: {last_old.label})")
             code, result = 3, {"suspects": [c.spec for c in suspects], "last_old": last_old.spec}
+        else:
+            print(f"the {plan.looking_for} is one of {', '.join(c.spec for c in suspects)} or of the "
+                  f"{len(unfetched)} versions before that cannot be fetched ({unfetched[0].upstream} … "
+                  f"{unfetched[-1].upstream}) (last {plan.old_verdict}: {last_old.label})")
+            code, result = 3, {"suspects": [c.spec for c in suspects], "last_old": last_old.spec,
+                               "unfetchable": [c.spec for c in unfetched]}
         self._show_failures(last_old if plan.old_verdict is StepVerdict.BAD else suspects[-1])
         return self._finish(code, **result)
 
@@ -313,10 +374,10 @@ class Bisection:
 def bisect_debian(args: argparse.Namespace) -> int:
     from kernels import debian
 
-    abis = generic_abis(debian.abis(debian.available()))
-    plan = make_plan(abis, args.good, args.bad, args.first_good)
+    index = debian.available()
+    plan = make_plan(generic_abis(debian.abis(index)), args.good, args.bad, args.first_good, debian.unfetchable(index))
     if args.dry_run:
-        print("\n".join(c.label for c in plan.candidates))
+        print("\n".join([c.label for c in plan.candidates] + plan.notes()))
         return 0
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_path = PROJECT / ".holecheck" / "bisect" / f"{stamp}.json"

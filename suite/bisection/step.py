@@ -10,7 +10,6 @@ import shlex
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -18,8 +17,8 @@ from pathlib import Path
 from typing import TextIO
 
 from ..procs import stop_group
+from ..reports.outcomes import BadJUnit, parse_junit_text, worst_per_test
 from ..reports.outcomes import Outcome as Case
-from ..reports.outcomes import parse_junit_text, worst_per_test
 
 PROJECT = Path(__file__).resolve().parents[2]
 STEP_TIMEOUT = 3600.0  # one pytest session: fetch + boot (~5 s under TCG) + a small -k selection; minutes
@@ -88,7 +87,7 @@ def classify(exit_code: int | None, junit: str | None, note: str = "") -> Outcom
         return Outcome(StepVerdict.SKIP, f"exit {exit_code} but no JUnit XML{suffix}", exit_code)
     try:
         cases = tuple(parse_junit(junit))
-    except ET.ParseError as exc:
+    except BadJUnit as exc:
         return Outcome(StepVerdict.SKIP, f"unreadable JUnit XML ({exc})", exit_code)
     out = Outcome(StepVerdict.SKIP, "", exit_code, cases)
     passed, errors, skipped = out.count("passed"), out.count("error"), out.count("skipped")

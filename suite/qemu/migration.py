@@ -22,7 +22,7 @@ from typing import Any, Literal
 from ..errors import HolecheckError, SetupError, StallError
 from ..waits import wait_for
 from .machine import RamMachine
-from .process import die_with_parent
+from .process import popen_tied, terminating_signals_blocked
 
 MIGRATE_TIMEOUT = 60.0
 
@@ -215,11 +215,11 @@ class HoldUffdRegistration:
             filters = ["-P", "/dev/userfaultfd", "-e", "trace=ioctl", "-e", f"inject=ioctl:{delay}"]
         self._dir = Path(tempfile.mkdtemp(prefix="holecheck-strace-"))
         self.argv = [self.strace, "-f", "-qq", "-tt", "-p", str(dst.pid), *filters, "-o", str(self._dir / "trace")]
-        with open(self._dir / "stderr", "wb") as err:
-            # strace dies with us too: a SIGKILLed pytest must not leave it holding the destination QEMU
-            self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                          preexec_fn=die_with_parent)
         try:
+            # strace dies with us too: a SIGKILLed or interrupted pytest must not leave it holding the destination;
+            # a signal arriving meanwhile lands once self._proc is set, so release() below stops it
+            with open(self._dir / "stderr", "wb") as err, terminating_signals_blocked():
+                self._proc = popen_tied(self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
             wait_for(self._traced_threads, lambda n: n == -1 or n == 0, timeout=10.0,
                      what=f"strace to attach to every thread of {dst.name} (pid {dst.pid})")
             if self._proc.poll() is not None:

@@ -16,17 +16,19 @@ because QEMU exited raises one ``LaunchError`` carrying the exit code, the comma
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+import os
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from ..errors import HolecheckError, SetupError
 from ..procs import stop_group
@@ -55,6 +57,41 @@ def die_with_parent() -> None:
     # Caveat: the signal fires when the *thread* that started the child exits, so start QEMUs from a thread
     # that outlives them (pytest's main thread does), or pass die_with_parent=False.
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+TERMINATING = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+@contextlib.contextmanager
+def terminating_signals_blocked() -> Iterator[None]:
+    """SIGINT/SIGTERM held pending (not lost) in this thread until the block ends."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a pending signal is delivered here, after Popen returned
+
+
+def popen_tied(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Popen a child that dies with this process, without the races of a bare ``preexec_fn=die_with_parent``.
+
+    A SIGINT/SIGTERM between fork and exec would run pytest's handler inside the forked child (which then never
+    execs, or execs after the parent unwound), so both stay blocked around the ``Popen``; the child unblocks them
+    just before exec (a caller that must record the child before a pending signal lands wraps its assignment in
+    its own ``terminating_signals_blocked()``). PR_SET_PDEATHSIG only covers a parent that dies *after* the
+    prctl, so the child then checks ``getppid()`` and exits if the parent is already gone (prctl(2)) — else it
+    would outlive the run, e.g. a strace left group-stopped with its tracees.
+    """
+    parent = os.getpid()
+
+    def preexec() -> None:
+        die_with_parent()
+        if os.getppid() != parent:  # the parent died before the prctl: no death signal will come
+            os._exit(1)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINATING)  # the mask survives exec: the child must see them
+
+    with terminating_signals_blocked():
+        return subprocess.Popen(argv, preexec_fn=preexec, **kwargs)
 
 
 class QemuProcess:

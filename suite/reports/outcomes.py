@@ -6,10 +6,11 @@ and the power tests: the one reader of pytest's JUnit XML.
 from __future__ import annotations
 
 import re
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from junitparser import Error, Failure, JUnitXml, Properties, Skipped
 
 from ..scenario import is_synthetic
 from ..verdict import KINDS, Verdict
@@ -144,22 +145,27 @@ def parse_junit(path: Path, artifacts: Path | None = None) -> list[Outcome]:
     return parse_junit_text(path.read_text(errors="replace"), artifacts)
 
 
+class BadJUnit(ValueError):
+    """A JUnit file that is not XML."""
+
+
 def parse_junit_text(text: str, artifacts: Path | None = None) -> list[Outcome]:
-    """``parse_junit`` of the file's text (ET.ParseError if it is not XML)."""
+    """``parse_junit`` of the file's text (``BadJUnit`` if it is not XML), read with junitparser."""
+    try:
+        xml = JUnitXml.fromstring(text.encode())  # bytes: the encoding declaration is the parser's to honour
+    except SyntaxError as exc:  # ElementTree's ParseError and lxml's XMLSyntaxError both are
+        raise BadJUnit(f"not JUnit XML: {exc}") from None
     out = []
-    for case in ET.fromstring(text).iter("testcase"):
+    for case in (case for suite in xml for case in suite):
         status, message, summary = "passed", "", ""
-        for tag in ("failure", "error", "skipped"):
-            el = case.find(tag)
-            if el is not None:
-                status = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-                text = (el.text or "").strip()
-                summary = (el.get("message") or "").strip().split("\n", 1)[0]
-                message = text if tag != "skipped" and text else el.get("message", "") or text
-                break
-        props = {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
-        nodeid = _nodeid(case.get("classname", ""), case.get("name", ""), artifacts)
-        out.append(Outcome(nodeid, status, float(case.get("time", 0) or 0), message, props, summary))
+        if result := next((r for r in case.result if isinstance(r, Failure | Error | Skipped)), None):
+            status = "failed" if isinstance(result, Failure) else "error" if isinstance(result, Error) else "skipped"
+            body, attr = (result.text or "").strip(), result.message or ""
+            summary = attr.strip().split("\n", 1)[0]
+            message = body if status != "skipped" and body else attr or body
+        props = {p.name or "": p.value or "" for group in case.iterchildren(Properties) for p in group}
+        nodeid = _nodeid(case.classname or "", case.name or "", artifacts)
+        out.append(Outcome(nodeid, status, float(case.time or 0), message, props, summary))
     return out
 
 

@@ -17,7 +17,7 @@ def keep(name: str, cloud_for: tuple[str, ...] | None) -> bool:
     m = packages.PART_RE.match(name)
     if not m or m["flavour"] == "amd64":
         return m is not None
-    return m["part"] == "image" and (cloud_for is None or m["abi"].startswith(cloud_for))
+    return cloud_for is None or m["abi"].startswith(cloud_for)  # with its parts: what is fetchable is judged
 
 
 def stanza_text(s: packages.Stanza, depends_line: str) -> str:

@@ -350,6 +350,29 @@ def test_debian_bisection_with_a_skip_next_to_the_change_names_both(tmp_path, ca
             "(last bad: debian:6.12.74 (6.12.74+deb12-amd64))") in out
 
 
+def test_debian_bisection_across_unfetchable_versions_ends_with_their_range(tmp_path, capsys):
+    """The real captured Packages index: fixed in 7.0, where only unfetchable builds exist. None of the 20 is tried;
+    the plan says so before the first step, and the result is the range they leave, not a version."""
+    from kernels import debian, packages
+    index = packages.KernelIndex(s for suite in ("bookworm-backports", "trixie-backports", "forky")
+                                 for s in packages.parse((DATA / "debian-packages" / f"{suite}.Packages").read_text(),
+                                                         suite))
+    plan = bs.make_plan(bs.generic_abis(debian.abis(index)), "debian:7.3.4", "debian:6.17.13", first_good=True,
+                        unfetchable=debian.unfetchable(index))
+    project = fake_project(tmp_path / "p", (7, 0), set())
+    log = tmp_path / "run.json"
+    assert bs.Bisection(plan, bisect_step.Runner("snapshot_style", timeout=120, project=project), log, {}).run() == 3
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("bisecting 6 Debian kernels, debian:6.17.13")
+    assert lines[2] == "  6.18.5 … 7.1.13 (20): a change there is located only to 6.17.13 … 7.2.6"
+    assert not any(ln.startswith("step") and ("6.18." in ln or "6.19." in ln or "7.0." in ln or "7.1." in ln)
+                   for ln in lines)
+    assert ("the first good is one of debian:7.2.6+deb13 or of the 20 versions before that cannot be fetched "
+            "(6.18.5 … 7.1.13) (last bad: debian:6.17.13 (6.17.13+deb13-amd64))") in lines
+    data = json.loads(log.read_text())
+    assert data["left_out"] == plan.notes() and len(data["result"]["unfetchable"]) == 20
+
+
 def test_debian_bisection_refuses_ends_that_do_not_hold(tmp_path, capsys):
     plan = bs.make_plan(ABIS, "debian:6.12.95", "debian:6.12.88", first_good=True)  # 6.12.88 passes already
     runner = bisect_step.Runner("snapshot_style", timeout=120, project=fake_project(tmp_path / "p", (6, 12, 86), set()))

@@ -4,7 +4,9 @@ version order, ``newest*``, the split packaging's parts, the listing; unpacking 
 (a real 2 KB download, skipped with its reason when holecheck's apt lists or Debian's mirror are not there).
 
 ``tests/data/debian-packages/SUITE.Packages`` are the kernel stanzas (Package/Version/Depends) of bookworm-backports,
-trixie-backports and forky as Debian's mirror served them on 2026-12-03 (tests/data/capture_debian_packages.py).
+trixie-backports and forky as Debian's mirror served them on 2026-12-03 (tests/data/capture_debian_packages.py;
+the cloud parts of 7.3.4+deb13 and 7.2.12+deb14 added by it on 2026-12-07, the rest unchanged). The mirror still
+lists 20 trixie-backports images (6.18.5 … 7.1.13) whose linux-base/-modules it no longer carries: not fetchable.
 """
 from __future__ import annotations
 
@@ -127,8 +129,52 @@ def test_listing_is_one_line_per_series(index: packages.KernelIndex) -> None:
     assert "7.3: 7.3.4+deb13 (trixie-backports)" in lines
     assert "7.2: 7.2.6+deb13, 7.2.9+deb13, 7.2.11+deb13, 7.2.12+deb13 (trixie-backports), 7.2.12+deb14 (forky)" in lines
     assert [ln.split(":")[0] for ln in lines] == ["6.12", "6.16", "6.17", "6.18", "6.19", "7.0", "7.1", "7.2", "7.3",
-                                                  "newest"]
-    assert lines[-1].startswith("newest: 7.3.4+deb13;")
+                                                  "newest", "not fetchable"]
+    assert lines[-2].startswith("newest: 7.3.4+deb13;")
+
+
+def test_listing_marks_what_cannot_be_fetched_and_why(index: packages.KernelIndex) -> None:
+    lines = debian.series_lines(index)
+    assert ("6.18: 6.18.5+deb13, 6.18.9+deb13, 6.18.12+deb13, 6.18.15+deb13 (trixie-backports; not fetchable: "
+            "linux-base-* gone from the archive)") in lines
+    assert ("7.1: 7.1.3+deb13, 7.1.7+deb13, 7.1.8+deb13, 7.1.13+deb13 (trixie-backports; not fetchable: "
+            "linux-base-*, linux-modules-* gone from the archive)") in lines
+    assert lines[-1] == "not fetchable: 20 of 42 versions; newest-* and bisection skip them"
+    gone = debian.unfetchable(index)
+    generic = sorted((a for a in gone if not a.endswith("-cloud")), key=versions.abi_key)
+    assert (len(generic), generic[0], generic[-1]) == (20, "6.18.5+deb13", "7.1.13+deb13")
+    assert "7.3.4+deb13-cloud" not in gone and "6.16.3+deb13" not in gone  # split parts there; old packaging
+    assert index.missing("linux-image-6.19.14+deb13-amd64") == ["linux-base-6.19.14+deb13-amd64",
+                                                               "linux-modules-6.19.14+deb13-amd64"]
+
+
+@pytest.mark.parametrize(("spec", "package"), [
+    ("newest-6.19", None),  # listed, none fetchable
+    ("newest-7.1", None),
+    ("6.19.13", None),  # an upstream version: only fetchable builds
+    ("6.19.13+deb13", "linux-image-6.19.13+deb13-amd64"),  # exact: fetching names the missing parts
+    ("newest-7.2", "linux-image-7.2.12+deb13-amd64"),
+    ("newest", "linux-image-7.3.4+deb13-amd64"),
+    ("newest-cloud", "linux-image-7.3.4+deb13-cloud-amd64"),
+])
+def test_newest_and_upstream_specs_pick_only_fetchable(index: packages.KernelIndex, spec: str,
+                                                       package: str | None) -> None:
+    assert debian.pick(versions.parse_spec(spec), index) == package
+
+
+def test_bisect_plan_leaves_unfetchable_versions_out_up_front(index: packages.KernelIndex) -> None:
+    abis, gone = bs.generic_abis(debian.abis(index)), debian.unfetchable(index)
+    plan = bs.make_plan(abis, "debian:6.17.8", "debian:7.3.4", first_good=False, unfetchable=gone)
+    assert [c.abi for c in plan.candidates] == ["6.17.8+deb13", "6.17.13+deb13", "7.2.6+deb13", "7.2.9+deb13",
+                                                "7.2.11+deb13", "7.2.12+deb13", "7.3.4+deb13"]
+    assert plan.notes() == [
+        "left out 20 versions Debian lists but cannot be fetched (linux-base-* gone from the archive; linux-base-*, "
+        "linux-modules-* gone from the archive):",
+        "  6.18.5 … 7.1.13 (20): a change there is located only to 6.17.13 … 7.2.6"]
+    assert bs.make_plan(abis, "debian:6.16.3", "debian:6.17.13", first_good=False, unfetchable=gone).notes() == []
+    with pytest.raises(SetupError, match=re.escape("debian:newest-7.0: 7.0.13+deb13 is listed but not fetchable "
+                                                   "(linux-base-*, linux-modules-* gone from the archive)")):
+        bs.make_plan(abis, "debian:6.17.8", "debian:newest-7.0", first_good=False, unfetchable=gone)
 
 
 @pytest.mark.parametrize("bad", ["newest-7", "newest-", "7.3", "latest-7.3", "newest-7.3-rt"])
