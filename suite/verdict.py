@@ -1,7 +1,9 @@
 """The structured result of one scenario run: JSON in, JSON out (it crosses the VM agent's wire)."""
 from __future__ import annotations
 
+import base64
 import json
+import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,6 +39,20 @@ def to_runs(values: Iterable[int], step: int = PAGE) -> list[list[int]]:
 
 def from_runs(runs: Iterable[Iterable[int]], step: int = PAGE) -> list[int]:
     return [first + i * step for first, count in runs for i in range(count)]
+
+
+def pack_pages(indices: Iterable[int]) -> str:
+    """A set of page indices as a zlib-compressed bitmap in base64: a fill's periodic page sets in ~100 bytes."""
+    idx = sorted({int(i) for i in indices})
+    bits = bytearray((idx[-1] + 8) // 8 if idx else 0)
+    for i in idx:
+        bits[i >> 3] |= 1 << (i & 7)
+    return base64.b64encode(zlib.compress(bytes(bits), 9)).decode()
+
+
+def unpack_pages(text: str) -> list[int]:
+    bits = zlib.decompress(base64.b64decode(text))
+    return [i * 8 + b for i, byte in enumerate(bits) if byte for b in range(8) if byte >> b & 1]
 
 
 @dataclass
@@ -96,9 +112,9 @@ class Verdict:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     region: int = 0  # address of page 0 of a synthetic run's region (what the findings' "va" addresses count from)
-    # the model's named page sets ("data": pages the fill wrote, "zero": zero-filled ones), as runs [first page
-    # index, count] counted from ``region`` (gpa 0 for a QEMU): what a known finding's signature is stated in
-    pages: dict[str, list[list[int]]] = field(default_factory=dict)
+    # the model's named page sets ("data": pages the fill wrote, "zero": zero-filled ones), page indices counted
+    # from ``region`` (gpa 0 for a QEMU) packed by ``pack_pages``: what a known finding's signature is stated in
+    pages: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -121,11 +137,11 @@ class Verdict:
 
     def name_pages(self, name: str, indices: Iterable[int]) -> None:
         """Record the model's page set ``name`` (page indices of the run's region)."""
-        self.pages[name] = to_runs((int(i) for i in indices), step=1)
+        self.pages[name] = pack_pages(indices)
 
     def page_set(self, name: str) -> set[int]:
         """The addresses (in the findings' space) of the model's page set ``name``; empty if not recorded."""
-        return {self.region + i * PAGE for i in from_runs(self.pages.get(name, []), step=1)}
+        return {self.region + i * PAGE for i in unpack_pages(self.pages[name])} if name in self.pages else set()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self) | {"findings": [f.to_dict() for f in self.findings]})

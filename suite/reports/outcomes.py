@@ -31,9 +31,9 @@ class Outcome:
     """One test's result, from JUnit XML or straight from pytest reports."""
 
     nodeid: str
-    status: str  # passed | failed | error | skipped
+    status: str  # passed | failed | error | skipped | xfailed (a known finding: suite/known_findings.py)
     seconds: float = 0.0
-    message: str = ""  # a failure's whole text (the verdict, the traceback); a skip's reason
+    message: str = ""  # a failure's whole text (the verdict, the traceback); a skip's reason; an xfail's reason
     properties: dict[str, str] = field(default_factory=dict)
     summary: str = ""  # JUnit's message attribute, first line: 'suite.errors.SetupError: …', 'Failed: …'
 
@@ -44,7 +44,7 @@ class Outcome:
 
 
 # Worst first when one test is reported more than once (pytest reports a failing teardown beside the call).
-RANK = {"passed": 0, "skipped": 1, "error": 2, "failed": 3}
+RANK = {"passed": 0, "skipped": 1, "xfailed": 2, "error": 3, "failed": 4}
 
 
 def worst_per_test(outcomes: Iterable[Outcome]) -> dict[str, Outcome]:
@@ -97,6 +97,14 @@ class Cell:
     @property
     def column(self) -> str:
         return self.kernel + (f" · QEMU {self.qemu}" if self.qemu else "")
+
+    @property
+    def known(self) -> str:
+        """An xfailed cell's known finding(s) by name (suite/known_findings.py)."""
+        if self.status != "xfailed":
+            return ""
+        named = re.match(r"known finding (\S+)", self.outcome.message)
+        return self.outcome.properties.get("known_finding") or (named.group(1) if named else "?")
 
     @property
     def scenario(self) -> str:
@@ -153,6 +161,7 @@ def parse_junit_text(text: str, artifacts: Path | None = None) -> list[Outcome]:
             el = case.find(tag)
             if el is not None:
                 status = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                status = "xfailed" if el.get("type") == "pytest.xfail" else status
                 text = (el.text or "").strip()
                 summary = (el.get("message") or "").strip().split("\n", 1)[0]
                 message = text if tag != "skipped" and text else el.get("message", "") or text
