@@ -1,4 +1,4 @@
-"""A per-run summary of the matrix: kernel × QEMU × scenario → pass/fail/skip, finding counts, splits, durations.
+"""A per-run summary of the matrix: kernel × QEMU × scenario → pass/fail/known finding/skip, counts, splits, times.
 
 Inputs are what a session leaves behind: JUnit XML (``--junitxml``; or outcomes collected by a pytest hook) and
 the per-test artifacts directories (``verdict.json``, ``pagemap-*.npz``, QMP transcripts, …). Outputs, in
