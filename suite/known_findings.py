@@ -4,7 +4,7 @@ A cell that shows a known finding is reported as *xfail* with the finding's name
 main job stays green on it. It is strict both ways. An entry explains only its *signature*: the pages it may account
 for (a named page set of the model, ``Verdict.pages``: the merged duplicate data pages, the zero subpages), lost
 bits and untrapped writes on the same pages, a restored snapshot's or a dump's mismatches only among the pages that
-lost their bit; any page or finding beyond that fails the cell, named (``judge``). And the cell *passing* where the
+lost their bit; any page or finding beyond that fails the cell, named (``beyond``). And the cell *passing* where the
 finding is due fails too ("did not show: fixed? remove it here"). An entry is due in the uffd modes it names (never
 a MISSING cell unless it says so) and on kernels keyed on what they do (their measured features), not on a version
 string, so a kernel built with the fix stops matching by itself once the feature changes; ``measured`` says on which

@@ -144,6 +144,10 @@ def _matrix(cells: Sequence[Cell]) -> dict[str, Matrix]:
     return out
 
 
+def _verdict_file(c: Cell) -> Path | None:
+    return c.artifacts / "verdict.json" if c.artifacts and (c.artifacts / "verdict.json").is_file() else None
+
+
 def _known_lines(c: Cell) -> list[str]:
     """An xfailed cell: its known finding by name and the pages of each finding (first ones; verdict.json has
     every page, as runs)."""
@@ -173,6 +177,7 @@ def summary_md(cells: Sequence[Cell], extras_by_cell: dict[str, Extras], out: Pa
                   "their signature: xfail, not skipped.", ""]
     for c in known:
         lines += [f"### `{c.nodeid}`", "", "```", *_known_lines(c), "```", ""]
+        lines += [f"- every page: [verdict.json]({_rel(v, out)})", ""] if (v := _verdict_file(c)) else []
     bad = [c for c in cells if c.status in ("failed", "error")]
     if bad:
         lines += ["## Failures", ""]
@@ -235,7 +240,8 @@ def index_html(cells: Sequence[Cell], extras_by_cell: dict[str, Extras], out: Pa
         parts.append("<h2>Known findings</h2><p>Known kernel bugs (suite/known_findings.py) these cells showed, "
                      "within their signature: xfail, not skipped.</p>")
     parts += [f"<div class='cell' id='{c.anchor}'><h3>{_h(c.nodeid)}</h3><pre>{_h(chr(10).join(_known_lines(c)))}"
-              "</pre></div>" for c in known]
+              "</pre>" + (f"<p><a href='{_h(_rel(v, out))}'>verdict.json</a> (every page)</p>"
+                          if (v := _verdict_file(c)) else "") + "</div>" for c in known]
     bad = [c for c in cells if c.status in ("failed", "error")]
     if bad:
         parts += ["<h2>Failures</h2>", _legend_html()]
