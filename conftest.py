@@ -321,8 +321,8 @@ def kernel_features(target: Target) -> dict[str, bool]:
 def check_verdict(artifacts: Path, record_property: Callable[[str, object], None],
                   kernel_features: dict[str, bool]) -> Callable[[Verdict], None]:
     """Save a verdict, put its key figures into the JUnit XML, and fail with its message if it has findings —
-    unless they are exactly a known, unfixed kernel bug due in this cell (``suite.known_findings``): then xfail,
-    and fail if that bug does not show."""
+    unless they lie within the signature of a known, unfixed kernel bug due in this cell (``suite.known_findings``):
+    then xfail; pages beyond it fail, named; and fail if that bug does not show."""
 
     def check(verdict: Verdict, must_pass: bool = True) -> None:
         """``must_pass=False``: a negative control records its (failing) verdict; the test judges it."""
@@ -334,15 +334,19 @@ def check_verdict(artifacts: Path, record_property: Callable[[str, object], None
         if not must_pass:
             return
         known = known_findings.applying(verdict, kernel_features)
-        if known is not None:
-            record_property("known_finding", known.name)
+        if known:
+            names = ", ".join(k.name for k in known)
+            record_property("known_finding", names)
             if verdict.ok:
-                pytest.fail(f"{verdict.scenario} on kernel {verdict.kernel}: the known finding {known.name} is due "
-                            f"in this cell ({known.measured}) but did not show: fixed? then drop or narrow it in "
-                            f"suite/known_findings.py", pytrace=False)
-            if known.explains(verdict):
-                pytest.xfail(f"known finding {known.name} (suite/known_findings.py): {known.summary}\n"
-                            f"{verdict.failure_message()}")
+                pytest.fail(f"{verdict.scenario} on kernel {verdict.kernel}: the known finding {names} is due in "
+                            f"this cell ({'; '.join(k.measured for k in known)}) but did not show: fixed? then "
+                            f"drop or narrow it in suite/known_findings.py", pytrace=False)
+            if not (extra := known_findings.beyond(verdict, known)):
+                pytest.xfail(f"known finding {names} (suite/known_findings.py): "
+                             f"{'; '.join(k.summary for k in known)}\n{verdict.failure_message()}")
+            pytest.fail(f"{verdict.failure_message()}\n  beyond the known finding {names}:\n"
+                        + "\n".join(f"    {f.message()}" for f in extra) + f"\n  artifacts: {artifacts}",
+                        pytrace=False)
         if not verdict.ok:
             pytest.fail(verdict.failure_message() + f"\n  artifacts: {artifacts}", pytrace=False)
 

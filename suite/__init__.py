@@ -30,7 +30,8 @@ Running and judging
 - ``ledger``       — what both runners know of each region they judge: placed pages, holes, shrink snapshots.
 - ``pagemap``      — the page-state oracle: per-4 KiB page state from /proc/PID/pagemap (+ kpageflags).
 - ``oracle``       — diffs of page states: spurious holes, lost uffd-wp / soft-dirty bits.
-- ``known_findings`` — measured kernel bugs not fixed on a default kernel: their cells xfail (strictly) by name.
+- ``known_findings`` — measured kernel bugs not fixed on a default kernel: their cells xfail by name, page by page
+                     within their signature (beyond it they fail).
 - ``thp`` / ``memcg`` / ``shrinker`` — THP knobs (always restored), cgroup scopes, shrinker triggers.
 - ``split_triggers`` — every other way to split a large folio (pageout, partial unmap, debugfs, KSM), folio sizes.
 - ``l1_swap``      — a zram swap device set up and torn down inside an L1 VM (``pageout-swap``), never the host's.

@@ -1,18 +1,32 @@
 """Kernel bugs holecheck has measured and that are not fixed on a kernel it runs by default.
 
-A cell that shows a known finding is reported as *xfail* with the finding's name, its first pages and its cause, so
-the main job stays green on it; it is strict both ways: the same cell failing with any other kind of finding fails,
-and the cell *passing* where the finding is due fails too ("no longer shows: fixed? remove it here"). An entry is
-keyed on what the kernel does (its features), not on a version string, so a kernel built with the fix stops matching
-by itself once the feature it keys on changes; the ``measured`` line says on which kernels it was seen.
+A cell that shows a known finding is reported as *xfail* with the finding's name, its pages and its cause, so the
+main job stays green on it. It is strict both ways. An entry explains only its *signature*: the pages it may account
+for (a named page set of the model, ``Verdict.pages``: the merged duplicate data pages, the zero subpages), lost
+bits and untrapped writes on the same pages, a restored snapshot's or a dump's mismatches only among the pages that
+lost their bit; any page or finding beyond that fails the cell, named (``beyond``). And the cell *passing* where the
+finding is due fails too ("did not show: fixed? remove it here"). An entry is due in the uffd modes it names (never
+a MISSING cell unless it says so) and on kernels keyed on what they do (their measured features), not on a version
+string, so a kernel built with the fix stops matching by itself once the feature changes; ``measured`` says on which
+kernels it was seen.
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .verdict import Verdict
+from .verdict import Finding, Verdict
+
+# the uffd mode a scenario kind registers: postcopy's are MISSING, the snapshots' (and their soft-dirty siblings,
+# which register nothing) write-protect
+MODES = {"postcopy-style": "missing", "postcopy": "missing", "postcopy-libvirt": "missing",
+         "snapshot-style": "wp", "snapshot": "wp"}
+LOST = ("lost-uffd-wp", "lost-soft-dirty")
+
+
+def uffd_mode(scenario_id: str) -> str:
+    return MODES.get(scenario_id.split("[", 1)[0], "")
 
 
 @dataclass(frozen=True)
@@ -23,13 +37,17 @@ class KnownFinding:
     measured: str  # kernels it was seen on, and how
     scenario: re.Pattern[str]  # the scenario ids (Verdict.scenario) it shows in
     kinds: frozenset[str]  # the finding kinds it explains
-    kernel: Callable[[Mapping[str, bool]], bool]  # does the kernel under test have it (by its features)
+    pages: str  # the model's page set (``Verdict.pages``) whose pages it may lose bits of
+    modes: frozenset[str]  # the uffd modes (``uffd_mode``) of the cells it is due in
+    kernel: Callable[[Mapping[str, bool]], bool]  # does the kernel under test have it (by its measured features)
 
     def applies(self, verdict: Verdict, features: Mapping[str, bool]) -> bool:
-        return bool(self.scenario.search(verdict.scenario)) and self.kernel(features)
+        return (bool(self.scenario.search(verdict.scenario)) and uffd_mode(verdict.scenario) in self.modes
+                and self.kernel(features))
 
     def explains(self, verdict: Verdict) -> bool:
-        return not verdict.ok and {f.kind for f in verdict.findings} <= self.kinds
+        """Every finding of this failing verdict lies within this entry's signature."""
+        return not verdict.ok and not beyond(verdict, [self])
 
 
 KNOWN: tuple[KnownFinding, ...] = (
@@ -48,7 +66,9 @@ KNOWN: tuple[KnownFinding, ...] = (
                  "4 KiB pages, KSM on: 1 kept it)",
         scenario=re.compile(r"-by-ksm(-zero)?\]"),
         kinds=frozenset({"lost-uffd-wp", "no-wp-fault", "lost-soft-dirty", "stale-dump", "content"}),
-        kernel=lambda features: not features.get("shrink_underused", True),
+        pages="zero",  # the zero subpages KSM merged (in a QEMU: every page holecheck wrote no data into)
+        modes=frozenset({"wp"}),
+        kernel=lambda features: features.get("ksm", False) and not features.get("shrink_underused", True),
     ),
 )
 
@@ -71,20 +91,61 @@ KNOWN += (
                  "278 and 278 pages of the restored snapshot held data written after its start",
         scenario=re.compile(r"-same-by-ksm\]"),
         kinds=frozenset({"lost-uffd-wp", "no-wp-fault", "lost-soft-dirty", "stale-dump", "content"}),
-        kernel=lambda features: True,
+        pages="data",  # the duplicates: every data page holds the same bytes; KSM keeps one, replaces the rest
+        modes=frozenset({"wp"}),
+        kernel=lambda features: features.get("ksm", False),
     ),
 )
 
 
-def applying(verdict: Verdict, features: Mapping[str, bool]) -> KnownFinding | None:
-    """The known finding due in this verdict's cell on this kernel, if any."""
-    return next((k for k in KNOWN if k.applies(verdict, features)), None)
+def applying(verdict: Verdict, features: Mapping[str, bool]) -> list[KnownFinding]:
+    """The known findings due in this verdict's cell on this kernel (several may be: their signatures add up)."""
+    return [k for k in KNOWN if k.applies(verdict, features)]
+
+
+def _pages(verdict: Verdict, *kinds: str) -> set[int]:
+    return {a for f in verdict.findings if f.kind in kinds for a in f.addresses}
+
+
+def beyond(verdict: Verdict, known: Sequence[KnownFinding]) -> list[Finding]:
+    """What of ``verdict`` the signatures of ``known`` do not account for, as findings naming those pages: a kind
+    none explains (whole); lost bits outside the entries' page sets; an untrapped write to a page that kept its
+    uffd-wp bit, or a page that lost it whose write was trapped (they must be the same pages); a stale dump of a
+    page that kept its soft-dirty bit; a content mismatch on a page that lost neither bit."""
+    if not known:
+        return list(verdict.findings)
+    kinds = frozenset().union(*(k.kinds for k in known))
+    allowed = set().union(*(verdict.page_set(k.pages) for k in known))
+    lost_wp, untrapped = _pages(verdict, "lost-uffd-wp"), _pages(verdict, "no-wp-fault")
+    lost_sd, lost = _pages(verdict, "lost-soft-dirty"), _pages(verdict, *LOST)
+    signed = f"not among the pages {', '.join(k.name for k in known)} may account for " \
+             f"({' / '.join(k.pages for k in known)} pages)"
+    inside = {"lost-uffd-wp": (allowed, signed), "lost-soft-dirty": (allowed, signed),
+              "no-wp-fault": (lost_wp, "their uffd-wp bit was not seen lost"),
+              "stale-dump": (lost_sd, "their soft-dirty bit was not seen lost"),
+              "content": (lost, "they lost no uffd-wp / soft-dirty bit")}
+    out: list[Finding] = []
+    for f in verdict.findings:
+        if f.kind not in kinds or f.kind not in inside or (f.count and not f.addresses):
+            out.append(f)
+            continue
+        pages, why = inside[f.kind]
+        extra = {a for a in f.addresses if a not in pages}
+        if f.kind == "lost-uffd-wp" and untrapped:  # every page was written after the loss: none may have trapped
+            extra |= {a for a in f.addresses if a not in untrapped}
+            why += ", or their write was trapped"
+        if extra:
+            out.append(Finding.of(f.kind, f.phase, sorted(extra), f.space, f"beyond the known finding: {why}"))
+    return out
 
 
 def known_pages(verdict: Verdict, features: Mapping[str, bool], kind: str) -> set[int]:
-    """Pages of ``kind`` a known finding accounts for in this cell (empty where none applies): a negative control
-    on such a kernel names its sabotaged pages plus these."""
+    """Pages of ``kind`` the known findings due in this cell account for (empty where none applies): a negative
+    control on such a kernel names its sabotaged pages plus exactly these."""
     known = applying(verdict, features)
-    if known is None or kind not in known.kinds:
+    if not any(kind in k.kinds for k in known):
         return set()
-    return {a for f in verdict.findings if f.kind == kind for a in f.addresses}
+    allowed = set().union(*(verdict.page_set(k.pages) for k in known))
+    extra = beyond(verdict, known)  # a page that lost a bit beyond the signature is no known page of any kind
+    not_signed = {a for f in extra if f.kind in LOST or f.kind == kind for a in f.addresses}
+    return (_pages(verdict, kind) & allowed) - not_signed

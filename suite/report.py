@@ -1,4 +1,4 @@
-"""A per-run summary of the matrix: kernel × QEMU × scenario → pass/fail/skip, finding counts, splits, durations.
+"""A per-run summary of the matrix: kernel × QEMU × scenario → pass/fail/known finding/skip, counts, splits, times.
 
 Inputs are what a session leaves behind: JUnit XML (``--junitxml``; or outcomes collected by a pytest hook) and
 the per-test artifacts directories (``verdict.json``, ``pagemap-*.npz``, QMP transcripts, …). Outputs, in
@@ -31,7 +31,8 @@ from .reports import pagemap_png, reproducer
 from .reports.outcomes import Cell, Outcome, collect, plain_nodeid
 from .scenario import Scenario
 
-STATUSES = ("failed", "error", "passed", "skipped")
+STATUSES = ("failed", "error", "xfailed", "passed", "skipped")
+LABELS = {"xfailed": "known findings"}  # an xfail is a known kernel bug (suite/known_findings.py), never a skip
 # Finding kinds shown as columns, with short headers.
 COLUMNS = {"hole": "holes", "missing-fault": "missing", "lost-uffd-wp": "lost wp", "lost-soft-dirty": "lost sd",
            "no-wp-fault": "no wp fault", "content": "content", "stall": "stalls", "no-split": "no split",
@@ -97,20 +98,61 @@ def _totals(cells: Sequence[Cell]) -> dict[str, int]:
     return {s: sum(c.status == s for c in cells) for s in STATUSES}
 
 
+def _totals_text(cells: Sequence[Cell]) -> list[tuple[str, str]]:
+    """(status, 'N label') for each status some cell has."""
+    return [(s, f"{n} {LABELS.get(s, s)}") for s, n in _totals(cells).items() if n]
+
+
+def _status_text(c: Cell) -> str:
+    return f"known finding {c.known}" if c.status == "xfailed" else c.status
+
+
 Matrix = tuple[list[str], list[str], dict[tuple[str, str], list[Cell]]]  # rows, columns, cells at (row, column)
 
 
-def _matrix(cells: Sequence[Cell]) -> dict[str, Matrix]:
-    """Per test module: its rows (scenarios), columns (kernel · QEMU) and cells at each intersection."""
-    out: dict[str, Matrix] = {}
+def _columns(cells: Sequence[Cell]) -> dict[str, str]:
+    """Each cell's column, kernel × QEMU: a cell that started no QEMU (synthetic, or skipped before one) sits with
+    its kernel's first QEMU of the run; a cell skipped before its kernel was known (several kernels) in none."""
+    qemus: dict[str, list[str]] = {}
     for c in cells:
+        if c.qemu and c.qemu not in qemus.setdefault(c.kernel, []):
+            qemus[c.kernel].append(c.qemu)
+    out = {}
+    for c in cells:
+        if c.kernel == "?":
+            continue
+        qemu = c.qemu or next(iter(qemus.get(c.kernel, [])), "")
+        out[c.nodeid] = c.kernel + (f" · QEMU {qemu}" if qemu else "")
+    return out
+
+
+def _matrix(cells: Sequence[Cell]) -> dict[str, Matrix]:
+    """Per test module: its rows (scenarios, in test-id order), columns (kernel × QEMU) and cells at each
+    intersection."""
+    out: dict[str, Matrix] = {}
+    columns = _columns(cells)
+    for c in sorted(cells, key=lambda c: c.nodeid):
+        if (col := columns.get(c.nodeid)) is None:
+            continue
         rows, cols, grid = out.setdefault(c.module, ([], [], {}))
         if c.scenario not in rows:
             rows.append(c.scenario)
-        if c.column not in cols:
-            cols.append(c.column)
-        grid.setdefault((c.scenario, c.column), []).append(c)
+        if col not in cols:
+            cols.append(col)
+        grid.setdefault((c.scenario, col), []).append(c)
     return out
+
+
+def _verdict_file(c: Cell) -> Path | None:
+    return c.artifacts / "verdict.json" if c.artifacts and (c.artifacts / "verdict.json").is_file() else None
+
+
+def _known_lines(c: Cell) -> list[str]:
+    """An xfailed cell: its known finding by name and the pages of each finding (first ones; verdict.json has
+    every page, as runs)."""
+    findings = [f.message() for f in c.verdict.findings] if c.verdict else []
+    return [f"known finding {c.known} on kernel {c.kernel}" + (f", QEMU {c.qemu}" if c.qemu else ""),
+            *(findings or _message(c).splitlines())]
 
 
 def _worst(cells: Sequence[Cell]) -> str:
@@ -118,18 +160,23 @@ def _worst(cells: Sequence[Cell]) -> str:
 
 
 def summary_md(cells: Sequence[Cell], extras_by_cell: dict[str, Extras], out: Path, title: str) -> str:
-    t = _totals(cells)
-    lines = [f"# {title}", "", f"{len(cells)} tests: " + ", ".join(f"{n} {s}" for s, n in t.items() if n), ""]
+    lines = [f"# {title}", "", f"{len(cells)} tests: " + ", ".join(text for _, text in _totals_text(cells)), ""]
     for module, (rows, cols, grid) in _matrix(cells).items():
         lines += [f"## {module}", "", "| scenario | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for row in rows:
             tds = []
             for col in cols:
                 here = grid.get((row, col), [])
-                tds.append("; ".join(f"**{c.status}**" + (f" ({_counts_text(c, ', ')})" if c.counts else "")
+                tds.append("; ".join(f"**{_status_text(c)}**" + (f" ({_counts_text(c, ', ')})" if c.counts else "")
                                      + f" {c.seconds:.1f} s" for c in here) or "—")
             lines.append(f"| `{row}` | " + " | ".join(tds) + " |")
         lines.append("")
+    if known := [c for c in cells if c.status == "xfailed"]:
+        lines += ["## Known findings", "", "Known kernel bugs (suite/known_findings.py) these cells showed, within "
+                  "their signature: xfail, not skipped.", ""]
+    for c in known:
+        lines += [f"### `{c.nodeid}`", "", "```", *_known_lines(c), "```", ""]
+        lines += [f"- every page: [verdict.json]({_rel(v, out)})", ""] if (v := _verdict_file(c)) else []
     bad = [c for c in cells if c.status in ("failed", "error")]
     if bad:
         lines += ["## Failures", ""]
@@ -161,7 +208,7 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; } h3 { font-s
 table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid #ccc; padding: 3px 6px; }
 th { background: #f3f3f3; text-align: left; } td.scn { font-family: monospace; font-size: 12px; }
 .passed { background: #e3f5e1; } .failed { background: #fbd9d7; } .error { background: #f9c9a6; }
-.skipped { background: #eee; color: #777; }
+.skipped { background: #eee; color: #777; } .xfailed { background: #fff0c0; }
 .badge { font-weight: 600; } .counts { font-size: 12px; color: #900; } .secs { font-size: 11px; color: #777; }
 pre { background: #f8f8f8; border: 1px solid #ddd; padding: 8px; white-space: pre-wrap; font-size: 12px; }
 .pics { display: flex; flex-wrap: wrap; gap: 12px; } figure { margin: 0; }
@@ -183,12 +230,17 @@ def _legend_html() -> str:
 
 
 def index_html(cells: Sequence[Cell], extras_by_cell: dict[str, Extras], out: Path, title: str) -> str:
-    t = _totals(cells)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_h(title)}</title><style>{CSS}</style>",
              f"</head><body><h1>{_h(title)}</h1>",
-             f"<p>{len(cells)} tests: " + ", ".join(f'<span class="{s} badge">&nbsp;{n} {s}&nbsp;</span>'
-                                                    for s, n in t.items() if n) + "</p>"]
+             f"<p>{len(cells)} tests: " + ", ".join(f'<span class="{s} badge">&nbsp;{_h(text)}&nbsp;</span>'
+                                                    for s, text in _totals_text(cells)) + "</p>"]
     parts += [_matrix_html(module, *m) for module, m in _matrix(cells).items()]
+    if known := [c for c in cells if c.status == "xfailed"]:
+        parts.append("<h2>Known findings</h2><p>Known kernel bugs (suite/known_findings.py) these cells showed, "
+                     "within their signature: xfail, not skipped.</p>")
+    parts += [f"<div class='cell' id='{c.anchor}'><h3>{_h(c.nodeid)}</h3><pre>{_h(chr(10).join(_known_lines(c)))}"
+              "</pre>" + (f"<p><a href='{_h(_rel(v, out))}'>verdict.json</a> (every page)</p>"
+                          if (v := _verdict_file(c)) else "") + "</div>" for c in known]
     bad = [c for c in cells if c.status in ("failed", "error")]
     if bad:
         parts += ["<h2>Failures</h2>", _legend_html()]
@@ -219,11 +271,12 @@ def _all_tests_html(cells: Sequence[Cell]) -> str:
              + "".join(f"<th>{_h(COLUMNS[k])}</th>" for k in kinds) + "<th>THPs before→after each shrink</th>"
              "<th>s</th></tr>"]
     for c in cells:
-        link = f"<a href='#{c.anchor}'>{_h(c.nodeid)}</a>" if c.status in ("failed", "error") else _h(c.nodeid)
+        link = f"<a href='#{c.anchor}'>{_h(c.nodeid)}</a>" if c.status in ("failed", "error", "xfailed") \
+            else _h(c.nodeid)
         splits = _h(c.splits)
         if c.no_split_reason:
             splits += f" <span class='secs' title='{_h(c.no_split_reason)}'>(no split expected)</span>"
-        parts.append(f"<tr class='{c.status}'><td>{c.status}</td><td class='scn'>{link}</td>"
+        parts.append(f"<tr class='{c.status}'><td>{_h(_status_text(c))}</td><td class='scn'>{link}</td>"
                      f"<td>{_h(c.kernel)}</td><td>{_h(c.qemu)}</td>"
                      + "".join(f"<td>{c.counts.get(k, '')}</td>" for k in kinds)
                      + f"<td>{splits}</td><td>{c.seconds:.1f}</td></tr>")
@@ -231,8 +284,8 @@ def _all_tests_html(cells: Sequence[Cell]) -> str:
 
 
 def _cell_html(c: Cell) -> str:
-    label = f"<span class='badge'>{c.status}</span>"
-    if c.status in ("failed", "error"):
+    label = f"<span class='badge'>{_h(_status_text(c))}</span>"
+    if c.status in ("failed", "error", "xfailed"):
         label = f"<a href='#{c.anchor}'>{label}</a>"
     counts = f" <span class='counts'>{_h(_counts_text(c))}</span>" if c.counts else ""
     return f"{label}{counts} <span class='secs'>{c.seconds:.1f} s</span>"
@@ -291,7 +344,9 @@ class SessionPlugin:
         o = self.outcomes.setdefault(nodeid, Outcome(nodeid, "passed"))
         o.seconds = round(o.seconds + report.duration, 3)
         o.properties.update({str(k): str(v) for k, v in report.user_properties})
-        if report.skipped and o.status == "passed":
+        if report.skipped and hasattr(report, "wasxfail") and o.status in ("passed", "skipped"):
+            o.status, o.message = "xfailed", report.wasxfail.removeprefix("reason: ")  # a known finding
+        elif report.skipped and o.status == "passed":
             o.status = "skipped"
             longrepr = report.longrepr
             o.message = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr or "")

@@ -59,6 +59,9 @@ class SyntheticRun:
         self.unmapped = np.zeros(n, dtype=bool)  # pages the last split trigger unmapped on purpose (partial-unmap)
         self.wp_async = False  # uffd WP_ASYNC: the kernel resolves WP faults itself; PAGEMAP_SCAN reads them back
         self.written = np.zeros(n, dtype=bool)  # written since the last clear (soft-dirty / written must show it)
+        data = scenario.selector("data")
+        verdict.name_pages("data", np.nonzero(data)[0])  # what a known finding's signature is stated in
+        verdict.name_pages("zero", np.nonzero(~data)[0])
 
     # --- driving -------------------------------------------------------------------------------------------
 

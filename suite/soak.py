@@ -25,7 +25,7 @@ from .bisection.step import PYTEST_FAILED, PYTEST_OK, last_word, run_bounded
 from .reports.outcomes import RANK, Outcome, parse_junit, worst_per_test
 
 RUN_TIMEOUT = 3 * 3600.0  # one session of the selection; a hung one is stopped (and unwinds), not waited for
-ORDER = {"flaky": 0, "failed": 1, "missing": 2, "passed": 3, "skipped": 4}
+ORDER = {"flaky": 0, "failed": 1, "missing": 2, "passed": 3, "xfailed": 4, "skipped": 5}  # xfailed: known
 
 
 @dataclass

@@ -63,6 +63,12 @@ LOST_BIT_CELLS = {
     # PAGE_IS_WRITTEN: the zeroed pages were written, their uffd-wp bit already clear: nothing to lose, must pass
     "tests/test_memory_axes.py::test_criu[written]": "",
 }
+# cells where a known finding is due on both kernels: the good twin xfails by the finding's name, within its
+# signature; the known-bad kernel's own loss (every zero subpage) lies beyond it and must fail, named
+KNOWN_ON_TWIN = {
+    "tests/test_triggers.py::test_trigger[wp-same-ksm-pmd]": "ksm-merge-of-duplicates-drops-uffd-wp-and-soft-dirty",
+}
+LOST_BIT_CELLS |= {cell: "beyond the known finding" for cell in KNOWN_ON_TWIN}
 
 
 def known_bad() -> Path | str:
@@ -120,6 +126,9 @@ def test_power(case: PowerCase, tmp_path: Path) -> None:
         if case.known_bad and must_say:
             assert cell.status == "failed", f"{nodeid} {cell.status} on the known-bad kernel {kernel}: no teeth"
             assert must_say in cell.message, f"{nodeid} failed for the wrong reason:\n{cell.message[:2000]}"
+        elif nodeid in KNOWN_ON_TWIN:
+            assert cell.status == "xfailed" and f"known finding {KNOWN_ON_TWIN[nodeid]}" in cell.message, \
+                f"{nodeid} {cell.status} on the {which} kernel {kernel}:\n{cell.message[:2000]}"
         else:
             assert cell.status == "passed", f"{nodeid} {cell.status} on the {which} kernel {kernel}:\n" \
                                             f"{cell.message[:2000]}"

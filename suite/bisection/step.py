@@ -92,7 +92,8 @@ def classify(exit_code: int | None, junit: str | None, note: str = "") -> Outcom
     out = Outcome(StepVerdict.SKIP, "", exit_code, cases)
     passed, errors, skipped = out.count("passed"), out.count("error"), out.count("skipped")
     err = "error" if errors == 1 else "errors"
-    tail = "; ".join(f"{n} {w}" for n, w in ((passed, "passed"), (errors, err), (skipped, "skipped")) if n)
+    tail = "; ".join(f"{n} {w}" for n, w in ((passed, "passed"), (errors, err), (skipped, "skipped"),
+                                              (out.count("xfailed"), "known findings (xfail)")) if n)
     if failed := out.failed:
         reason = f"{len(failed)} failed: {_names(failed)}" + (f"; {tail}" if tail else "")
         return Outcome(StepVerdict.BAD, reason, exit_code, cases)

@@ -94,6 +94,10 @@ class MigrationRun:
         self.data = scenario.selector("data") & (np.arange(n) >= LOW_CHUNKS * PAGES_PER_THP)
         # content the model expects to be non-zero: the fill, the dirtier's MiB, and what the scenario writes
         self.nonzero = self.data | self.volatile
+        # the model's page sets a known finding's signature is stated in; "zero": every page holecheck writes no
+        # data into (the fill's zero subpages and the guest's low MiB but the dirtier's)
+        verdict.name_pages("data", np.nonzero(self.data)[0])
+        verdict.name_pages("zero", np.nonzero(~self.nonzero)[0])
 
     # --- the walk ------------------------------------------------------------------------------------------
 

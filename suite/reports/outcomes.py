@@ -32,9 +32,9 @@ class Outcome:
     """One test's result, from JUnit XML or straight from pytest reports."""
 
     nodeid: str
-    status: str  # passed | failed | error | skipped
+    status: str  # passed | failed | error | skipped | xfailed (a known finding: suite/known_findings.py)
     seconds: float = 0.0
-    message: str = ""  # a failure's whole text (the verdict, the traceback); a skip's reason
+    message: str = ""  # a failure's whole text (the verdict, the traceback); a skip's reason; an xfail's reason
     properties: dict[str, str] = field(default_factory=dict)
     summary: str = ""  # JUnit's message attribute, first line: 'suite.errors.SetupError: …', 'Failed: …'
 
@@ -45,7 +45,7 @@ class Outcome:
 
 
 # Worst first when one test is reported more than once (pytest reports a failing teardown beside the call).
-RANK = {"passed": 0, "skipped": 1, "error": 2, "failed": 3}
+RANK = {"passed": 0, "skipped": 1, "xfailed": 2, "error": 3, "failed": 4}
 
 
 def worst_per_test(outcomes: Iterable[Outcome]) -> dict[str, Outcome]:
@@ -98,6 +98,14 @@ class Cell:
     @property
     def column(self) -> str:
         return self.kernel + (f" · QEMU {self.qemu}" if self.qemu else "")
+
+    @property
+    def known(self) -> str:
+        """An xfailed cell's known finding(s) by name (suite/known_findings.py)."""
+        if self.status != "xfailed":
+            return ""
+        named = re.match(r"known finding (\S+)", self.outcome.message)
+        return self.outcome.properties.get("known_finding") or (named.group(1) if named else "?")
 
     @property
     def scenario(self) -> str:
@@ -160,6 +168,8 @@ def parse_junit_text(text: str, artifacts: Path | None = None) -> list[Outcome]:
         status, message, summary = "passed", "", ""
         if result := next((r for r in case.result if isinstance(r, Failure | Error | Skipped)), None):
             status = "failed" if isinstance(result, Failure) else "error" if isinstance(result, Error) else "skipped"
+            if isinstance(result, Skipped) and result.type == "pytest.xfail":
+                status = "xfailed"
             body, attr = (result.text or "").strip(), result.message or ""
             summary = attr.strip().split("\n", 1)[0]
             message = body if status != "skipped" and body else attr or body

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..pagemap import PAGE, PAGES_PER_THP, PageStates, load
-from ..verdict import KEPT, KINDS, Finding, Verdict
+from ..verdict import KINDS, Finding, Verdict
 
 RGB = tuple[int, int, int]
 
@@ -240,7 +240,7 @@ def _legend(width: int, mk: Marks, truncated: bool) -> np.ndarray:
         img[y : y + 7, x : x + 7] = color
         draw_text(img, x + 11, y, text[: (col_w - 16) // ADVANCE])
     if truncated:
-        draw_text(img, 4, nrows * LINE + 2, f"findings list at most {KEPT} pages each: marks may be partial")
+        draw_text(img, 4, nrows * LINE + 2, "an old verdict.json lists at most 4096 pages a finding: marks partial")
     return img
 
 
