@@ -159,6 +159,7 @@ class SyntheticRun:
         if self.s.split == "shrinker" and not self.s.thp.mthp_kb:
             why_not = "shmem THPs: the underused shrinker splits anonymous THPs only" \
                 if self.s.backing == "memfd" else ""
+            split_triggers.made_folios(self.ledger, self.h.pid, self.ledger.base, self.s, step.phase)
             before, after = self.ledger.shrink(step.phase, self.trigger, self.cg, self.nonzero, why_not=why_not)
             self.name_skipped_thps(step, before, after)
         else:  # another trigger, or folios other than PMD THPs: split_triggers fires and judges it

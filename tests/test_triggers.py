@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from split_rules import assert_trigger_split
+from split_rules import assert_trigger_split, skip_unless_size
 
 from suite import known_findings, pagemap
 from suite import scenario as sc
@@ -71,6 +71,7 @@ def skip_host_swap(kernel_spec, split: str) -> None:
 
 def _run_cell(run, check_verdict, kernel_features, kernel_spec, kind: str, split: str, thp: ThpSettings) -> None:
     skip_host_swap(kernel_spec, split)
+    skip_unless_size(kernel_features, thp)
     if kind.startswith("soft-dirty") and not kernel_features["soft_dirty"]:
         pytest.skip("kernel under test lacks CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 is never set")
     verdict = run(scenario_for(kind, split, thp))
@@ -123,12 +124,10 @@ QEMU_KINDS = {"snapshot": lambda fill: sc.snapshot("snapshot-running", fill=fill
 
 @pytest.mark.qemu
 @pytest.mark.parametrize(("kind", "split"), QEMU_CELLS, ids=[f"{k}-{s}" for k, s in QEMU_CELLS])
-def test_trigger_qemu(run, qemu, check_verdict, kind, split):
+def test_trigger_qemu(run, qemu, check_verdict, kernel_features, kind, split):
     """A real QEMU's RAM split by each trigger: no received page lost, no uffd-wp bit lost, the same restore."""
     fill = sc.Fill(content="same") if split.endswith("-same") else sc.Fill()
     split = split.removesuffix("-same")
     verdict = run(replace(QEMU_KINDS[kind](fill), split=split))
     check_verdict(verdict)
-    assert verdict.split_expected or verdict.no_split_reason, f"no split and no reason: {verdict.summary()}"
-    if split != "debugfs":
-        assert verdict.split_expected, f"{split} was due to split QEMU's THPs: {verdict.summary()}"
+    assert_trigger_split(verdict, kernel_features, split, ThpSettings())

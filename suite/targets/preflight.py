@@ -54,6 +54,7 @@ def host_problems() -> list[str]:
 def local_features() -> dict[str, bool]:
     """Target.features() answered by the kernel this process runs on (the host's, or the guest's in the agent)."""
     return {"soft_dirty": pagemap.soft_dirty_supported(), "shrink_underused": thp.KNOBS["shrink_underused"].exists(),
+            **{f"mthp_{kb}kB": thp.size_knob(kb).exists() for kb in thp.MTHP_SIZES_KB},  # per-size mTHP knobs
             **memory_features()}
 
 
