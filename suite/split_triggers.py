@@ -229,18 +229,32 @@ def pageout(pid: int, start: int, length: int) -> str:
 
 
 @contextlib.contextmanager
-def debugfs() -> Iterator[Path]:
-    """debugfs, mounted (in a private 0700 dir, unmounted after) where /sys/kernel/debug has no split file."""
-    sys_dir = Path("/sys/kernel/debug")
-    if (sys_dir / "split_huge_pages").exists():
-        yield sys_dir
+def mounted(fstype: str, where: Path, probe: str) -> Iterator[Path]:
+    """``where`` if it has ``probe``, else ``fstype`` mounted in a private 0700 dir (unmounted after)."""
+    if (where / probe).exists():
+        yield where
         return
-    with tempfile.TemporaryDirectory(prefix="holecheck-debugfs-") as tmp:
-        subprocess.run(["mount", "-t", "debugfs", "none", tmp], check=True, capture_output=True, timeout=10)
+    with tempfile.TemporaryDirectory(prefix=f"holecheck-{fstype}-") as tmp:
+        subprocess.run(["mount", "-t", fstype, "none", tmp], check=True, capture_output=True, timeout=10)
         try:
             yield Path(tmp)
         finally:
             subprocess.run(["umount", tmp], check=False, capture_output=True, timeout=10)
+
+
+def debugfs() -> contextlib.AbstractContextManager[Path]:
+    """debugfs, mounted (in a private dir, unmounted after) where /sys/kernel/debug has no split file."""
+    return mounted("debugfs", Path("/sys/kernel/debug"), "split_huge_pages")
+
+
+def lockdown() -> str:
+    """The kernel's lockdown modes as /sys/kernel/security/lockdown shows them (securityfs mounted privately
+    where it is not), "" where the kernel has no lockdown LSM or securityfs cannot be mounted."""
+    try:
+        with mounted("securityfs", LOCKDOWN.parent, LOCKDOWN.name) as d:
+            return (d / LOCKDOWN.name).read_text().strip() if (d / LOCKDOWN.name).exists() else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def debugfs_split(pid: int, start: int, length: int) -> str:
@@ -253,7 +267,7 @@ def debugfs_split(pid: int, start: int, length: int) -> str:
         raise SplitError(f"cannot mount debugfs for split_huge_pages: "
                          f"{exc.stderr.decode(errors='replace').strip()}") from None
     except OSError as exc:
-        return debugfs_refusal(exc, LOCKDOWN.read_text().strip() if LOCKDOWN.exists() else "")
+        return debugfs_refusal(exc, lockdown())
     return ""
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 from split_rules import assert_trigger_split, skip_unless_size
 
-from suite import known_findings, pagemap
+from suite import known_findings, pagemap, split_triggers
 from suite import scenario as sc
 from suite.thp import MTHP_SIZES_KB, ThpSettings
 
@@ -131,3 +132,18 @@ def test_trigger_qemu(run, qemu, check_verdict, kernel_features, kind, split):
     verdict = run(replace(QEMU_KINDS[kind](fill), split=split))
     check_verdict(verdict)
     assert_trigger_split(verdict, kernel_features, split, ThpSettings())
+
+
+def test_debugfs_split_failure_is_an_error_of_the_run(target, kernel_spec):
+    """A debugfs split the kernel refuses for another reason than lockdown (here: no such process, ESRCH) is an
+    error of the run, not "cannot split"; under lockdown (this host: integrity) the refusal is lockdown's alone."""
+    if kernel_spec.kind != "host":
+        pytest.skip("the debugfs write is made from this process: the host kernel only")
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    mode = split_triggers.lockdown()
+    if "[none]" in mode or not mode:
+        with pytest.raises(split_triggers.SplitError, match=r"No such process.*not a refusal by lockdown"):
+            split_triggers.debugfs_split(pid_max + 1, 0x7F00_0000_0000, 2 << 20)
+    else:
+        why = split_triggers.debugfs_split(pid_max + 1, 0x7F00_0000_0000, 2 << 20)
+        assert "Operation not permitted (kernel lockdown" in why, why
