@@ -193,7 +193,8 @@ class MigrationRun:
                     if self.s.backing == "memfd" else ""
                 split_triggers.made_folios(side.ledger, side.machine.pid, side.machine.ram_mapping()[0], self.s,
                                            step.phase)
-                before, after = side.ledger.shrink(step.phase, self.trigger, side.cg, self.nonzero, why_not=why_not)
+                before, after = side.ledger.shrink(step.phase, self.trigger, side.cg, self.nonzero, why_not=why_not,
+                                                   origin="QEMU's RAM")
             else:  # another trigger on QEMU's RAM, from outside (process_madvise, debugfs, ksmd with mem-merge)
                 start, _ = side.machine.ram_mapping()
                 before, after = split_triggers.judged_split(side.ledger, side.machine.pid, start, self.s,
