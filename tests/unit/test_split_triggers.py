@@ -125,7 +125,8 @@ def judge(scenario: sc.Scenario, before: st.FolioMap, after: st.FolioMap, due_ma
     """What judged_split does once the trigger fired (no second firing: these folios stay as constructed)."""
     led = ledger()
     due = before.select(before.holding(due_mask))
-    st.name_skipped(led, "shrink@x", scenario, len(due), due.select(due.still_whole(after)), "pageout", {})
+    skipped = due.select(due.still_whole(after))
+    st.name_skipped(led, "shrink@x", scenario, len(due), skipped, "pageout, fired 4 times", {})
     return led
 
 
