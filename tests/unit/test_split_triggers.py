@@ -219,3 +219,12 @@ def test_debugfs_refused_by_lockdown_alone_is_cannot_split() -> None:
 def test_any_other_debugfs_failure_is_an_error_of_the_run(err: int, lockdown: str) -> None:
     with pytest.raises(st.SplitError, match="not a refusal by lockdown"):
         st.debugfs_refusal(OSError(err, os.strerror(err)), lockdown)
+
+
+def test_an_mthp_cell_skips_on_a_kernel_without_its_size() -> None:
+    from split_rules import skip_unless_size
+    no_sizes = {f"mthp_{kb}kB": False for kb in (16, 64)}
+    with pytest.raises(pytest.skip.Exception, match=r"lacks 64kB mTHPs .*hugepages-64kB/enabled"):
+        skip_unless_size(no_sizes, ThpSettings(mthp_kb=64))
+    skip_unless_size(no_sizes, ThpSettings())  # PMD cells run anywhere
+    skip_unless_size({"mthp_64kB": True}, ThpSettings(mthp_kb=64))
