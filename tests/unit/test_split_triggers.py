@@ -221,7 +221,8 @@ def test_any_other_debugfs_failure_is_an_error_of_the_run(err: int, lockdown: st
         st.debugfs_refusal(OSError(err, os.strerror(err)), lockdown)
 
 
-def test_an_mthp_cell_skips_on_a_kernel_without_its_size() -> None:
+def test_an_mthp_cell_skips_on_a_kernel_without_its_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(Path(__file__).resolve().parents[1])  # tests/split_rules.py
     from split_rules import skip_unless_size
     no_sizes = {f"mthp_{kb}kB": False for kb in (16, 64)}
     with pytest.raises(pytest.skip.Exception, match=r"lacks 64kB mTHPs .*hugepages-64kB/enabled"):
