@@ -409,9 +409,9 @@ def judged_split(led: Ledger, pid: int, start: int, scenario: Scenario, phase: s
                  own_part: Callable[[], np.ndarray | None] | None = None) -> tuple[PageStates, PageStates]:
     """Fire ``scenario.split`` on ``pid``'s [start, +npages) between two THP-aware snapshots (kept for the
     artifacts) and judge it folio by folio: each folio the split was due to (``due_pages``; ``own_part`` returns
-    the pages it cut, for partial-unmap) and that is still whole after it and one more firing is a ``no-split``
+    the pages it cut, for partial-unmap) and that is still whole after ``FIRINGS`` firings is a ``no-split``
     finding naming its first page, size and origin; a trigger that cannot split here says why in the verdict.
-    Returns the snapshots before and after (after the second firing, if one was needed)."""
+    Returns the snapshots before and after (after the last firing)."""
     split, folio_kb, n = scenario.split, scenario.thp.mthp_kb, scenario.npages
     prefix = f"{led.name}-" if led.name else ""
     v, who = led.verdict, f"{led.name}: " if led.name else ""
