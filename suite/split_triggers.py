@@ -11,13 +11,16 @@ A scenario's ``split`` names the trigger its ``shrink`` steps fire (``scenario.S
 - ``partial-unmap`` the deferred-split queue: ``MADV_DONTNEED`` of one zero subpage of every large folio (done by
                     the process itself), then the shrinker splits the partially mapped folios.
 - ``debugfs``       ``split_huge_pages`` with the exact pid and range (debugfs mounted in a private dir if
-                    absent); a kernel in lockdown refuses it: the cell then says it cannot split.
+                    absent); a kernel in lockdown refuses it: the cell then says it cannot split (any other
+                    failure is a ``SplitError``).
 - ``ksm`` / ``ksm-zero``  ``MADV_MERGEABLE`` (by the process), ksmd run on demand with ``use_zero_pages`` 0 / 1;
                     every KSM knob restored.
 
 Migration and compaction are not triggers: on these one-node machines ``move_pages`` to the same node moves
 nothing and ``compact_memory`` skips THPs (measured: 0 splits of 16 THPs). Counting: vmstat ``thp_split_page``
 and the per-size ``hugepages-*kB/stats/split``; folio sizes before and after from kpageflags' compound bits.
+Judging (``judged_split``): folio by folio — each folio the trigger was due to (``due_pages``) and still whole
+after it is a ``no-split`` finding; the folios a cell made must be of the size its id names (``size_check``).
 """
 from __future__ import annotations
 
