@@ -18,6 +18,7 @@ import pytest
 from split_rules import assert_trigger_split, skip_unless_size
 
 from suite import known_findings, pagemap, split_triggers
+from suite import memory_axes as ma
 from suite import scenario as sc
 from suite.thp import MTHP_SIZES_KB, ThpSettings
 
@@ -112,6 +113,25 @@ def test_trigger_negative_control(run, check_verdict, kernel_spec, kernel_featur
     known = known_findings.known_pages(verdict, kernel_features, "lost-uffd-wp")
     assert set(untrapped[0].addresses) == sabotaged | known, verdict.failure_message()
     assert {f.kind for f in verdict.findings} <= {"no-wp-fault", "lost-uffd-wp"}, verdict.failure_message()
+
+
+@pytest.mark.parametrize("thp_settings", [PMD, K64], ids=size_id)
+def test_split_negative_control(run, check_verdict, kernel_features, thp_settings):
+    """The zero subpages of chunks 1 and 5 filled behind the model's back just before a ksm-zero split: their
+    folios hold no page ksmd can merge, so it leaves them whole while the model holds them due. The verdict
+    names exactly those folios as ``no-split`` (first page of each, its size, its origin), and nothing else."""
+    skip_unless_size(kernel_features, thp_settings)
+    scenario = replace(ma.origin_style("write", sabotage=True, thp=thp_settings), split="ksm-zero")
+    verdict = run(scenario)
+    check_verdict(verdict, must_pass=False)
+    assert [f.kind for f in verdict.findings] == ["no-split"], verdict.failure_message()
+    [skipped] = verdict.findings
+    n = split_triggers.folio_pages_named(thp_settings)
+    chunks = np.unique(np.nonzero(scenario.selector("sabotage-chunks"))[0] // pagemap.PAGES_PER_THP)
+    firsts = [verdict.region + (int(c) * pagemap.PAGES_PER_THP + i) * pagemap.PAGE
+              for c in chunks for i in range(0, pagemap.PAGES_PER_THP, n)]
+    assert skipped.count == len(firsts) and skipped.addresses == firsts, verdict.failure_message()
+    assert f"{n * pagemap.PAGE // 1024}kB folios (origin write, backing anon)" in skipped.detail, skipped.detail
 
 
 # Real QEMU: the trigger fired on QEMU's RAM from outside (process_madvise, debugfs with QEMU's pid and RAM range,
