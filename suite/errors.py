@@ -5,6 +5,9 @@
     │   └── LaunchError           [qemu.process] QEMU exited while starting: exit code, command line, output
     ├── StallError                a bounded wait expired: what was awaited, what was seen last
     ├── HelperError               the userfaultfd helper refused a command or died
+    ├── SplitError                [split_triggers] a split trigger failed other than by the kernel's refusal (a
+    │                             debugfs write not refused by lockdown), or the cell made folios of a size its id
+    │                             does not name
     ├── QmpError                  [qemu.machine] QEMU answered a QMP command with an error
     ├── QtestError                [qemu.qtest] QEMU answered a qtest request with FAIL, or the connection broke
     ├── MigrationFailed           [qemu.migration] query-migrate reported status "failed"

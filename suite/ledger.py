@@ -102,17 +102,34 @@ class Ledger:
         return states
 
     def shrink(self, phase: str, trigger: str, cg: Memcg | None,
-               nonzero: np.ndarray, why_not: str = "") -> tuple[PageStates, PageStates]:
+               nonzero: np.ndarray, why_not: str = "", origin: str = "") -> tuple[PageStates, PageStates]:
         """Fire the shrinker once between two THP-aware snapshots (kept for the artifacts); the second is observed
-        and the split judged (``nonzero``: the pages the model expects to hold data). Returns both snapshots."""
+        and the split judged (``nonzero``: the pages the model expects to hold data): each underused THP it
+        skipped, again after one more firing, is a ``no-split`` finding naming its first page, size and
+        ``origin``. Returns both snapshots (the second after the second firing, if one was needed)."""
         before = self.snapshot(with_thp=True)
         result = shrinker.fire(trigger, cg)
         after = self.observe(phase, with_thp=True)
         prefix = f"{self.name}-" if self.name else ""
         self.around_shrinks[f"{prefix}before-{phase}"] = before
         self.around_shrinks[f"{prefix}after-{phase}"] = after
-        shrinker.judge_split(self.verdict, phase, before, after, nonzero, result, side=self.name, space=self.space,
-                             why_not=why_not)
+        shrinker.judge_split(self.verdict, phase, before, after, nonzero, result, side=self.name, why_not=why_not)
+        if not self.verdict.shrinks[-1]["split_expected"]:
+            return before, after
+        mpn = thp.ShrinkerSupport.now().max_ptes_none
+        chunks = oracle.skipped_splits(before, after, nonzero, mpn)
+        if len(chunks):  # the shrinker skips a folio it cannot lock and re-queues it: one more firing
+            shrinker.fire(trigger, cg)
+            after = self.around_shrinks[f"{prefix}after-{phase}"] = self.observe(phase, with_thp=True)
+            again = oracle.skipped_splits(before, after, nonzero, mpn)
+            if len(late := np.setdiff1d(chunks, again)):
+                self.verdict.notes.append(f"{phase}: {self.name + ': ' if self.name else ''}{len(late)} underused "
+                                          "THPs split only on a second firing")
+            chunks = np.intersect1d(chunks, again)
+        self.report("no-split", phase, chunks * pagemap.PAGES_PER_THP,
+                    f"{self.name + ': ' if self.name else ''}underused 2048kB THPs ({origin or 'origin unknown'}) "
+                    f"still whole after {result.trigger} and a second firing, of "
+                    f"{self.verdict.shrinks[-1]['thp_before']} (first page of each THP named)")
         return before, after
 
     def lost_bits(self, phase: str, before: PageStates, after: PageStates, wp: np.ndarray | None = None,

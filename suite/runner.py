@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ledger, oracle, pagemap, shrinker, split_triggers, thp
+from . import ledger, pagemap, shrinker, split_triggers, thp
 from .errors import StallError
 from .ledger import Ledger
 from .memcg import Memcg
@@ -162,30 +162,14 @@ class SyntheticRun:
         if self.s.split == "shrinker" and not self.s.thp.mthp_kb:
             why_not = "shmem THPs: the underused shrinker splits anonymous THPs only" \
                 if self.s.backing == "memfd" else ""
-            before, after = self.ledger.shrink(step.phase, self.trigger, self.cg, self.nonzero, why_not=why_not)
-            self.name_skipped_thps(step, before, after)
+            split_triggers.made_folios(self.ledger, self.h.pid, self.ledger.base, self.s, step.phase)
+            self.ledger.shrink(step.phase, self.trigger, self.cg, self.nonzero, why_not=why_not,
+                               origin=f"origin {self.s.origin}, backing {self.s.backing}")
         else:  # another trigger, or folios other than PMD THPs: split_triggers fires and judges it
             self.unmapped = split_triggers.split_region(self.ledger, self.h, self.s, step.phase, self.nonzero,
                                                         self.trigger, self.cg)
             self.wp_expected &= ~self.unmapped
         return _no_faults()
-
-    def name_skipped_thps(self, step: Step, before: pagemap.PageStates, after: pagemap.PageStates) -> None:
-        """A due split that skipped some THPs (no ``no-split`` finding for the whole shrink yet): name each one."""
-        if not self.v.shrinks[-1]["split_expected"] or any(f.kind == "no-split" and f.phase == step.phase
-                                                            for f in self.v.findings):
-            return
-        mpn = thp.ShrinkerSupport.now().max_ptes_none
-        chunks = oracle.skipped_splits(before, after, self.nonzero, mpn)
-        if len(chunks):  # the shrinker skips a folio it cannot lock and re-queues it: one more firing
-            shrinker.fire(self.trigger, self.cg)
-            again = oracle.skipped_splits(before, self.snapshot(with_thp=True), self.nonzero, mpn)
-            if len(late := np.setdiff1d(chunks, again)):
-                self.v.notes.append(f"{step.phase}: {len(late)} underused THPs split only on a second firing")
-            chunks = np.intersect1d(chunks, again)
-        self.ledger.report("no-split", step.phase, chunks * pagemap.PAGES_PER_THP,
-                           f"underused THPs (origin {self.s.origin}, backing {self.s.backing}) still whole "
-                           f"after the shrink and a second firing (first page of each THP named)")
 
     def do_touch(self, step: Step, sel: np.ndarray) -> Faults:
         if step.arg in ("write", "zero"):

@@ -14,7 +14,7 @@ from . import oracle, thp
 from .errors import SetupError
 from .memcg import Memcg
 from .pagemap import PageStates
-from .verdict import Finding, Verdict
+from .verdict import Verdict
 
 VMSTAT = Path("/proc/vmstat")
 COUNTERS = ("thp_underused_split_page", "thp_split_page", "thp_split_pmd", "thp_deferred_split_page")
@@ -84,11 +84,11 @@ def fire(trigger: str = "auto", memcg: Memcg | None = None) -> ShrinkResult:
 
 
 def judge_split(verdict: Verdict, phase: str, before: PageStates, after: PageStates, nonzero: np.ndarray,
-                result: ShrinkResult, *, side: str = "", space: str = "va", why_not: str = "") -> None:
-    """Record one shrink in ``verdict`` (THPs before/after, vmstat, whether a split was expected and why not),
-    and make a shrink that should have split THPs but did not a ``no-split`` finding. ``nonzero``: the pages the
-    model expects to hold data (pagemap cannot see inside a THP). ``why_not``: the caller knows this trigger
-    cannot split these THPs (e.g. shmem under the anon-only shrinker); the record says so with what it measured."""
+                result: ShrinkResult, *, side: str = "", why_not: str = "") -> None:
+    """Record one shrink in ``verdict`` (THPs before/after, vmstat, whether a split was expected and why not);
+    ``Ledger.shrink`` names each underused THP it left whole. ``nonzero``: the pages the model expects to hold
+    data (pagemap cannot see inside a THP). ``why_not``: the caller knows this trigger cannot split these THPs
+    (e.g. shmem under the anon-only shrinker); the record says so with what it measured."""
     assert before.thp is not None and after.thp is not None, "shrinks are judged on with_thp snapshots"
     support = thp.ShrinkerSupport.now()
     reason = oracle.split_expectation(before, nonzero, support.no_split_reason(), support.max_ptes_none)
@@ -103,8 +103,3 @@ def judge_split(verdict: Verdict, phase: str, before: PageStates, after: PageSta
         verdict.no_split_reason = verdict.no_split_reason or who + reason
         return
     verdict.split_expected = True
-    if thp_after >= thp_before:
-        verdict.findings.append(Finding(
-            "no-split", phase, thp_after, [], space,
-            f"{who}{thp_before} underused THPs before, {thp_after} after {result.trigger} "
-            f"(thp_underused_split_page +{result.underused_splits})"))

@@ -166,10 +166,13 @@ def size_knob(kb: int) -> Path:
 @contextlib.contextmanager
 def sizes_applied(settings: ThpSettings) -> Iterator[None]:
     """For an mTHP scenario: its size alone enabled (PMD-sized THPs set to never), every size knob restored.
-    A kernel without per-size knobs (before 6.8) is left alone: the cell then maps no large folio and says so."""
-    if not settings.mthp_kb or not size_knob(settings.mthp_kb).exists():
+    A kernel without that size's knob (before 6.8: none) would map PMD THPs under the mTHP id: refused (the
+    cells skip first, on the ``mthp_<N>kB`` feature)."""
+    if not settings.mthp_kb:
         yield
         return
+    if not size_knob(settings.mthp_kb).exists():
+        raise SetupError(f"this kernel lacks {settings.mthp_kb}kB mTHPs (no {size_knob(settings.mthp_kb)})")
     if settings.mthp_kb not in MTHP_SIZES_KB or settings.mthp_enabled not in ("always", "madvise"):
         raise SetupError(f"mTHP {settings.mthp_kb}kB={settings.mthp_enabled}: sizes are {MTHP_SIZES_KB} kB, "
                          "enabled always or madvise")

@@ -3,13 +3,17 @@
 The underused shrinker (synthetic, postcopy, snapshot): a shrink is due to split when the kernel has it, the knobs
 allow underused splits (``max_ptes_none`` below 511) and THPs exist at that point (``due``: a cell that registers
 before the first fault places 4 KiB pages with UFFDIO_COPY); it splits anonymous PMD THPs only (not mTHPs, not
-shmem). Other split triggers (pageout, partial unmap, KSM) split whatever large folio they meet; debugfs may be
-refused (lockdown). A THP born by a read (the huge zero page) exists only from 6.15 on. Whenever no split was
-expected, the verdict must say why: never a silent pass.
+shmem). Other split triggers split every large folio they are due to, of any size (pageout, debugfs: every folio
+of the range; partial unmap: the folios it cut; KSM: the folios holding a mergeable page), judged folio by folio;
+debugfs may be refused by lockdown alone. mTHP cells run only where the kernel has that size. A THP born by a
+read (the huge zero page) exists only from 6.15 on. Whenever no split was expected, the verdict must say why:
+never a silent pass.
 """
 from __future__ import annotations
 
 import re
+
+import pytest
 
 from suite import scenario as sc
 from suite.thp import ThpSettings
@@ -41,17 +45,33 @@ ALWAYS_SPLIT = ("pageout", "partial-unmap", "ksm", "ksm-zero")  # on any kernel 
 
 
 def assert_trigger_split(verdict: Verdict, features: dict[str, bool], split: str, thp: ThpSettings) -> None:
-    """A split-trigger cell either split (and was judged) or says why it could not."""
+    """A split-trigger cell split (every folio it was due to, or a ``no-split`` finding names the rest: the
+    runner judges folio by folio, ``split_triggers.judged_split``) or says why it could not: the shrinker on
+    mTHPs, debugfs under lockdown (any other debugfs failure is an error of the run), pageout-swap without swap.
+    A cell whose kernel mapped no folio of its size says so and fails here, as does one on PMD THPs."""
     assert verdict.split_expected or verdict.no_split_reason, f"no split and no reason: {verdict.summary()}"
     if split == "shrinker" and thp.mthp_kb:
         assert "only splits PMD-sized THPs" in verdict.no_split_reason, verdict.summary()
-    if not thp.mthp_kb and split in ALWAYS_SPLIT:
-        assert verdict.split_expected, f"{split} was due to split the PMD THPs: {verdict.summary()}"
+    if split in ALWAYS_SPLIT:
+        assert verdict.split_expected, f"{split} was due to split the {size_of(thp)} folios: {verdict.summary()}"
+    if split == "debugfs" and not verdict.split_expected:
+        assert "lockdown" in verdict.no_split_reason, verdict.summary()
     if not thp.mthp_kb and split == "shrinker":
         assert verdict.split_expected == features["shrink_underused"], verdict.summary()
     if split == "pageout-swap" and verdict.split_expected:  # swap really used, not the no-swap fallback
         swapped = [s["vmstat"].get("pswpout", 0) for s in verdict.shrinks]
         assert all(swapped), f"pageout-swap swapped nothing out (pswpout {swapped}): {verdict.summary()}"
+
+
+def size_of(thp: ThpSettings) -> str:
+    return f"{thp.mthp_kb}kB" if thp.mthp_kb else "PMD"
+
+
+def skip_unless_size(features: dict[str, bool], thp: ThpSettings) -> None:
+    """An mTHP cell on a kernel without that size's knob would map PMD THPs under the mTHP id: skip, saying so."""
+    if thp.mthp_kb and not features.get(f"mthp_{thp.mthp_kb}kB"):
+        pytest.skip(f"kernel under test lacks {thp.mthp_kb}kB mTHPs "
+                    f"(no /sys/kernel/mm/transparent_hugepage/hugepages-{thp.mthp_kb}kB/enabled)")
 
 
 def release_of(verdict: Verdict) -> tuple[int, int]:

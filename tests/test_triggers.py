@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
-from split_rules import assert_trigger_split
+from split_rules import assert_trigger_split, skip_unless_size
 
-from suite import known_findings, pagemap
+from suite import known_findings, pagemap, split_triggers
+from suite import memory_axes as ma
 from suite import scenario as sc
 from suite.thp import MTHP_SIZES_KB, ThpSettings
 
@@ -71,6 +73,7 @@ def skip_host_swap(kernel_spec, split: str) -> None:
 
 def _run_cell(run, check_verdict, kernel_features, kernel_spec, kind: str, split: str, thp: ThpSettings) -> None:
     skip_host_swap(kernel_spec, split)
+    skip_unless_size(kernel_features, thp)
     if kind.startswith("soft-dirty") and not kernel_features["soft_dirty"]:
         pytest.skip("kernel under test lacks CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 is never set")
     verdict = run(scenario_for(kind, split, thp))
@@ -135,6 +138,25 @@ def test_trigger_negative_control_beyond_known_finding(run, check_verdict, kerne
     assert sorted(untrapped) == sorted(sabotaged | signed), verdict.failure_message()
 
 
+@pytest.mark.parametrize("thp_settings", [PMD, K64], ids=size_id)
+def test_split_negative_control(run, check_verdict, kernel_features, thp_settings):
+    """The zero subpages of chunks 1 and 5 filled behind the model's back just before a ksm-zero split: their
+    folios hold no page ksmd can merge, so it leaves them whole while the model holds them due. The verdict
+    names exactly those folios as ``no-split`` (first page of each, its size, its origin), and nothing else."""
+    skip_unless_size(kernel_features, thp_settings)
+    scenario = replace(ma.origin_style("write", sabotage=True, thp=thp_settings), split="ksm-zero")
+    verdict = run(scenario)
+    check_verdict(verdict, must_pass=False)
+    assert [f.kind for f in verdict.findings] == ["no-split"], verdict.failure_message()
+    [skipped] = verdict.findings
+    n = split_triggers.folio_pages_named(thp_settings)
+    chunks = np.unique(np.nonzero(scenario.selector("sabotage-chunks"))[0] // pagemap.PAGES_PER_THP)
+    firsts = [verdict.region + (int(c) * pagemap.PAGES_PER_THP + i) * pagemap.PAGE
+              for c in chunks for i in range(0, pagemap.PAGES_PER_THP, n)]
+    assert skipped.count == len(firsts) and skipped.addresses == firsts, verdict.failure_message()
+    assert f"{n * pagemap.PAGE // 1024}kB folios (origin write, backing anon)" in skipped.detail, skipped.detail
+
+
 # Real QEMU: the trigger fired on QEMU's RAM from outside (process_madvise, debugfs with QEMU's pid and RAM range,
 # ksmd: QEMU's RAM is MADV_MERGEABLE by default, mem-merge=on). partial-unmap is synthetic only. "ksm-same": every
 # data page holds the same bytes, so KSM merges write-protected data pages too, on any kernel
@@ -146,12 +168,25 @@ QEMU_KINDS = {"snapshot": lambda fill: sc.snapshot("snapshot-running", fill=fill
 
 @pytest.mark.qemu
 @pytest.mark.parametrize(("kind", "split"), QEMU_CELLS, ids=[f"{k}-{s}" for k, s in QEMU_CELLS])
-def test_trigger_qemu(run, qemu, check_verdict, kind, split):
+def test_trigger_qemu(run, qemu, check_verdict, kernel_features, kind, split):
     """A real QEMU's RAM split by each trigger: no received page lost, no uffd-wp bit lost, the same restore."""
     fill = sc.Fill(content="same") if split.endswith("-same") else sc.Fill()
     split = split.removesuffix("-same")
     verdict = run(replace(QEMU_KINDS[kind](fill), split=split))
     check_verdict(verdict)
-    assert verdict.split_expected or verdict.no_split_reason, f"no split and no reason: {verdict.summary()}"
-    if split != "debugfs":
-        assert verdict.split_expected, f"{split} was due to split QEMU's THPs: {verdict.summary()}"
+    assert_trigger_split(verdict, kernel_features, split, ThpSettings())
+
+
+def test_debugfs_split_failure_is_an_error_of_the_run(target, kernel_spec):
+    """A debugfs split the kernel refuses for another reason than lockdown (here: no such process, ESRCH) is an
+    error of the run, not "cannot split"; under lockdown (this host: integrity) the refusal is lockdown's alone."""
+    if kernel_spec.kind != "host":
+        pytest.skip("the debugfs write is made from this process: the host kernel only")
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    mode = split_triggers.lockdown()
+    if "[none]" in mode or not mode:
+        with pytest.raises(split_triggers.SplitError, match=r"No such process.*not a refusal by lockdown"):
+            split_triggers.debugfs_split(pid_max + 1, 0x7F00_0000_0000, 2 << 20)
+    else:
+        why = split_triggers.debugfs_split(pid_max + 1, 0x7F00_0000_0000, 2 << 20)
+        assert "Operation not permitted (kernel lockdown" in why, why

@@ -195,11 +195,14 @@ class MigrationRun:
             if self.s.split == "shrinker" and not self.s.thp.mthp_kb:
                 why_not = "shmem THPs: the underused shrinker splits anonymous THPs only" \
                     if self.s.backing == "memfd" else ""
-                before, after = side.ledger.shrink(step.phase, self.trigger, side.cg, self.nonzero, why_not=why_not)
+                split_triggers.made_folios(side.ledger, side.machine.pid, side.machine.ram_mapping()[0], self.s,
+                                           step.phase)
+                before, after = side.ledger.shrink(step.phase, self.trigger, side.cg, self.nonzero, why_not=why_not,
+                                                   origin="QEMU's RAM")
             else:  # another trigger on QEMU's RAM, from outside (process_madvise, debugfs, ksmd with mem-merge)
                 start, _ = side.machine.ram_mapping()
                 before, after = split_triggers.judged_split(side.ledger, side.machine.pid, start, self.s,
-                                                            step.phase, self.trigger, side.cg)
+                                                            step.phase, self.nonzero, self.trigger, side.cg)
             side.ledger.lost_bits(step.phase, before, after)
 
     def compare(self, step: Step, side: Side, expected: np.ndarray, what: str) -> None:

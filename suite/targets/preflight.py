@@ -54,7 +54,9 @@ def host_problems() -> list[str]:
 def local_features() -> dict[str, bool]:
     """Target.features() answered by the kernel this process runs on (the host's, or the guest's in the agent)."""
     return {"soft_dirty": pagemap.soft_dirty_supported(), "shrink_underused": thp.KNOBS["shrink_underused"].exists(),
-            "ksm": Path("/sys/kernel/mm/ksm/run").exists(), **memory_features()}
+            "ksm": Path("/sys/kernel/mm/ksm/run").exists(),
+            **{f"mthp_{kb}kB": thp.size_knob(kb).exists() for kb in thp.MTHP_SIZES_KB},  # per-size mTHP knobs
+            **memory_features()}
 
 
 # UFFDIO_API = _IOWR(0xAA, 0x3F, struct uffdio_api {u64 api, features, ioctls}); PAGEMAP_SCAN = _IOWR('f', 16, 96 B)
