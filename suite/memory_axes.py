@@ -109,12 +109,12 @@ def minor_style(shrink_at: str, *, sabotage: bool = False, thp: ThpSettings | No
 
 
 def origin_style(origin: str, *, backing: str = "anon", sabotage: bool = False,
-                 thp: ThpSettings | None = None) -> Scenario:
+                 thp: ThpSettings | None = None, fill: Fill | None = None) -> Scenario:
     """Snapshot-style with the shrink before registration, THPs born by ``origin``: every underused THP must be
     split whatever its origin. ``sabotage`` fills the zero subpages of chunks 1 and 5 behind the model's back just
     before the shrink: those THPs are no longer underused, so the split skips them and the verdict must name them
     as ``no-split``."""
-    base = with_memory(snapshot_style("before-register", thp=thp), backing=backing, origin=origin)
+    base = with_memory(snapshot_style("before-register", thp=thp, fill=fill), backing=backing, origin=origin)
     steps = list(base.steps)
     if sabotage:
         at = next(i for i, st in enumerate(steps) if st.op == "shrink")
