@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .scenario import SNAPSHOT_SHRINK_POINTS, Fill, Scenario, Step, snapshot_style
+from .scenario import SNAPSHOT_SHRINK_POINTS, Fill, Scenario, Step, postcopy_style, snapshot_style
 from .thp import ThpSettings
 
 FEATURES = ("async", "unpopulated")  # register-arg tokens: UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED
@@ -120,3 +120,14 @@ def origin_style(origin: str, *, backing: str = "anon", sabotage: bool = False,
         at = next(i for i, st in enumerate(steps) if st.op == "shrink")
         steps.insert(at, Step("sabotage-fill", pages="sabotage-chunks"))
     return replace(base, name=f"origin-{base.name}" + ("-sabotage" if sabotage else ""), steps=tuple(steps))
+
+
+def lost_data_control(split: str = "shrinker", *, thp: ThpSettings | None = None) -> Scenario:
+    """Negative control of the content axis: the postcopy-style sequence with sparse data pages (one non-zero byte
+    each), the ``sabotage-data`` pages zeroed behind the model's back just before the split, as a zero-subpage
+    detector that misjudged them would leave them. The verdict must name exactly those pages as ``lost-data``: at
+    the split where it maps them to the zero page, else at the verify where they read zero."""
+    base = replace(postcopy_style("after-discard", "after-place", fill=Fill(content="sparse"), thp=thp), split=split)
+    at = next(i for i, st in enumerate(base.steps) if st.op == "shrink")
+    steps = (*base.steps[:at], Step("sabotage-zero", pages="sabotage-data"), *base.steps[at:])
+    return replace(base, name=f"{base.name}-sabotage-zero", steps=steps)

@@ -17,6 +17,7 @@ import pytest
 from split_rules import assert_trigger_split
 
 from suite import known_findings, pagemap
+from suite import memory_axes as ma
 from suite import scenario as sc
 from suite.thp import MTHP_SIZES_KB, ThpSettings
 
@@ -125,10 +126,7 @@ def test_trigger_lost_data_negative_control(run, check_verdict, kernel_spec, spl
     misjudges them would do) are named exactly as lost-data, nothing else: at the split where it maps them to the
     zero page, else at the verify where they read zero."""
     skip_host_swap(kernel_spec, split)
-    scenario = replace(KINDS["missing"](PMD), fill=sc.Fill(content="sparse"), split=split)
-    at = next(i for i, st in enumerate(scenario.steps) if st.op == "shrink")
-    steps = (*scenario.steps[:at], sc.Step("sabotage-zero", pages="sabotage-data"), *scenario.steps[at:])
-    scenario = replace(scenario, name=f"{scenario.name}-sabotage-zero", steps=steps)
+    scenario = ma.lost_data_control(split)
     verdict = run(scenario)
     check_verdict(verdict, must_pass=False)
     lost = [f for f in verdict.findings if f.kind == "lost-data"]
