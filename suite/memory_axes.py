@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .scenario import SNAPSHOT_SHRINK_POINTS, Fill, Scenario, Step, snapshot_style
+from .scenario import SNAPSHOT_SHRINK_POINTS, Fill, Scenario, Step, postcopy_style, snapshot_style
 from .thp import ThpSettings
 
 FEATURES = ("async", "unpopulated")  # register-arg tokens: UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED
@@ -109,14 +109,25 @@ def minor_style(shrink_at: str, *, sabotage: bool = False, thp: ThpSettings | No
 
 
 def origin_style(origin: str, *, backing: str = "anon", sabotage: bool = False,
-                 thp: ThpSettings | None = None) -> Scenario:
+                 thp: ThpSettings | None = None, fill: Fill | None = None) -> Scenario:
     """Snapshot-style with the shrink before registration, THPs born by ``origin``: every underused THP must be
     split whatever its origin. ``sabotage`` fills the zero subpages of chunks 1 and 5 behind the model's back just
     before the shrink: those THPs are no longer underused, so the split skips them and the verdict must name them
     as ``no-split``."""
-    base = with_memory(snapshot_style("before-register", thp=thp), backing=backing, origin=origin)
+    base = with_memory(snapshot_style("before-register", thp=thp, fill=fill), backing=backing, origin=origin)
     steps = list(base.steps)
     if sabotage:
         at = next(i for i, st in enumerate(steps) if st.op == "shrink")
         steps.insert(at, Step("sabotage-fill", pages="sabotage-chunks"))
     return replace(base, name=f"origin-{base.name}" + ("-sabotage" if sabotage else ""), steps=tuple(steps))
+
+
+def lost_data_control(split: str = "shrinker", *, thp: ThpSettings | None = None) -> Scenario:
+    """Negative control of the content axis: the postcopy-style sequence with sparse data pages (one non-zero byte
+    each), the ``sabotage-data`` pages zeroed behind the model's back just before the split, as a zero-subpage
+    detector that misjudged them would leave them. The verdict must name exactly those pages as ``lost-data``: at
+    the split where it maps them to the zero page, else at the verify where they read zero."""
+    base = replace(postcopy_style("after-discard", "after-place", fill=Fill(content="sparse"), thp=thp), split=split)
+    at = next(i for i, st in enumerate(base.steps) if st.op == "shrink")
+    steps = (*base.steps[:at], Step("sabotage-zero", pages="sabotage-data"), *base.steps[at:])
+    return replace(base, name=f"{base.name}-sabotage-zero", steps=steps)

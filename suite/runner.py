@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ledger, pagemap, shrinker, split_triggers, thp
+from . import content, ledger, pagemap, shrinker, split_triggers, thp
 from .errors import StallError
 from .ledger import Ledger
 from .memcg import Memcg
@@ -21,8 +21,8 @@ from .oracle import mixed_thp_anchors, runs
 from .pagemap import PAGE, PageStates
 from .qemu import runner as qemu_runner
 from .scenario import OPS, Scenario, Step
-from .uffd import Faults, UffdHelper
-from .verdict import Verdict
+from .uffd import Faults, Mismatch, UffdHelper
+from .verdict import FIRST_SHOWN, Verdict
 
 
 def run(scenario: Scenario, options: RunOptions | None = None) -> Verdict:
@@ -62,6 +62,7 @@ class SyntheticRun:
         data = scenario.selector("data")
         verdict.name_pages("data", np.nonzero(data)[0])  # what a known finding's signature is stated in
         verdict.name_pages("zero", np.nonzero(~data)[0])
+        self.lost = np.zeros(n, dtype=bool)  # sparse data pages already named as lost-data (once each)
 
     # --- driving -------------------------------------------------------------------------------------------
 
@@ -183,16 +184,28 @@ class SyntheticRun:
         return faults
 
     def do_verify(self, step: Step, sel: np.ndarray) -> Faults:
-        bad: list[int] = []
+        bad: list[Mismatch] = []
 
         def verify(o: int, n: int) -> Faults:
-            mismatch, f = self.h.verify(o, n)
+            mismatch, f = self.h.check(o, n)
             bad.extend(mismatch)
             return f
 
         faults = self.each_run(sel, verify)
-        self.ledger.report("content", step.phase, bad)
+        # sparse data pages that read all zero: the zero detector took them for zero-filled subpages
+        zeroed = [m for m in bad if m.zeroed and self.s.fill.content == "sparse" and self.nonzero[m.index]]
+        self.report_lost(step.phase, [m.index for m in zeroed if not self.lost[m.index]], "read all zero")
+        lost = {m.index for m in zeroed}
+        wrong = [m for m in bad if m.index not in lost]
+        self.ledger.report("content", step.phase, [m.index for m in wrong], first_bytes(wrong))
         return faults
+
+    def report_lost(self, phase: str, indices: list[int], how: str) -> None:
+        """``lost-data``: sparse data pages that read zero, once each, with the byte the model has there."""
+        self.lost[indices] = True
+        spots = [f"{i}+{content.sparse_spot(i)[0]:#x}" for i in indices[:FIRST_SHOWN]]
+        self.ledger.report("lost-data", phase, indices, f"{how}; first differing byte (page index+offset): "
+                           + ", ".join(spots) + (", …" if len(indices) > FIRST_SHOWN else ""))
 
     # --- the memory axes' steps (issue 11; builders in ``memory_axes``) -----------------------------------------
 
@@ -231,6 +244,10 @@ class SyntheticRun:
         Path(f"/proc/{self.h.pid}/clear_refs").write_text("4")
         return self.each_run(~sel, self.h.rewrite)
 
+    def do_sabotage_zero(self, step: Step, sel: np.ndarray) -> Faults:
+        """Negative control: data pages zeroed behind the model's back (it still expects their byte)."""
+        return self.each_run(sel, self.h.scrub)
+
     def do_sabotage_fill(self, step: Step, sel: np.ndarray) -> Faults:
         """Negative control: data into zero subpages behind the model's back (it still expects them zero)."""
         return self.each_run(sel, self.h.place)
@@ -244,6 +261,8 @@ class SyntheticRun:
         # A MISSING fault on a placed page: QEMU thinks it has the page and never asks the source again.
         led.report("missing-fault", phase, [i for i in faults.missing if led.placed[i]])
         after = led.observe(phase)
+        if self.s.fill.content == "sparse":  # a data page mapping the zero page: its byte is gone
+            self.report_lost(phase, np.nonzero(after.zero & self.nonzero & ~self.lost)[0].tolist(), "map the zero page")
 
         if step.op == "wp":
             self.wp_expected = self.wp_expected | sel if step.arg == "1" else self.wp_expected & ~sel
@@ -257,3 +276,11 @@ class SyntheticRun:
         if before is not None and OPS[step.op]:  # this step must not clear protection bits
             keep = ~sel if step.op == "discard" else ~self.unmapped if step.op == "shrink" else np.ones_like(sel)
             led.lost_bits(phase, before, after, wp=self.wp_expected & keep, keep=keep)
+
+
+def first_bytes(bad: list[Mismatch]) -> str:
+    """The first differing byte of the first few bad pages, for a finding's detail."""
+    if not bad:
+        return ""
+    shown = ", ".join(f"{m.index}+{m.first:#x}" for m in bad[:FIRST_SHOWN])
+    return f"first differing byte (page index+offset): {shown}" + (", …" if len(bad) > FIRST_SHOWN else "")

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from .content import CONTENTS
 from .pagemap import PAGES_PER_THP
 from .thp import ThpSettings
 
@@ -34,6 +35,7 @@ OPS: dict[str, bool] = {
     "dump": True,  # arg "soft-dirty" | "written": every page written since the clear must read so (CRIU's dump)
     "sabotage-clean": True,  # arg "soft-dirty" | "written": selected written pages made to read clean
     "sabotage-fill": True,  # data into the selected zero subpages behind the model: those THPs are not underused
+    "sabotage-zero": True,  # content axis: the selected data pages zeroed behind the model (a misjudged zero detector)
 }
 # Real-QEMU kinds: a phase op advances the migration to that phase; an action op acts where the migration is.
 POSTCOPY_PHASES = ("before-migrate", "mid-precopy", "precopy-done", "pre-switchover", "nohugepage-window",
@@ -57,7 +59,8 @@ KIND_OPS: dict[str, frozenset[str]] = {
 # How a real postcopy migration is driven (``migration.VARIANTS`` has the capabilities): plain postcopy-ram,
 # with multifd channels (zero-page-detection=multifd), with postcopy-preempt.
 POSTCOPY_VARIANTS = ("", "multifd", "preempt")
-SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed", "sabotage-chunks")
+SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed", "sabotage-chunks",
+             "sabotage-data")
 # What a "shrink" step fires to split large folios (``split_triggers``); "shrinker" is the default.
 SPLITS = ("shrinker", "pageout", "pageout-swap", "partial-unmap", "debugfs", "ksm", "ksm-zero")
 BACKINGS = ("anon", "memfd")  # the region: private anonymous (default) or a MAP_SHARED memfd (shmem THPs)
@@ -98,7 +101,7 @@ class Fill:
     data_per_thp: int = 8
     layout: str = "spread"  # "spread": evenly spaced; "head": the first N subpages
     # "unique": every data page differs; "same": every data page holds the same bytes (synthetic or QEMU), so KSM
-    # has duplicates to merge besides zero pages
+    # has duplicates to merge besides zero pages; "sparse": one non-zero byte per data page (``content``)
     content: str = "unique"
 
     @property
@@ -147,8 +150,8 @@ class Scenario:
                              "partial-unmap is synthetic only)")
         if self.backing not in BACKINGS or self.origin not in ORIGINS:
             raise ValueError(f"unknown backing {self.backing!r} or origin {self.origin!r}")
-        if self.fill.content not in ("unique", "same"):
-            raise ValueError(f"fill content {self.fill.content!r}: 'unique' or 'same'")
+        if self.fill.content not in CONTENTS:
+            raise ValueError(f"fill content {self.fill.content!r}: one of {', '.join(CONTENTS)}")
         if bad := [st.op for st in self.steps if st.op not in KIND_OPS[self.kind]]:
             raise ValueError(f"{self.kind} scenario cannot have steps {', '.join(bad)}")
 
@@ -187,6 +190,8 @@ class Scenario:
             return ~data & ((chunk == 1) & (sub >= 300) & (sub < 303) | (chunk == 5) & (sub >= 500) & (sub < 502))
         if name == "sabotage-chunks":  # every zero subpage of chunks 1 and 5
             return ~data & ((chunk == 1) | (chunk == 5))
+        if name == "sabotage-data":  # data subpages of chunks 1 and 5, in their first half (not discarded)
+            return data & ((chunk == 1) | (chunk == 5)) & (sub < 256)
         if name == "sabotage-mixed":  # the same, plus the first data subpage of chunk 3
             first_data = (chunk == 3) & data & (np.cumsum(data & (chunk == 3)) == 1)
             return self.selector("sabotage") | first_data

@@ -1,7 +1,7 @@
 """The userfaultfd helper: a small C program that performs userfaultfd sequences step by step.
 
 It owns ONE anonymous region and obeys one line command at a time (``content``, ``map``, ``madvise``, ``place``,
-``register``, ``wp``, ``touch``, ``verify``, ``quit``), answering one JSON line each. Between commands it is
+``register``, ``wp``, ``touch``, ``verify``, ``scrub``, ``quit``), answering one JSON line each. Between commands it is
 idle, so the caller can read its /proc/PID/pagemap and fire the THP shrinker exactly when it wants. Its
 fault-handler thread resolves MISSING faults with the page's expected content (as QEMU postcopy does) and
 WP faults by un-protecting the page (as QEMU's background snapshot does); each reply lists the pages that
@@ -97,6 +97,15 @@ class Faults:
     @classmethod
     def from_reply(cls, reply: dict[str, Any]) -> Faults:
         return cls(missing=list(reply.get("missing", [])), wp=list(reply.get("wp", [])))
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A page that does not hold its expected content: its index, its first differing byte, all zero or not."""
+
+    index: int
+    first: int
+    zeroed: bool
 
 
 def _describe_exit(rc: int | None) -> str:
@@ -245,8 +254,19 @@ class UffdHelper:
 
     def verify(self, off: int, length: int, timeout: float | None = None) -> tuple[list[int], Faults]:
         """Compare every page to what it must hold; return (mismatching page indices, faults while reading)."""
+        mismatches, faults = self.check(off, length, timeout)
+        return [m.index for m in mismatches], faults
+
+    def check(self, off: int, length: int, timeout: float | None = None) -> tuple[list[Mismatch], Faults]:
+        """``verify`` with each bad page's first differing byte and whether it reads all zero."""
         reply = self.command(f"verify {off:#x} {length:#x}", timeout)
-        return list(reply["mismatch"]), Faults.from_reply(reply)
+        zeroed = set(reply["zeroed"])
+        return ([Mismatch(i, at, i in zeroed) for i, at in zip(reply["mismatch"], reply["first"], strict=True)],
+                Faults.from_reply(reply))
+
+    def scrub(self, off: int, length: int, timeout: float | None = None) -> Faults:
+        """Negative control: zero the pages behind the model's back (their expected content stays)."""
+        return Faults.from_reply(self.command(f"scrub {off:#x} {length:#x}", timeout))
 
     # ---- memory axes (issue 11): the helper's memory-axes block ----
 
@@ -278,7 +298,8 @@ class UffdHelper:
         return list(reply["written"]), Faults.from_reply(reply)
 
     def content(self, kind: str, timeout: float | None = None) -> None:
-        """'same': every page's stamp the same bytes (KSM merges data pages); 'unique' (default): its own."""
+        """'same': every page's stamp the same bytes (KSM merges data pages); 'unique' (default): its own;
+        'sparse': one non-zero byte per page (``suite.content``)."""
         self.command(f"content {kind}", timeout)
 
     def minor_faults(self, timeout: float | None = None) -> int:

@@ -47,8 +47,9 @@ static char *region;
 static size_t region_size, npages;
 static uint8_t *expected; /* enum expect per page; written by main, read by the handler (atomics) */
 /* Fill content 'same' (the 'content same' command): every page of a kind holds the same bytes, so KSM can
- * merge data pages too; default: a page's stamp carries its index (no two data pages alike). */
-static int same_content;
+ * merge data pages too; default: a page's stamp carries its index (no two data pages alike). 'sparse' ('content
+ * sparse'): one non-zero byte per data page, the rest zero (suite/content.py; tests the zero-subpage detector). */
+static int same_content, sparse_content;
 
 /* Faults the handler resolved since the last drain: one byte per page, so lists come out sorted and unique. */
 static pthread_mutex_t hits_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -178,11 +179,57 @@ static uint64_t pattern_word(size_t idx, int kind)
 	}
 }
 
+/* Content 'sparse': the offset and value of page idx's one non-zero byte, as suite/content.py's sparse_spot (a
+ * WRITTEN page: the same offset, the next value, so a rewrite shows). */
+static void sparse_spot(size_t idx, int kind, size_t *offset, uint8_t *value)
+{
+	size_t rev = 0;
+	for (int b = 0; b < 12; b++)
+		rev |= ((idx >> b) & 1) << (11 - b);
+	*offset = (rev * 1031 + 4095) % PAGE;
+	*value = (uint8_t)((idx >> 12) % 255 + 1);
+	if (kind == WRITTEN)
+		*value = (uint8_t)(*value % 255 + 1);
+}
+
 static void fill_pattern(uint64_t *dst, size_t idx, int kind)
 {
-	uint64_t w = pattern_word(idx, kind);
+	int sparse = sparse_content && kind != ZERO;
+	uint64_t w = sparse ? 0 : pattern_word(idx, kind);
 	for (size_t i = 0; i < WORDS; i++)
 		dst[i] = w;
+	if (sparse) {
+		size_t off;
+		uint8_t v;
+		sparse_spot(idx, kind, &off, &v);
+		((volatile uint8_t *)dst)[off] = v;
+	}
+}
+
+/* Compares page idx with its expected content: the offset of its first differing byte, or -1 where it holds what
+ * it must; *zeroed says whether it reads all zero (lost data when data was expected). */
+static long page_difference(const volatile uint64_t *p, size_t idx, int kind, int *zeroed)
+{
+	uint64_t want = pattern_word(idx, kind), spot_want = want;
+	size_t spot = WORDS;
+	if (sparse_content && kind != ZERO) {
+		size_t off;
+		uint8_t v;
+		sparse_spot(idx, kind, &off, &v);
+		want = 0;
+		spot = off / 8;
+		spot_want = (uint64_t)v << (8 * (off % 8));
+	}
+	long first = -1;
+	uint64_t any = 0;
+	for (size_t i = 0; i < WORDS; i++) {
+		uint64_t got = p[i], w = i == spot ? spot_want : want;
+		any |= got;
+		if (got != w && first < 0) /* little endian: the lowest differing byte of the word comes first */
+			first = (long)(i * 8 + (size_t)__builtin_ctzll(got ^ w) / 8);
+	}
+	*zeroed = !any;
+	return first;
 }
 
 /* ---- the fault handler thread ---- */
@@ -608,24 +655,46 @@ static void cmd_verify(char *off_s, char *len_s)
 	unsigned long off, len;
 	if (parse_range("verify", off_s, len_s, &off, &len))
 		return;
-	uint8_t *bad = calloc(npages, 1);
-	if (!bad) {
+	uint8_t *bad = calloc(npages, 1), *zeroed = calloc(npages, 1);
+	struct buf first = {0};
+	size_t nbad = 0;
+	if (!bad || !zeroed) {
 		reply_error("verify: calloc", ENOMEM);
-		return;
+		exit(2);
 	}
+	buf_printf(&first, ",\"first\":[");
 	for (size_t idx = off / PAGE; idx < (off + len) / PAGE; idx++) {
-		uint64_t want = pattern_word(idx, __atomic_load_n(&expected[idx], __ATOMIC_ACQUIRE));
-		const volatile uint64_t *p = (const volatile uint64_t *)(region + idx * PAGE);
-		for (size_t i = 0; i < WORDS; i++) {
-			if (p[i] != want) {
-				bad[idx] = 1;
-				break;
-			}
-		}
+		int zero;
+		long at = page_difference((const volatile uint64_t *)(region + idx * PAGE), idx,
+					  __atomic_load_n(&expected[idx], __ATOMIC_ACQUIRE), &zero);
+		if (at < 0)
+			continue;
+		buf_printf(&first, nbad++ ? ",%ld" : "%ld", at); /* per mismatching page, in page order */
+		bad[idx] = 1;
+		zeroed[idx] = (uint8_t)zero;
 	}
+	buf_printf(&first, "]");
 	struct buf b = reply_ok();
 	buf_index_list(&b, "mismatch", bad, npages, 0);
+	buf_printf(&b, "%s", first.p);
+	buf_index_list(&b, "zeroed", zeroed, npages, 0);
+	free(first.p);
 	free(bad);
+	free(zeroed);
+	drain_faults(&b);
+	reply(&b);
+}
+
+/* Negative control: zero the pages behind the model's back (their expected content stays), as a zero detector
+ * that misjudged them would leave them. */
+static void cmd_scrub(char *off_s, char *len_s)
+{
+	unsigned long off, len;
+	if (parse_range("scrub", off_s, len_s, &off, &len))
+		return;
+	for (unsigned long o = off; o < off + len; o += sizeof(uint64_t))
+		*(volatile uint64_t *)(region + o) = 0;
+	struct buf b = reply_ok();
 	drain_faults(&b);
 	reply(&b);
 }
@@ -884,8 +953,10 @@ int main(void)
 			reply(&b);
 			free(line);
 			return 0;
-		} else if (!strcmp(c, "content") && argc == 2 && (!strcmp(argv[1], "same") || !strcmp(argv[1], "unique"))) {
+		} else if (!strcmp(c, "content") && argc == 2 &&
+			   (!strcmp(argv[1], "same") || !strcmp(argv[1], "unique") || !strcmp(argv[1], "sparse"))) {
 			same_content = !strcmp(argv[1], "same"); /* before the first store: the model never changes */
+			sparse_content = !strcmp(argv[1], "sparse");
 			struct buf b = reply_ok();
 			reply(&b);
 		} else if (!strcmp(c, "map") && argc == 2) {
@@ -902,6 +973,8 @@ int main(void)
 			cmd_touch(argv[1], argv[2], argv[3]);
 		} else if (!strcmp(c, "verify") && argc == 3) {
 			cmd_verify(argv[1], argv[2]);
+		} else if (!strcmp(c, "scrub") && argc == 3) {
+			cmd_scrub(argv[1], argv[2]);
 		} else if (memory_axes_command(c, argc, argv)) {
 			/* handled by the memory axes block */
 		} else {

@@ -50,8 +50,21 @@ def _named(scenario: sc.Scenario, finding, selector: str) -> list[int]:
 def test_criu(run, check_verdict, kernel_features, dump):
     """Every page written since the clear must read soft-dirty / PAGE_IS_WRITTEN after the split, else an
     incremental dump restores stale data."""
+    _criu(run, check_verdict, kernel_features, dump, sc.Fill())
+
+
+@pytest.mark.parametrize("dump", ma.DUMPS)
+def test_criu_sparse(run, check_verdict, kernel_features, dump):
+    """The same with sparse data pages (one non-zero byte each, suite/content.py): none may read as zeros."""
+    _criu(run, check_verdict, kernel_features, dump, SPARSE)
+
+
+SPARSE = sc.Fill(content="sparse")
+
+
+def _criu(run, check_verdict, kernel_features, dump: str, fill: sc.Fill) -> None:
     need(kernel_features, *(["soft_dirty"] if dump == "soft-dirty" else ["uffd_wp_async", "pagemap_scan"]))
-    scenario = ma.criu_style(dump)
+    scenario = ma.criu_style(dump, fill=fill)
     verdict = run(scenario)
     check_verdict(verdict)
     assert_memory_split(verdict, kernel_features, scenario)
@@ -107,7 +120,17 @@ def test_origin(run, check_verdict, kernel_features, origin, backing):
     """Every underused THP is split whatever its origin (a skipped one is a no-split finding naming it)."""
     if backing == "memfd":
         need(kernel_features, "shmem_thp")
-    scenario = ma.origin_style(origin, backing=backing)
+    _origin(run, check_verdict, kernel_features, ma.origin_style(origin, backing=backing))
+
+
+@pytest.mark.parametrize("origin", _matrix(sc.ORIGINS, {"read", "collapse"}))
+def test_origin_sparse(run, check_verdict, kernel_features, origin):
+    """The same with sparse data pages: a THP born from the huge zero page or from collapsed 4 KiB pages keeps
+    every data byte across the split."""
+    _origin(run, check_verdict, kernel_features, ma.origin_style(origin, fill=SPARSE))
+
+
+def _origin(run, check_verdict, kernel_features, scenario: sc.Scenario) -> None:
     verdict = run(scenario)
     check_verdict(verdict)
     assert_memory_split(verdict, kernel_features, scenario)

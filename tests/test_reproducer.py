@@ -145,6 +145,8 @@ MEMORY_CONTROLS = {
                                               backing="memfd"), "missing-fault", "touch(read)"),
     "memfd-minor": (lambda: ma.minor_style("after-zap", sabotage=True), "content", "verify"),
 }
+# the content axis: sparse data pages zeroed before each split are lost-data (at the split or at the verify)
+LOST_DATA_SPLITS = ("shrinker", "pageout", "debugfs")
 
 
 @pytest.mark.host
@@ -174,6 +176,23 @@ def test_memory_axes_reproducer_names_the_sabotaged_pages(tmp_path: Path, contro
     out = run(build(tmp_path, scenario))
     assert out.rc == 1, out.stdout + out.stderr
     assert out.pages() == out.pages(kind, phase) == np.nonzero(scenario.selector("sabotage"))[0].tolist(), out.stdout
+
+
+@pytest.mark.host
+@host
+@pytest.mark.parametrize("split", LOST_DATA_SPLITS)
+def test_sparse_reproducer_names_the_zeroed_data_pages(tmp_path: Path, split: str):
+    """A sparse cell replays in C (the helper's sparse bytes and verify, copied): a clean run finds nothing, and
+    data pages zeroed behind its back are named exactly as lost-data, once each."""
+    clean = replace(sc.postcopy_style("after-discard", "after-place", fill=sc.Fill(content="sparse")), split=split)
+    out = run(build(tmp_path, clean))
+    assert "#define SPARSE_CONTENT 1" in (tmp_path / "repro.c").read_text()
+    assert (out.rc, out.bad) == (0, []), out.stdout + out.stderr
+    scenario = ma.lost_data_control(split)
+    out = run(build(tmp_path, scenario))
+    zeroed = np.nonzero(scenario.selector("sabotage-data"))[0].tolist()
+    assert out.rc == 1 and sorted(out.pages()) == sorted(out.pages("lost-data")) == zeroed, out.stdout + out.stderr
+    assert {ph for _, _, ph in out.bad} <= {"shrink@after-place", "verify"}, out.stdout
 
 
 @pytest.mark.host

@@ -62,6 +62,30 @@ def test_snapshot_style_soft_dirty(run, check_verdict, kernel_features, thp_sett
     assert_split_as_expected(verdict, kernel_features, thp_settings)
 
 
+# The content axis: data pages with one non-zero byte each (suite/content.py); a data page that reads zero or maps
+# the zero page after the split is lost-data. Every snapshot point and a sample of the postcopy points
+SPARSE = sc.Fill(content="sparse")
+SPARSE_POSTCOPY = [("after-discard", "after-place"), ("after-place", "after-nohugepage"),
+                   ("after-shrink", "after-discard")]
+
+
+@pytest.mark.parametrize("shrink_at", sc.SNAPSHOT_SHRINK_POINTS, ids=lambda p: f"shrink@{p}")
+def test_snapshot_style_sparse(run, check_verdict, kernel_features, shrink_at):
+    """Sparse data pages keep their byte across the split, every write traps, no uffd-wp bit is lost."""
+    verdict = run(sc.snapshot_style(shrink_at, fill=SPARSE, thp=THP_SETTINGS[0]))
+    check_verdict(verdict)
+    assert_split_as_expected(verdict, kernel_features, THP_SETTINGS[0])
+
+
+@pytest.mark.parametrize(("register_at", "shrink_at"), SPARSE_POSTCOPY,
+                         ids=[f"register@{r}-shrink@{s}" for r, s in SPARSE_POSTCOPY])
+def test_postcopy_style_sparse(run, check_verdict, kernel_features, register_at, shrink_at):
+    """Placed sparse data pages stay placed and keep their byte across the split."""
+    verdict = run(sc.postcopy_style(register_at, shrink_at, fill=SPARSE, thp=THP_SETTINGS[0]))
+    check_verdict(verdict)
+    assert_split_as_expected(verdict, kernel_features, THP_SETTINGS[0], due=due(register_at, shrink_at))
+
+
 def _sabotaged(scenario: sc.Scenario, base: int) -> list[int]:
     return [base + int(i) * pagemap.PAGE for i in np.nonzero(scenario.selector("sabotage"))[0]]
 

@@ -42,6 +42,11 @@ KINDS = {
 # subpages a split leaves behind. Only KSM cares what the data is: this kind runs with ksm alone. (The soft-dirty
 # sibling lost 255 bits on 7.3.4 every time, on 6.12.118 once in 5 runs: too unsteady for a strict cell)
 SAME_KINDS = {"wp-same": lambda thp: replace(KINDS["wp"](thp), fill=sc.Fill(content="same"))}
+# The content axis (suite/content.py): data pages holding one non-zero byte each, at offsets all over the page. A
+# zero-subpage detector that looks at part of a page (or words, or bits) takes them for zero-filled and maps the
+# zero page over data: ``lost-data``. Both uffd modes, every trigger and size in the product
+SPARSE_KINDS = {f"{kind}-sparse": (lambda k: lambda thp: replace(KINDS[k](thp), fill=sc.Fill(content="sparse")))(kind)
+                for kind in ("wp", "missing")}
 PMD, K64 = SIZES[0], ThpSettings(mthp_kb=64)
 # (kind, split, size): the self-test's sample — every trigger on PMD THPs, the mTHP axis on a few triggers
 SAMPLE = ([("wp", split, PMD) for split in sc.SPLITS]
@@ -49,7 +54,9 @@ SAMPLE = ([("wp", split, PMD) for split in sc.SPLITS]
           + [("soft-dirty", split, PMD) for split in ("pageout", "partial-unmap", "ksm-zero")]
           + [("soft-dirty-fault", "pageout", K64)]
           + [("missing", split, PMD) for split in ("pageout", "partial-unmap")]
-          + [(kind, "ksm", PMD) for kind in SAME_KINDS])
+          + [(kind, "ksm", PMD) for kind in SAME_KINDS]
+          + [("wp-sparse", split, PMD) for split in sc.SPLITS]
+          + [("missing-sparse", split, size) for split, size in (("shrinker", PMD), ("pageout", K64))])
 
 
 def size_id(thp: ThpSettings) -> str:
@@ -62,7 +69,7 @@ def cell_id(kind: str, split: str, thp: ThpSettings) -> str:
 
 
 def scenario_for(kind: str, split: str, thp: ThpSettings) -> sc.Scenario:
-    return replace((KINDS | SAME_KINDS)[kind](thp), split=split)
+    return replace((KINDS | SAME_KINDS | SPARSE_KINDS)[kind](thp), split=split)
 
 
 def skip_host_swap(kernel_spec, split: str) -> None:
@@ -87,7 +94,7 @@ def test_trigger(run, check_verdict, kernel_features, kernel_spec, kind, split, 
     _run_cell(run, check_verdict, kernel_features, kernel_spec, kind, split, thp_settings)
 
 
-PRODUCT = list(itertools.product(KINDS, sc.SPLITS, SIZES))
+PRODUCT = list(itertools.product([*KINDS, *SPARSE_KINDS], sc.SPLITS, SIZES))
 
 
 @pytest.mark.matrix
@@ -155,6 +162,23 @@ def test_split_negative_control(run, check_verdict, kernel_features, thp_setting
               for c in chunks for i in range(0, pagemap.PAGES_PER_THP, n)]
     assert skipped.count == len(firsts) and skipped.addresses == firsts, verdict.failure_message()
     assert f"{n * pagemap.PAGE // 1024}kB folios (origin write, backing anon)" in skipped.detail, skipped.detail
+
+
+@pytest.mark.parametrize("split", sc.SPLITS)
+def test_trigger_lost_data_negative_control(run, check_verdict, kernel_spec, split):
+    """Sparse data pages zeroed behind the model's back before each trigger's split (what a zero detector that
+    misjudges them would do) are named exactly as lost-data, nothing else: at the split where it maps them to the
+    zero page, else at the verify where they read zero."""
+    skip_host_swap(kernel_spec, split)
+    scenario = ma.lost_data_control(split)
+    verdict = run(scenario)
+    check_verdict(verdict, must_pass=False)
+    lost = [f for f in verdict.findings if f.kind == "lost-data"]
+    assert lost and {f.kind for f in verdict.findings} == {"lost-data"}, verdict.failure_message()
+    assert {f.phase for f in lost} <= {"shrink@after-place", "verify"}, verdict.failure_message()
+    zeroed = {verdict.region + int(i) * pagemap.PAGE for i in np.nonzero(scenario.selector("sabotage-data"))[0]}
+    named = [a for f in lost for a in f.addresses]
+    assert sum(f.count for f in lost) == len(named) == len(zeroed) and set(named) == zeroed, verdict.failure_message()
 
 
 # Real QEMU: the trigger fired on QEMU's RAM from outside (process_madvise, debugfs with QEMU's pid and RAM range,

@@ -8,11 +8,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from suite import uffd
+from suite import content, uffd
 from suite.errors import HelperError, SetupError, StallError
-from suite.uffd import Faults, UffdHelper
+from suite.uffd import Faults, Mismatch, UffdHelper
 
 pytestmark = pytest.mark.host
 
@@ -212,3 +213,69 @@ def test_build_without_compiler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("CC", raising=False)
     with pytest.raises(SetupError, match=r"no C compiler \(cc\): apt-get install gcc"):
         uffd.build(tmp_path / "cache")
+
+
+# --- the content axis: the helper's bytes are suite/content.py's (the C reproducer copies the same functions) ---
+
+def _read(helper: UffdHelper, index: int) -> bytes:
+    assert helper.addr is not None
+    with open(f"/proc/{helper.pid}/mem", "rb") as mem:
+        mem.seek(helper.addr + index * PAGE)
+        return mem.read(PAGE)
+
+
+def _poke(helper: UffdHelper, index: int, offset: int, value: int) -> None:
+    """A byte changed behind the helper's model (as a corrupting kernel would)."""
+    assert helper.addr is not None
+    with open(f"/proc/{helper.pid}/mem", "r+b") as mem:
+        mem.seek(helper.addr + index * PAGE + offset)
+        mem.write(bytes([value]))
+
+
+SPARSE_PAGES = [0, 1, 2, 3, 64, 511, 3801, 3950, 4093, 4095, 4096, 4097, 8191]  # offsets 4095, 0, 8, …; values 1, 2
+
+
+def test_sparse_pages_are_the_models_bytes(helper: UffdHelper) -> None:
+    helper.content("sparse")
+    helper.map(32 * MIB)
+    for i in SPARSE_PAGES:
+        helper.place(i * PAGE, PAGE)
+    assert [i for i in SPARSE_PAGES if _read(helper, i) != content.page("sparse", i)] == []
+    assert {content.sparse_spot(i)[0] for i in SPARSE_PAGES} >= {0, 4095}
+    # a rewrite (touch write) keeps the offset, with the next value: a page written twice shows it
+    helper.touch("write", 64 * PAGE, PAGE)
+    offset, value = content.sparse_spot(64)
+    got = np.frombuffer(_read(helper, 64), dtype=np.uint8)
+    assert np.nonzero(got)[0].tolist() == [offset] and got[offset] == value % 255 + 1
+    assert helper.verify(0, 32 * MIB)[0] == []
+
+
+def test_sparse_page_resupplied_by_the_handler_is_the_models(helper: UffdHelper) -> None:
+    helper.content("sparse")
+    helper.map(2 * MIB)
+    helper.madvise("nohugepage", 0, 2 * MIB)
+    helper.place(0, 8 * PAGE)
+    helper.register("missing")
+    helper.madvise("dontneed", 5 * PAGE, PAGE)
+    assert helper.touch("read", 5 * PAGE, PAGE).missing == [5]
+    assert _read(helper, 5) == content.page("sparse", 5)
+
+
+def test_verify_names_each_bad_pages_first_differing_byte(helper: UffdHelper) -> None:
+    helper.content("sparse")
+    helper.map(2 * MIB)
+    helper.place(0, 16 * PAGE)
+    helper.scrub(3 * PAGE, 2 * PAGE)  # lost data: the pages read zero
+    assert content.sparse_spot(7)[0] < 4095
+    _poke(helper, 7, 4095, 0x5A)  # a stray byte after the data byte, which stays
+    _poke(helper, 9, content.sparse_spot(9)[0], 0x80)  # a wrong data byte: content, not zero
+    mismatches, _ = helper.check(0, 2 * MIB)
+    assert mismatches == [Mismatch(3, content.sparse_spot(3)[0], True), Mismatch(4, content.sparse_spot(4)[0], True),
+                          Mismatch(7, 4095, False), Mismatch(9, content.sparse_spot(9)[0], False)]
+
+
+def test_verify_finds_the_byte_inside_a_word_of_a_unique_page(helper: UffdHelper) -> None:
+    helper.map(2 * MIB)
+    helper.place(0, 4 * PAGE)
+    _poke(helper, 2, 13, 0xFF)
+    assert helper.check(0, 4 * PAGE)[0] == [Mismatch(2, 13, False)]

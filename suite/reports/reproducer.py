@@ -48,6 +48,8 @@ SPLIT_TEXT = {
     "ksm": "MADV_MERGEABLE, ksmd run for 20 full scans with use_zero_pages=0",
     "ksm-zero": "MADV_MERGEABLE, ksmd run for 20 full scans with use_zero_pages=1",
 }
+PLACED = {"unique": "a unique stamp", "same": "the same stamp",
+          "sparse": "one non-zero byte (offset and value from the page index, suite/content.py)"}
 KSM_KNOBS = {"../ksm/run": "0", "../ksm/pages_to_scan": "100000", "../ksm/sleep_millisecs": "0",
              "../ksm/smart_scan": "0"}
 
@@ -106,7 +108,7 @@ def describe(step: Step, s: Scenario) -> str:
     """What a step does, for the header comment."""
     what = {
         "map": "mmap an anonymous region (2 MiB aligned)" + (" + MADV_HUGEPAGE" if step.arg == "hugepage" else ""),
-        "place": f"write {'the same' if s.fill.content == 'same' else 'a unique'} stamp into the selected pages "
+        "place": f"write {PLACED[s.fill.content]} into the selected pages "
                  f"({s.fill.data_per_thp} per 2 MiB chunk, {s.fill.layout}): faults THPs in",
         "nohugepage": "MADV_NOHUGEPAGE on the whole region",
         "discard": "MADV_DONTNEED on the selected pages (no longer placed)",
@@ -125,6 +127,7 @@ def describe(step: Step, s: Scenario) -> str:
         "dump": f"read what an incremental dump saves ({step.arg}): every page written since the clear must be in it",
         "sabotage-clean": f"NEGATIVE CONTROL: the selected written pages made to read clean ({step.arg})",
         "sabotage-fill": "NEGATIVE CONTROL: data into zero subpages behind the model's back (THPs not underused)",
+        "sabotage-zero": "NEGATIVE CONTROL: data pages zeroed behind the model's back (a misjudged zero detector)",
     }[step.op]
     pages = "" if step.pages == "all" else f" [pages: {step.pages}, {int(s.selector(step.pages).sum())}]"
     return what + pages
@@ -167,6 +170,7 @@ def _header(s: Scenario, verdict: Verdict | None) -> str:
         "  content         a page does not hold what was written to it",
         "  stall           a step did not finish within --timeout (a fault was never resolved)",
         "  stale-dump      a page written since the clear reads clean: an incremental dump restores stale data",
+        "  lost-data       a sparse data page (one non-zero byte) reads all zero or maps the zero page",
         "Lines starting with '#' are information (page-state counts per step, THPs around each shrink).",
         "Exit status: 0 no bad page, 1 bad pages or a stall, 2 set-up error.",
         "--no-lock: do not take /run/lock/holecheck-thp.lock (the caller holds it; holecheck's tests do).",
@@ -202,6 +206,7 @@ def _tables(s: Scenario, timeout: float) -> str:
            f"#define FOLIO_KB {s.thp.mthp_kb or 2048}",
            f"#define BACKING_MEMFD {int(s.backing == 'memfd')} /* memory axes: MAP_SHARED memfd region */",
            f"#define SAME_CONTENT {int(s.fill.content == 'same')} /* every data page the same bytes (KSM merges) */",
+           f"#define SPARSE_CONTENT {int(s.fill.content == 'sparse')} /* one non-zero byte per data page */",
            f"static const double DEFAULT_TIMEOUT = {timeout!r};", "",
            "/* THP knobs under /sys/kernel/mm/transparent_hugepage/; NULL: left as found */",
            "static const struct knob {", "\tconst char *file, *want;", "} KNOBS[] = {"]

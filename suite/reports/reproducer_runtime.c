@@ -17,9 +17,9 @@
 #define NSTEPS (sizeof(STEPS) / sizeof(STEPS[0]))
 #define NKNOBS (sizeof(KNOBS) / sizeof(KNOBS[0]))
 
-enum kind { K_HOLE, K_MISSING, K_NO_WP, K_LOST_WP, K_LOST_SD, K_CONTENT, K_STALE, NKINDS };
+enum kind { K_HOLE, K_MISSING, K_NO_WP, K_LOST_WP, K_LOST_SD, K_CONTENT, K_STALE, K_LOST_DATA, NKINDS };
 static const char *const KIND_NAMES[NKINDS] = {"hole", "missing-fault", "no-wp-fault", "lost-uffd-wp",
-						"lost-soft-dirty", "content", "stale-dump"};
+						"lost-soft-dirty", "content", "stale-dump", "lost-data"};
 static size_t bad_count[NKINDS];
 
 static double timeout_s;
@@ -27,6 +27,7 @@ static int use_lock = 1;
 
 /* The model (what must hold), as runner.SyntheticRun keeps it, and this step's observations. */
 static uint8_t *sel, *fault_missing, *fault_wp, *placed, *wp_expected, *reported_holes, *mismatch;
+static uint8_t *lost; /* content sparse: data pages already reported as lost-data (once each) */
 static uint64_t *pm_before, *pm_after;
 static uint64_t zero_pfn;
 static int pagemap_fd = -1, wp_registered;
@@ -767,17 +768,21 @@ static void perform(const struct step *s)
 		memory_axes_step(s);
 		break;
 	case OP_VERIFY:
-		memset(mismatch, 0, npages);
 		for (size_t i = 0; i < s->nruns; i++)
 			for (size_t idx = r[i].first; idx < r[i].first + r[i].count; idx++) {
-				uint64_t want = pattern_word(idx, __atomic_load_n(&expected[idx], __ATOMIC_ACQUIRE));
-				const volatile uint64_t *p = (const volatile uint64_t *)(region + idx * PAGE);
-				for (size_t w = 0; w < WORDS && !mismatch[idx]; w++)
-					mismatch[idx] = p[w] != want;
+				int zeroed, kind = __atomic_load_n(&expected[idx], __ATOMIC_ACQUIRE);
+				long at = page_difference((const volatile uint64_t *)(region + idx * PAGE), idx, kind, &zeroed);
+				if (at < 0 || lost[idx])
+					continue;
+				/* content sparse: a data page reading all zero is lost data, else a wrong byte */
+				report(SPARSE_CONTENT && zeroed ? K_LOST_DATA : K_CONTENT, idx, s->phase);
+				printf("#   first differing byte of page %zu: +0x%lx\n", idx, (unsigned long)at);
+				lost[idx] = SPARSE_CONTENT && zeroed;
 			}
-		for (size_t idx = 0; idx < npages; idx++)
-			if (mismatch[idx])
-				report(K_CONTENT, idx, s->phase);
+		break;
+	case OP_SABOTAGE_ZERO: /* NEGATIVE CONTROL: data pages zeroed behind the model (a misjudged zero detector) */
+		for (size_t i = 0; i < s->nruns; i++)
+			memset(region + r[i].first * PAGE, 0, r[i].count * PAGE);
 		break;
 	}
 }
@@ -799,6 +804,11 @@ static void judge(const struct step *s, const uint64_t *before, const uint64_t *
 		}
 	for (size_t i = 0; i < npages; i++)
 		placed[i] |= !!(after[i] & PM_PRESENT);
+	for (size_t i = 0; i < npages && SPARSE_CONTENT; i++) /* a data page mapping the zero page: its byte is gone */
+		if (expected[i] != ZERO && (after[i] & PM_PRESENT) && (after[i] & PM_PFN_MASK) == zero_pfn && !lost[i]) {
+			lost[i] = 1;
+			report(K_LOST_DATA, i, ph);
+		}
 	if (s->op == OP_WP)
 		for (size_t i = 0; i < npages; i++)
 			if (sel[i])
@@ -899,6 +909,8 @@ int main(int argc, char **argv)
 
 	npages = REGION_SIZE / PAGE;
 	same_content = SAME_CONTENT;
+	sparse_content = SPARSE_CONTENT;
+	lost = zalloc(npages);
 	expected = zalloc(npages);
 	hit_missing = zalloc(npages);
 	hit_wp = zalloc(npages);

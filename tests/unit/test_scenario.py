@@ -100,5 +100,14 @@ def test_postcopy_libvirt_walks_the_phases_libvirt_can_hold() -> None:
 def test_fill_content_is_named_in_the_id_and_checked():
     assert sc.snapshot(fill=sc.Fill(content="same")).id.endswith("-spread8-same]")
     assert sc.snapshot_style("after-protect", fill=sc.Fill(content="same")).id.endswith("-spread8-same]")
-    with pytest.raises(ValueError, match="'unique' or 'same'"):
+    sparse = sc.postcopy_style("after-discard", "after-place", fill=sc.Fill(content="sparse"))
+    assert sparse.id.endswith("-spread8-sparse]") and sc.Scenario.from_json(sparse.to_json()) == sparse
+    with pytest.raises(ValueError, match="fill content 'odd': one of unique, same, sparse"):
         sc.snapshot_style("after-protect", fill=sc.Fill(content="odd"))
+
+
+def test_sabotage_data_selects_data_pages_outside_the_discards():
+    s = sc.postcopy_style("after-discard", "after-place")
+    sel = s.selector("sabotage-data")
+    assert sel.sum() == 8 and not (sel & ~s.selector("data")).any() and not (sel & s.selector("discard")).any()
+    assert sorted({int(i) // 512 for i in np.nonzero(sel)[0]}) == [1, 5]
