@@ -4,6 +4,7 @@
     ├── SetupError                the environment cannot run a scenario: one line for a human, no traceback
     │   └── LaunchError           [qemu.process] QEMU exited while starting: exit code, command line, output
     ├── StallError                a bounded wait expired: what was awaited, what was seen last
+    ├── PartyGoneError            the process a wait awaited exited: a harness fault, never a stall
     ├── HelperError               the userfaultfd helper refused a command or died
     ├── QmpError                  [qemu.machine] QEMU answered a QMP command with an error
     ├── QtestError                [qemu.qtest] QEMU answered a qtest request with FAIL, or the connection broke
@@ -28,6 +29,10 @@ class SetupError(HolecheckError):
 
 class StallError(HolecheckError):
     """A bounded wait expired: says what was awaited and what was seen last."""
+
+
+class PartyGoneError(HolecheckError):
+    """The process a bounded wait awaited is gone: an error of the run, never a kernel finding (a stall)."""
 
 
 class HelperError(HolecheckError):

@@ -32,7 +32,7 @@ from ..procs import stop_group
 from ..targets.libvirt_vm import QEMU_CONF, QEMU_NS, Embed, kill_pidfiles
 from ..waits import wait_for
 from . import bios
-from .machine import MachineConfig, RamMachine, resolve_accel
+from .machine import CONNECT_NOT_YET, MachineConfig, RamMachine, resolve_accel
 from .process import die_with_parent
 from .qtest import QtestClient
 
@@ -212,7 +212,7 @@ class DomainRamMachine(RamMachine):
             return "connected"
 
         state = wait_for(probe, lambda s: s in ("exited", "connected"), what=f"{self.name}: QEMU to answer QMP",
-                         timeout=timeout)
+                         timeout=timeout, retry_on=CONNECT_NOT_YET)
         if state == "exited":
             raise SetupError(f"{self.name}: libvirt's QEMU exited: {self.log_tail(3)}")
         q = self.qmp("query-version")["qemu"]

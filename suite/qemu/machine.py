@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qemu.qmp import QMPClient
-from qemu.qmp.protocol import Runstate
+from qemu.qmp.protocol import ConnectError, Runstate
 from qemu.qmp.qmp_client import ExecuteError
 
 from ..errors import HolecheckError, SetupError, StallError
@@ -41,6 +41,7 @@ from .qtest import QtestClient
 log = logging.getLogger(__name__)
 
 QMP_TIMEOUT = 10.0
+CONNECT_NOT_YET = (OSError, ConnectError, TimeoutError)  # a QMP socket not listening yet
 STARTUP_TIMEOUT = 30.0  # ~0.1 s on the host; an L2 QEMU under TCG inside an L1 VM needs ~3 s
 MEM_CHUNK = 1 << 20  # /proc/PID/mem transfers: one huge read is slower (and allocates twice)
 
@@ -185,7 +186,7 @@ class RamMachine(QemuProcess):
             self._run(self._client_or_fail().connect(sock), 2.0)
             return "connected"
 
-        state = wait_for(probe, lambda s: s in ("exited", "connected"),
+        state = wait_for(probe, lambda s: s in ("exited", "connected"), retry_on=CONNECT_NOT_YET,
                          what=f"{self.name}: QEMU to answer QMP on {sock}", timeout=self.startup_timeout)
         if state == "exited":
             raise self.launch_failure()
@@ -293,7 +294,7 @@ class RamMachine(QemuProcess):
 
         try:
             found = wait_for(probe, lambda ev: ev is not None, what=f"{self.name}: QMP event {name}",
-                             timeout=timeout, interval=0.01, max_interval=0.05)
+                             timeout=timeout, interval=0.01, max_interval=0.05, alive=self.gone)
         except StallError as exc:
             seen = sorted({e.get("event", "?") for e in self._events})
             raise StallError(f"{exc} (unconsumed events: {seen or 'none'})") from None

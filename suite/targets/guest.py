@@ -22,7 +22,7 @@ from .. import uffd
 from ..cache import cache_root
 from ..errors import HolecheckError, SetupError
 from ..kernelspec import KernelSpec
-from ..options import RunOptions
+from ..options import TCG_SLOWDOWN, RunOptions
 from ..qemu import bios
 from ..scenario import Scenario
 from ..verdict import Verdict
@@ -195,11 +195,12 @@ class GuestTarget:
             log.warning("artifacts dir %s is outside the shared %s: the guest cannot write it", artifacts,
                         self.artifacts_root)
             artifacts = None
-        timeout = RUN_SLACK + len(scenario.steps) * (self.options.timeout + 5.0)
+        timeout = RUN_SLACK + len(scenario.steps) * (self.options.deadline(TCG_SLOWDOWN) + 5.0)
         if not getattr(scenario, "synthetic", True):
             timeout += REAL_QEMU_SLACK
         # L2 QEMUs run inside L1: /dev/kvm there only with nested virtualization, so let them choose
         options = replace(self.options, artifacts=artifacts.resolve() if artifacts else None, backend="qemu",
+                          slowdown=1.0 if self.accel == "kvm" else TCG_SLOWDOWN,
                           qemu=qemu or self.options.qemu, accel="tcg" if self.options.accel == "tcg" else "auto")
         reply = self.call("run", timeout, scenario=scenario.to_json(), options=options.to_wire())
         return Verdict.from_json(reply["verdict"])
