@@ -147,6 +147,7 @@ def ram_domain_xml(name: str, uid: str, config: MachineConfig, qmp: Path, qtest:
         f"<domain type='{'kvm' if accel == 'kvm' else 'qemu'}' xmlns:qemu='{QEMU_NS}'>"
         f"<name>{escape(name)}</name><uuid>{uid}</uuid>"
         f"<memory unit='MiB'>{config.mem_mib}</memory><vcpu>1</vcpu>"
+        f"{'' if config.mem_merge else '<memoryBacking><nosharepages/></memoryBacking>'}"  # mem-merge=off
         f"<os><type arch='x86_64' machine={quoteattr(config.machine)}>hvm</type>"
         f"<loader type='rom'>{escape(str(bios.path()))}</loader></os>"
         "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>"

@@ -97,7 +97,7 @@ class LibvirtPostcopyRun(PostcopyRun):
         """A side whose QEMU libvirt starts (source: now; destination: when the migration prepares it)."""
         cg = self.stack.enter_context(shrinker.scope(self.trigger, name))
         config = MachineConfig(mem_mib=self.s.size_mib, accel=self.opts.accel, qemu=self.opts.qemu,
-                               incoming=incoming)
+                               incoming=incoming, mem_merge=self.s.split.startswith("ksm"))
         if incoming:
             daemon = self.daemon = self.stack.enter_context(
                 DestinationDaemon(self.embed, argv_prefix=cg.wrap if cg else None))

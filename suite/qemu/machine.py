@@ -66,6 +66,7 @@ class MachineConfig:
     extra_args: tuple[str, ...] = ()
     machine: str = "pc"
     memfd: bool = False  # guest RAM a memory-backend-memfd,share=on (shmem), not anonymous memory
+    mem_merge: bool = False  # QEMU's default (on) lets a host-wide ksmd merge guest RAM: only where KSM is the point
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,8 @@ class RamMachine(QemuProcess):
         assert self.dir is not None
         cfg = self.config
         return [
-            "-machine", cfg.machine + (",memory-backend=ram0" if cfg.memfd else ""),
+            "-machine", cfg.machine + (",memory-backend=ram0" if cfg.memfd else "")
+            + f",mem-merge={'on' if cfg.mem_merge else 'off'}",
             *(["-object", f"memory-backend-memfd,id=ram0,size={cfg.mem_mib}M,share=on"] if cfg.memfd else []),
             "-accel", self.accel, "-bios", str(bios.path()),
             "-m", str(cfg.mem_mib), "-nodefaults", "-display", "none", "-vga", "none", "-serial", "none",

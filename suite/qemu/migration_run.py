@@ -140,6 +140,7 @@ class MigrationRun:
             trace_dir.mkdir()
         config = MachineConfig(mem_mib=self.s.size_mib, accel=self.opts.accel, qemu=self.opts.qemu,
                                incoming=incoming, memfd=self.s.backing == "memfd",
+                               mem_merge=self.s.split.startswith("ksm"),  # ksmd splits here: RAM MADV_MERGEABLE
                                extra_args=tuple(discards.trace_args(trace_dir)) if trace_dir.is_dir() else ())
         machine = self.stack.enter_context(RamMachine(config, name=name, argv_prefix=cg.wrap if cg else None))
         self.v.qemu = machine.version
