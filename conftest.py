@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from suite import known_findings, memcg, options, thp
+from suite import host_knobs, known_findings, memcg, options, thp
 from suite.errors import SetupError
 from suite.kernelspec import KernelSpec, parse_many
 from suite.options import RunOptions
@@ -267,16 +267,20 @@ def _host_left_as_found() -> Iterator[None]:
         yield
         return
     with thp.exclusive():  # under the lock: no other run's scenario has the knobs changed right now
-        saved = thp.current()
+        saved = host_knobs.now()
     for stale in memcg.leftovers():
         with contextlib.suppress(OSError):
             stale.rmdir()
     yield
-    with thp.exclusive():
-        thp.restore(saved)
     for left in memcg.leftovers():
         with contextlib.suppress(OSError):
             left.rmdir()
+    with thp.exclusive():
+        changed = host_knobs.differences(saved, host_knobs.now())
+        if changed:  # a bug of holecheck's: fail the session naming the knob, then put it back
+            host_knobs.restore(saved)
+    if changed:
+        pytest.fail("holecheck left host knobs changed (restored now): " + "; ".join(changed), pytrace=False)
 
 
 @pytest.fixture
