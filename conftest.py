@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from kernels import config_check
 from suite import host_knobs, known_findings, memcg, options, thp
 from suite.errors import SetupError
 from suite.kernelspec import KernelSpec, parse_many
@@ -235,7 +236,9 @@ def describe(t: Target) -> str:
     parts = [t.kernel_release, f"booted in {boot:.1f} s" if boot else "",
              "underused-THP shrinker" if f["shrink_underused"] else "no underused shrinker: no split expected",
              "soft-dirty" if f["soft_dirty"] else "no soft-dirty"]
-    return ", ".join(p for p in parts if p)
+    kernel = getattr(t, "kernel", None)  # a booted kernel's config: what it lacks is skipped, never a failure
+    lacks = config_check.missing_optional(kernel.config) if kernel is not None and kernel.config else []
+    return ", ".join(p for p in parts if p) + "".join(f"\n  warning: {line}" for line in lacks)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -1,14 +1,15 @@
-"""Check a kernel's config against ``holecheck.config``: one clear line per missing required option."""
+"""Check a kernel's config against ``holecheck.config``: one clear line per missing required option (which stops
+the session) and one warning line per missing optional one (what is skipped without it)."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 FRAGMENT = Path(__file__).with_name("holecheck.config")
 OPTIONAL_MARK = "# holecheck: optional"
 # Drivers the initramfs can load as modules: =m satisfies a required =y for these.
-MODULE_OK = frozenset({"VIRTIO", "VIRTIO_MMIO", "VIRTIO_PCI", "VIRTIO_CONSOLE", "FUSE_FS", "VIRTIO_FS"})
+MODULE_OK = frozenset({"VIRTIO", "VIRTIO_MMIO", "VIRTIO_PCI", "VIRTIO_CONSOLE", "FUSE_FS", "VIRTIO_FS", "ZRAM"})
 # The virtio transport each machine type needs (the fragment names microvm's).
 TRANSPORT = {"microvm": "VIRTIO_MMIO", "pc": "VIRTIO_PCI"}
 LINE_RE = re.compile(r"^CONFIG_(\w+)=(.*)$")
@@ -19,6 +20,7 @@ UNSET_RE = re.compile(r"^# CONFIG_(\w+) is not set$")
 class Fragment:
     required: dict[str, str]
     optional: dict[str, str]
+    why: dict[str, str] = field(default_factory=dict)  # optional option → the comment above it: what it costs
 
 
 def parse(text: str) -> dict[str, str]:
@@ -36,13 +38,18 @@ def parse(text: str) -> dict[str, str]:
 def fragment(path: Path = FRAGMENT) -> Fragment:
     required: dict[str, str] = {}
     optional: dict[str, str] = {}
-    current = required
+    why: dict[str, str] = {}
+    current, comment = required, ""
     for line in path.read_text().splitlines():
         if line.strip() == OPTIONAL_MARK:
             current = optional
         elif m := LINE_RE.match(line.strip()):
             current[m[1]] = m[2]
-    return Fragment(required, optional)
+            if current is optional and comment:
+                why[m[1]] = comment
+        elif line.startswith("#"):
+            comment = line.lstrip("# ").strip()
+    return Fragment(required, optional, why)
 
 
 def _satisfied(option: str, want: str, have: str) -> bool:
@@ -67,8 +74,15 @@ def problems(config: dict[str, str], machine: str = "microvm", frag: Fragment | 
 
 
 def missing_optional(config: dict[str, str], frag: Fragment | None = None) -> list[str]:
+    """One line per optional option the config lacks, saying what is skipped without it (never stops a session)."""
     frag = frag or fragment()
-    return [f"CONFIG_{o}" for o, want in frag.optional.items() if not _satisfied(o, want, config.get(o, "n"))]
+    out = []
+    for option, want in frag.optional.items():
+        have = config.get(option, "n")
+        if not _satisfied(option, want, have):
+            state = "is not set" if have == "n" else f"={have}"
+            out.append(f"CONFIG_{option} {state}" + (f": {frag.why[option]}" if option in frag.why else ""))
+    return out
 
 
 def find_config(image: Path) -> Path | None:

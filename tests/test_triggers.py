@@ -18,6 +18,7 @@ from split_rules import assert_trigger_split
 
 from suite import known_findings, pagemap
 from suite import scenario as sc
+from suite.targets import preflight
 from suite.thp import MTHP_SIZES_KB, ThpSettings
 
 pytestmark = pytest.mark.host
@@ -71,6 +72,8 @@ def skip_host_swap(kernel_spec, split: str) -> None:
 
 def _run_cell(run, check_verdict, kernel_features, kernel_spec, kind: str, split: str, thp: ThpSettings) -> None:
     skip_host_swap(kernel_spec, split)
+    if why := preflight.lacking(kernel_features, split, thp.mthp_kb):
+        pytest.skip(why)
     if kind.startswith("soft-dirty") and not kernel_features["soft_dirty"]:
         pytest.skip("kernel under test lacks CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 is never set")
     verdict = run(scenario_for(kind, split, thp))
@@ -100,6 +103,8 @@ def test_trigger_negative_control(run, check_verdict, kernel_spec, kernel_featur
     (plus, on a kernel with a known bug in this trigger, exactly the pages that bug un-protected: they lost their
     uffd-wp bit at the split)."""
     skip_host_swap(kernel_spec, split)
+    if why := preflight.lacking(kernel_features, split):
+        pytest.skip(why)
     scenario = replace(sc.snapshot_style("after-protect", sabotage=True), split=split)
     verdict = run(scenario)
     check_verdict(verdict, must_pass=False)
@@ -123,10 +128,12 @@ QEMU_KINDS = {"snapshot": lambda fill: sc.snapshot("snapshot-running", fill=fill
 
 @pytest.mark.qemu
 @pytest.mark.parametrize(("kind", "split"), QEMU_CELLS, ids=[f"{k}-{s}" for k, s in QEMU_CELLS])
-def test_trigger_qemu(run, qemu, check_verdict, kind, split):
+def test_trigger_qemu(run, qemu, check_verdict, kernel_features, kind, split):
     """A real QEMU's RAM split by each trigger: no received page lost, no uffd-wp bit lost, the same restore."""
     fill = sc.Fill(content="same") if split.endswith("-same") else sc.Fill()
     split = split.removesuffix("-same")
+    if why := preflight.lacking(kernel_features, split):
+        pytest.skip(why)
     verdict = run(replace(QEMU_KINDS[kind](fill), split=split))
     check_verdict(verdict)
     assert verdict.split_expected or verdict.no_split_reason, f"no split and no reason: {verdict.summary()}"

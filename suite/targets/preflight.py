@@ -75,15 +75,33 @@ def optional_features() -> dict[str, Any]:
     }
 
 
+# the optional feature each split trigger needs, and how a kernel comes to lack it
+SPLIT_NEEDS = {"ksm": "ksm", "ksm-zero": "ksm", "debugfs": "debugfs_split", "pageout-swap": "zram"}
+LACKS = {"ksm": "no KSM (CONFIG_KSM: no /sys/kernel/mm/ksm)",
+         "debugfs_split": "no debugfs split_huge_pages (CONFIG_DEBUG_FS, or lockdown confidentiality)",
+         "zram": "no zram device (CONFIG_ZRAM, or its module not loaded)"}
+
+
+def lacking(features: dict[str, Any], split: str = "", mthp_kb: int = 0) -> str:
+    """Why a cell cannot run on the kernel whose ``features`` these are ('' if it can): the cell skips saying
+    so, instead of failing half-way on an interface that is not there."""
+    why = []
+    if (need := SPLIT_NEEDS.get(split)) and not features[need]:
+        why.append(f"the {split} split trigger needs what this kernel lacks: {LACKS[need]}")
+    if mthp_kb and mthp_kb not in features["mthp_kb"]:
+        sizes = ", ".join(f"{kb}kB" for kb in features["mthp_kb"]) or "none (mTHP came with 6.8)"
+        why.append(f"this kernel has no hugepages-{mthp_kb}kB knob (sizes with a knob: {sizes})")
+    return "; ".join(why)
+
+
 def _debugfs_locked_down() -> bool:
     """Lockdown "confidentiality" makes split_huge_pages refuse (EPERM)."""
     lockdown = Path("/sys/kernel/security/lockdown")
     return lockdown.exists() and "[confidentiality]" in lockdown.read_text()
 
 
-def numa_nodes() -> int:
+def numa_nodes(online: Path = Path("/sys/devices/system/node/online")) -> int:
     """Online NUMA nodes (1 on a kernel without CONFIG_NUMA: it has no node directory)."""
-    online = Path("/sys/devices/system/node/online")
     if not online.exists():
         return 1
     count = 0

@@ -225,6 +225,19 @@ def test_config_one_line_per_missing_option() -> None:
     ]
 
 
+def test_config_missing_optional_is_one_warning_line_each_saying_what_is_skipped() -> None:
+    optional = {o: "y" for o in config_check.fragment().optional}
+    assert config_check.missing_optional({**GOOD, **optional}) == []
+    assert config_check.missing_optional({**GOOD, **optional, "ZRAM": "m"}) == []  # loaded from the initramfs
+    cfg = {**GOOD, **optional, "KSM": "n"}
+    cfg.pop("DEBUG_FS")
+    assert config_check.missing_optional(cfg) == [
+        "CONFIG_KSM is not set: the KSM split cells (ksm, ksm-zero, -same-by-ksm) are skipped without it",
+        "CONFIG_DEBUG_FS is not set: the debugfs split trigger (split_huge_pages) is skipped without it",
+    ]
+    assert config_check.problems(cfg) == []  # never stops the session
+
+
 def test_config_transport_follows_machine() -> None:
     cfg = {**GOOD, "VIRTIO_MMIO": "n"}
     assert config_check.problems(cfg, "microvm") == ["CONFIG_VIRTIO_MMIO is not set: holecheck needs =y or m"]
