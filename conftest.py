@@ -130,6 +130,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def _check(config: pytest.Config, needs_root: bool, needs_qemu: bool) -> None:
     if needs_root and (problem := preflight.root_problem()):
         raise pytest.UsageError(problem)
+    if needs_root:
+        _check_the_one_kernel(config)
     if needs_qemu:
         from suite.qemu.plugin import resolve_all
 
@@ -139,6 +141,21 @@ def _check(config: pytest.Config, needs_root: bool, needs_qemu: bool) -> None:
 def _needs(item: pytest.Item, markers: tuple[str, ...], fixtures: tuple[str, ...]) -> bool:
     return (any(item.get_closest_marker(m) for m in markers)
             or any(f in getattr(item, "fixturenames", ()) for f in fixtures))
+
+
+def _check_the_one_kernel(config: pytest.Config) -> None:
+    """One kernel to boot: resolved (fetched, its config checked) before any test starts, so that a kernel that
+    cannot be had stops the session with one line — also under xdist, whose workers cannot stop it. (Several
+    kernels: one that cannot be had fails its own tests, the others run.)"""
+    kernels = config.stash[KERNELS]
+    if len(kernels) != 1 or kernels[0].kind not in ("debian", "path"):  # host: checked by its target
+        return
+    from kernels import kernel as kernel_images
+
+    try:
+        kernel_images.resolve(kernels[0].kind, kernels[0].value)
+    except SetupError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -119,6 +119,15 @@ def test_kernel_that_is_not_a_kernel_is_named_with_why(tmp_path: Path, make, why
     one_line(proc, rf"--kernel={re.escape(str(image))}: not a kernel image: {why}; give a bzImage/vmlinuz or vmlinux")
 
 
+@root_only
+def test_a_kernel_that_cannot_be_had_stops_an_xdist_session_with_one_line() -> None:
+    """As ``./holecheck main --kernel=…`` runs: the controller resolves the one kernel before workers start (a
+    worker cannot stop the session: each of its cells would fail instead)."""
+    proc = holecheck("tests/test_synthetic.py", "-n", "2", "--dist", "loadgroup", "--kernel=debian:nonexistent")
+    one_line(proc, r"^ERROR: debian:nonexistent: not a Debian kernel version \(e\.g\. ")
+    assert "INTERNALERROR" not in proc.stdout + proc.stderr and " failed" not in proc.stdout, proc.stdout
+
+
 # --- QEMU: checked at session start for the selected real-QEMU tests, and again at every boot ---------------
 
 
