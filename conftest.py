@@ -228,8 +228,6 @@ def target(kernel_spec: KernelSpec, target_options: RunOptions, request: pytest.
            _targets: dict[KernelSpec, Target | SetupError]) -> Target:
     """Where scenarios run. A kernel that cannot run them stops the session with one line (one kernel) or
     fails that kernel's tests with it (a matrix)."""
-    if kernel_spec.kind == "host":
-        request.getfixturevalue("_host_left_as_found")
     if kernel_spec not in _targets:
         try:
             _targets[kernel_spec] = t = open_target(kernel_spec, target_options)
@@ -237,6 +235,10 @@ def target(kernel_spec: KernelSpec, target_options: RunOptions, request: pytest.
         except SetupError as exc:
             _targets[kernel_spec] = exc
     t = _targets[kernel_spec]
+    if kernel_spec.kind == "host" and not isinstance(t, SetupError):
+        # after opening (which changes no knob): a host that cannot run scenarios says so without queuing for
+        # the knob lock behind another run
+        request.getfixturevalue("_host_left_as_found")
     if isinstance(t, SetupError):
         # one kernel: stop with the one line; an xdist worker cannot stop the session (INTERNALERROR): it fails
         if len(request.config.stash[KERNELS]) == 1 and not hasattr(request.config, "workerinput"):
