@@ -142,7 +142,9 @@ class MigrationRun:
                                incoming=incoming, memfd=self.s.backing == "memfd",
                                mem_merge=self.s.split.startswith("ksm"),  # ksmd splits here: RAM MADV_MERGEABLE
                                extra_args=tuple(discards.trace_args(trace_dir)) if trace_dir.is_dir() else ())
-        machine = self.stack.enter_context(RamMachine(config, name=name, argv_prefix=cg.wrap if cg else None))
+        machine = self.stack.enter_context(RamMachine(config, name=name, argv_prefix=cg.wrap if cg else None,
+                                                      qmp_timeout=self.opts.deadline(),
+                                                      startup_timeout=self.opts.deadline(3)))
         self.v.qemu = machine.version
         self.stack.callback(self.save_machine_artifacts, machine)
 

@@ -117,7 +117,7 @@ class PostcopyRun(MigrationRun):
         self.dst.ledger.observe(step.phase)
 
     def do_pre_switchover(self, step: Step) -> None:
-        self.hold = migration.HoldUffdRegistration(self.dst.machine, hold=HOLD)
+        self.hold = migration.HoldUffdRegistration(self.dst.machine, hold=HOLD, advise_timeout=self.opts.deadline())
         self.hold.attach()
         assert self.dirtier is not None
         # the dirtier runs until the source is paused before the switch: stopped any earlier, precopy may converge
