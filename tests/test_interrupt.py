@@ -362,15 +362,15 @@ def build_cache() -> Iterator[tuple[Path, str]]:
     build finds the patched tree made and configured."""
     from kernels import linux_source
 
-    # once per machine (~1 min); the power tests build from it too
-    linux_source.fetch_source(linux_source.source_version())
-    srcs = sorted((cache_root() / "build" / "src").glob("*/pristine.complete"))
-    version = srcs[-1].read_text().strip()
+    # once per machine (~1 min); the power tests build from it too. The version the build picks: the shared cache
+    # may hold other versions' sources (another run's pin), against which the patch does not apply
+    real = linux_source.fetch_source(linux_source.source_version())
+    version = (real.root / "pristine.complete").read_text().strip()
     root = Path(tempfile.mkdtemp(prefix="hcint-build-", dir="/tmp"))
-    src = root / "build" / "src" / srcs[-1].parent.name
+    src = root / "build" / "src" / real.root.name
     src.mkdir(parents=True)
-    (src / "pristine").symlink_to(srcs[-1].parent / "pristine")
-    shutil.copy(srcs[-1], src / "pristine.complete")
+    (src / "pristine").symlink_to(real.root / "pristine")
+    shutil.copy(real.root / "pristine.complete", src / "pristine.complete")
     yield root, version
     shutil.rmtree(root, ignore_errors=True)
 
