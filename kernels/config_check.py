@@ -12,6 +12,12 @@ OPTIONAL_MARK = "# holecheck: optional"
 MODULE_OK = frozenset({"VIRTIO", "VIRTIO_MMIO", "VIRTIO_PCI", "VIRTIO_CONSOLE", "FUSE_FS", "VIRTIO_FS", "ZRAM"})
 # The virtio transport each machine type needs (the fragment names microvm's).
 TRANSPORT = {"microvm": "VIRTIO_MMIO", "pc": "VIRTIO_PCI"}
+# Optional features a cell may need, checked on every kernel but never forced onto a build (``recipe`` builds
+# from holecheck.config alone): option → what is skipped without it.
+FEATURES = {"KSM": "the KSM split cells (ksm, ksm-zero, -same-by-ksm) are skipped without it",
+            "DEBUG_FS": "the debugfs split trigger (split_huge_pages) is skipped without it",
+            "ZRAM": "the pageout-swap split trigger (zram swap inside the L1 VM) is skipped without it",
+            "NUMA": "NUMA placement cells are skipped without it"}
 LINE_RE = re.compile(r"^CONFIG_(\w+)=(.*)$")
 UNSET_RE = re.compile(r"^# CONFIG_(\w+) is not set$")
 
@@ -76,12 +82,13 @@ def problems(config: dict[str, str], machine: str = "microvm", frag: Fragment | 
 def missing_optional(config: dict[str, str], frag: Fragment | None = None) -> list[str]:
     """One line per optional option the config lacks, saying what is skipped without it (never stops a session)."""
     frag = frag or fragment()
+    why = {**frag.why, **FEATURES}
     out = []
-    for option, want in frag.optional.items():
+    for option, want in {**frag.optional, **dict.fromkeys(FEATURES, "y")}.items():
         have = config.get(option, "n")
         if not _satisfied(option, want, have):
             state = "is not set" if have == "n" else f"={have}"
-            out.append(f"CONFIG_{option} {state}" + (f": {frag.why[option]}" if option in frag.why else ""))
+            out.append(f"CONFIG_{option} {state}" + (f": {why[option]}" if option in why else ""))
     return out
 
 

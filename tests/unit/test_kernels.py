@@ -226,7 +226,7 @@ def test_config_one_line_per_missing_option() -> None:
 
 
 def test_config_missing_optional_is_one_warning_line_each_saying_what_is_skipped() -> None:
-    optional = {o: "y" for o in config_check.fragment().optional}
+    optional = {o: "y" for o in [*config_check.fragment().optional, *config_check.FEATURES]}
     assert config_check.missing_optional({**GOOD, **optional}) == []
     assert config_check.missing_optional({**GOOD, **optional, "ZRAM": "m"}) == []  # loaded from the initramfs
     cfg = {**GOOD, **optional, "KSM": "n"}
@@ -236,6 +236,8 @@ def test_config_missing_optional_is_one_warning_line_each_saying_what_is_skipped
         "CONFIG_DEBUG_FS is not set: the debugfs split trigger (split_huge_pages) is skipped without it",
     ]
     assert config_check.problems(cfg) == []  # never stops the session
+    frag = config_check.fragment()  # warned about, never forced onto holecheck's own builds (their config hash)
+    assert not set(config_check.FEATURES) & (set(frag.required) | set(frag.optional))
 
 
 def test_config_transport_follows_machine() -> None:
