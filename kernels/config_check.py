@@ -51,8 +51,9 @@ def fragment(path: Path = FRAGMENT) -> Fragment:
             current = optional
         elif m := LINE_RE.match(line.strip()):
             current[m[1]] = m[2]
-            if current is optional and comment:
+            if current is optional and comment:  # the comment right above an option says what it costs
                 why[m[1]] = comment
+            comment = ""
         elif line.startswith("#"):
             comment = line.lstrip("# ").strip()
     return Fragment(required, optional, why)
@@ -80,15 +81,18 @@ def problems(config: dict[str, str], machine: str = "microvm", frag: Fragment | 
 
 
 def missing_optional(config: dict[str, str], frag: Fragment | None = None) -> list[str]:
-    """One line per optional option the config lacks, saying what is skipped without it (never stops a session)."""
+    """One line per optional option the config lacks that costs cells, saying what is skipped without it (never
+    stops a session; options without a stated cost, like IKCONFIG where a config file ships, are not named)."""
     frag = frag or fragment()
     why = {**frag.why, **FEATURES}
     out = []
     for option, want in {**frag.optional, **dict.fromkeys(FEATURES, "y")}.items():
+        if option not in why:
+            continue
         have = config.get(option, "n")
         if not _satisfied(option, want, have):
             state = "is not set" if have == "n" else f"={have}"
-            out.append(f"CONFIG_{option} {state}" + (f": {why[option]}" if option in why else ""))
+            out.append(f"CONFIG_{option} {state}: {why[option]}")
     return out
 
 

@@ -236,6 +236,9 @@ def test_config_missing_optional_is_one_warning_line_each_saying_what_is_skipped
         "CONFIG_DEBUG_FS is not set: the debugfs split trigger (split_huge_pages) is skipped without it",
     ]
     assert config_check.problems(cfg) == []  # never stops the session
+    no_soft_dirty = {**GOOD, **optional, "MEM_SOFT_DIRTY": "n", "IKCONFIG": "n"}  # IKCONFIG costs no cell
+    assert config_check.missing_optional(no_soft_dirty) == [
+        "CONFIG_MEM_SOFT_DIRTY is not set: soft-dirty scenarios are skipped without it"]
     frag = config_check.fragment()  # warned about, never forced onto holecheck's own builds (their config hash)
     assert not set(config_check.FEATURES) & (set(frag.required) | set(frag.optional))
 
