@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from suite import known_findings, memcg, options, thp
+from kernels import config_check
+from suite import host_knobs, known_findings, memcg, options, thp
 from suite.errors import SetupError
 from suite.kernelspec import KernelSpec, parse_many
 from suite.options import RunOptions
@@ -137,6 +138,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def _check(config: pytest.Config, needs_root: bool, needs_qemu: bool) -> None:
     if needs_root and (problem := preflight.root_problem()):
         raise pytest.UsageError(problem)
+    if needs_root:
+        _check_the_one_kernel(config)
     if needs_qemu:
         from suite.qemu.plugin import resolve_all
 
@@ -146,6 +149,21 @@ def _check(config: pytest.Config, needs_root: bool, needs_qemu: bool) -> None:
 def _needs(item: pytest.Item, markers: tuple[str, ...], fixtures: tuple[str, ...]) -> bool:
     return (any(item.get_closest_marker(m) for m in markers)
             or any(f in getattr(item, "fixturenames", ()) for f in fixtures))
+
+
+def _check_the_one_kernel(config: pytest.Config) -> None:
+    """One kernel to boot: resolved (fetched, its config checked) before any test starts, so that a kernel that
+    cannot be had stops the session with one line — also under xdist, whose workers cannot stop it. (Several
+    kernels: one that cannot be had fails its own tests, the others run.)"""
+    kernels = config.stash[KERNELS]
+    if len(kernels) != 1 or kernels[0].kind not in ("debian", "path"):  # host: checked by its target
+        return
+    from kernels import kernel as kernel_images
+
+    try:
+        kernel_images.resolve(kernels[0].kind, kernels[0].value)
+    except SetupError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -218,8 +236,6 @@ def target(kernel_spec: KernelSpec, target_options: RunOptions, request: pytest.
            _targets: dict[KernelSpec, Target | SetupError]) -> Target:
     """Where scenarios run. A kernel that cannot run them stops the session with one line (one kernel) or
     fails that kernel's tests with it (a matrix)."""
-    if kernel_spec.kind == "host":
-        request.getfixturevalue("_host_left_as_found")
     if kernel_spec not in _targets:
         try:
             _targets[kernel_spec] = t = open_target(kernel_spec, target_options)
@@ -227,6 +243,10 @@ def target(kernel_spec: KernelSpec, target_options: RunOptions, request: pytest.
         except SetupError as exc:
             _targets[kernel_spec] = exc
     t = _targets[kernel_spec]
+    if kernel_spec.kind == "host" and not isinstance(t, SetupError):
+        # after opening (which changes no knob): a host that cannot run scenarios says so without queuing for
+        # the knob lock behind another run
+        request.getfixturevalue("_host_left_as_found")
     if isinstance(t, SetupError):
         # one kernel: stop with the one line; an xdist worker cannot stop the session (INTERNALERROR): it fails
         if len(request.config.stash[KERNELS]) == 1 and not hasattr(request.config, "workerinput"):
@@ -243,7 +263,9 @@ def describe(t: Target) -> str:
     parts = [t.kernel_release, f"booted in {boot:.1f} s" if boot else "",
              "underused-THP shrinker" if f["shrink_underused"] else "no underused shrinker: no split expected",
              "soft-dirty" if f["soft_dirty"] else "no soft-dirty"]
-    return ", ".join(p for p in parts if p)
+    kernel = getattr(t, "kernel", None)  # a booted kernel's config: what it lacks is skipped, never a failure
+    lacks = config_check.missing_optional(kernel.config) if kernel is not None and kernel.config else []
+    return ", ".join(p for p in parts if p) + "".join(f"\n  warning: {line}" for line in lacks)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -275,16 +297,20 @@ def _host_left_as_found() -> Iterator[None]:
         yield
         return
     with thp.exclusive():  # under the lock: no other run's scenario has the knobs changed right now
-        saved = thp.current()
+        saved = host_knobs.now()
     for stale in memcg.leftovers():
         with contextlib.suppress(OSError):
             stale.rmdir()
     yield
-    with thp.exclusive():
-        thp.restore(saved)
     for left in memcg.leftovers():
         with contextlib.suppress(OSError):
             left.rmdir()
+    with thp.exclusive():
+        changed = host_knobs.differences(saved, host_knobs.now())
+        if changed:  # a bug of holecheck's: fail the session naming the knob, then put it back
+            host_knobs.restore(saved)
+    if changed:
+        pytest.fail("holecheck left host knobs changed (restored now): " + "; ".join(changed), pytrace=False)
 
 
 @pytest.fixture

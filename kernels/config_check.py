@@ -1,16 +1,23 @@
-"""Check a kernel's config against ``holecheck.config``: one clear line per missing required option."""
+"""Check a kernel's config against ``holecheck.config``: one clear line per missing required option (which stops
+the session) and one warning line per missing optional one (what is skipped without it)."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 FRAGMENT = Path(__file__).with_name("holecheck.config")
 OPTIONAL_MARK = "# holecheck: optional"
 # Drivers the initramfs can load as modules: =m satisfies a required =y for these.
-MODULE_OK = frozenset({"VIRTIO", "VIRTIO_MMIO", "VIRTIO_PCI", "VIRTIO_CONSOLE", "FUSE_FS", "VIRTIO_FS"})
+MODULE_OK = frozenset({"VIRTIO", "VIRTIO_MMIO", "VIRTIO_PCI", "VIRTIO_CONSOLE", "FUSE_FS", "VIRTIO_FS", "ZRAM"})
 # The virtio transport each machine type needs (the fragment names microvm's).
 TRANSPORT = {"microvm": "VIRTIO_MMIO", "pc": "VIRTIO_PCI"}
+# Optional features a cell may need, checked on every kernel but never forced onto a build (``recipe`` builds
+# from holecheck.config alone): option → what is skipped without it.
+FEATURES = {"KSM": "the KSM split cells (ksm, ksm-zero, -same-by-ksm) are skipped without it",
+            "DEBUG_FS": "the debugfs split trigger (split_huge_pages) is skipped without it",
+            "ZRAM": "the pageout-swap split trigger (zram swap inside the L1 VM) is skipped without it",
+            "NUMA": "NUMA placement cells are skipped without it"}
 LINE_RE = re.compile(r"^CONFIG_(\w+)=(.*)$")
 UNSET_RE = re.compile(r"^# CONFIG_(\w+) is not set$")
 
@@ -19,6 +26,7 @@ UNSET_RE = re.compile(r"^# CONFIG_(\w+) is not set$")
 class Fragment:
     required: dict[str, str]
     optional: dict[str, str]
+    why: dict[str, str] = field(default_factory=dict)  # optional option → the comment above it: what it costs
 
 
 def parse(text: str) -> dict[str, str]:
@@ -36,13 +44,19 @@ def parse(text: str) -> dict[str, str]:
 def fragment(path: Path = FRAGMENT) -> Fragment:
     required: dict[str, str] = {}
     optional: dict[str, str] = {}
-    current = required
+    why: dict[str, str] = {}
+    current, comment = required, ""
     for line in path.read_text().splitlines():
         if line.strip() == OPTIONAL_MARK:
             current = optional
         elif m := LINE_RE.match(line.strip()):
             current[m[1]] = m[2]
-    return Fragment(required, optional)
+            if current is optional and comment:  # the comment right above an option says what it costs
+                why[m[1]] = comment
+            comment = ""
+        elif line.startswith("#"):
+            comment = line.lstrip("# ").strip()
+    return Fragment(required, optional, why)
 
 
 def _satisfied(option: str, want: str, have: str) -> bool:
@@ -67,8 +81,19 @@ def problems(config: dict[str, str], machine: str = "microvm", frag: Fragment | 
 
 
 def missing_optional(config: dict[str, str], frag: Fragment | None = None) -> list[str]:
+    """One line per optional option the config lacks that costs cells, saying what is skipped without it (never
+    stops a session; options without a stated cost, like IKCONFIG where a config file ships, are not named)."""
     frag = frag or fragment()
-    return [f"CONFIG_{o}" for o, want in frag.optional.items() if not _satisfied(o, want, config.get(o, "n"))]
+    why = {**frag.why, **FEATURES}
+    out = []
+    for option, want in {**frag.optional, **dict.fromkeys(FEATURES, "y")}.items():
+        if option not in why:
+            continue
+        have = config.get(option, "n")
+        if not _satisfied(option, want, have):
+            state = "is not set" if have == "n" else f"={have}"
+            out.append(f"CONFIG_{option} {state}: {why[option]}")
+    return out
 
 
 def find_config(image: Path) -> Path | None:

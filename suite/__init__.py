@@ -34,6 +34,7 @@ Running and judging
                      within their signature (beyond it they fail).
 - ``thp`` / ``memcg`` / ``shrinker`` — THP knobs (always restored), cgroup scopes, shrinker triggers.
 - ``split_triggers`` — every other way to split a large folio (pageout, partial unmap, debugfs, KSM), folio sizes.
+- ``host_knobs``   — the host-wide knobs a run changes (THP, mTHP, KSM, cgroup subtree_control), read in one place.
 - ``l1_swap``      — a zram swap device set up and torn down inside an L1 VM (``pageout-swap``), never the host's.
 - ``uffd``         — the C helper (``uffd_helper.c``) that performs userfaultfd sequences step by step.
 

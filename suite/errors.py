@@ -4,6 +4,7 @@
     ├── SetupError                the environment cannot run a scenario: one line for a human, no traceback
     │   └── LaunchError           [qemu.process] QEMU exited while starting: exit code, command line, output
     ├── StallError                a bounded wait expired: what was awaited, what was seen last
+    ├── PartyGoneError            the process a wait awaited exited: a harness fault, never a stall
     ├── HelperError               the userfaultfd helper refused a command or died
     ├── SplitError                [split_triggers] a split trigger failed other than by the kernel's refusal (a
     │                             debugfs write not refused by lockdown), or the cell made folios of a size its id
@@ -31,6 +32,10 @@ class SetupError(HolecheckError):
 
 class StallError(HolecheckError):
     """A bounded wait expired: says what was awaited and what was seen last."""
+
+
+class PartyGoneError(HolecheckError):
+    """The process a bounded wait awaited is gone: an error of the run, never a kernel finding (a stall)."""
 
 
 class HelperError(HolecheckError):

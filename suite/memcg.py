@@ -6,6 +6,7 @@ a process must be *started* inside its group (``Memcg.wrap``) for scoped reclaim
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,10 @@ from pathlib import Path
 from .errors import SetupError
 
 V1_ROOT = Path("/sys/fs/cgroup/memory")
+# "+memory" in the v2 root's subtree_control is host-wide and shared by concurrent runs: whoever enables it leaves
+# this marker; the run that removes the last holecheck group (under the lock) takes it back and drops the marker.
+SUBTREE_LOCK = Path("/run/holecheck-memcg.lock")
+SUBTREE_MARK = Path("/run/holecheck-memcg-enabled-memory")
 V2_CANDIDATES = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
 PREFIX = "holecheck-"
 
@@ -75,16 +80,52 @@ def scope(name: str = "") -> Iterator[Memcg]:
         raise SetupError("no memory cgroup controller (v2 memory or v1 memory.force_empty) to scope the shrinker")
     root = v2_root() if version == "v2" else V1_ROOT
     assert root is not None
-    if version == "v2":
-        with contextlib.suppress(OSError):  # let children use the memory controller
-            (root / "cgroup.subtree_control").write_text("+memory")
     path = root / f"{PREFIX}{name + '-' if name else ''}{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    path.mkdir()
+    with subtree_lock():
+        if version == "v2":
+            enable_memory(root)
+        path.mkdir()
     cg = Memcg(path, version)
     try:
         yield cg
     finally:
-        remove(cg, root)
+        with subtree_lock():
+            remove(cg, root)
+            if version == "v2":
+                restore_subtree(root)
+
+
+@contextlib.contextmanager
+def subtree_lock() -> Iterator[None]:
+    try:
+        fd = os.open(SUBTREE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:  # no writable /run: nothing to share it with either
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for a mkdir/rmdir and one sysfs write: never long
+        yield
+    finally:
+        os.close(fd)
+
+
+def enable_memory(root: Path) -> None:
+    """Let children use the memory controller; mark that holecheck did (it was not on before)."""
+    ctl = root / "cgroup.subtree_control"
+    if "memory" in ctl.read_text().split():
+        return
+    with contextlib.suppress(OSError):
+        SUBTREE_MARK.write_text(f"{os.getpid()}\n")
+        ctl.write_text("+memory")
+
+
+def restore_subtree(root: Path) -> None:
+    """Take "+memory" back if holecheck enabled it and no holecheck group is left (call under the lock)."""
+    if not SUBTREE_MARK.exists() or any(p.is_dir() for p in root.glob(PREFIX + "*")):
+        return
+    with contextlib.suppress(OSError):
+        (root / "cgroup.subtree_control").write_text("-memory")
+    SUBTREE_MARK.unlink(missing_ok=True)
 
 
 def remove(cg: Memcg, root: Path) -> None:

@@ -15,6 +15,7 @@ from .errors import SetupError
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
+TCG_SLOWDOWN = 2.0  # an L2 QEMU under TCG inside a TCG L1 VM: QMP and qtest answer several times slower than KVM
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,16 @@ class RunOptions:
     accel: str = "auto"  # kvm, tcg or auto (--accel)
     backend: str = "qemu"  # how an L1 VM is started (--backend)
     trigger: str | None = None  # overrides each scenario's shrinker trigger (--trigger)
-    timeout: float = 10.0  # per helper command / destination read / QMP wait: longer means a stall
+    timeout: float = 10.0  # per helper command / destination read / QMP wait: longer means a stall (--helper-timeout)
+    slowdown: float = 1.0  # every deadline × this: the target sets TCG_SLOWDOWN where its L2 QEMU runs under TCG
     artifacts_root: str = ".holecheck"  # the session's artifacts (--artifacts); an L1 VM reaches it by a share
     artifacts: Path | None = None  # this cell's artifacts directory, under artifacts_root
     snapshot_rate: int = 4 * MIB  # bytes/s of a background snapshot's stream
+
+    def deadline(self, multiple: float = 1.0) -> float:
+        """The one source of a wait's deadline: ``multiple`` × --helper-timeout × the accelerator's slowdown
+        (a QMP wait is 1, a migration's completion 3, a snapshot's stream 6)."""
+        return self.timeout * multiple * self.slowdown
 
     def to_wire(self) -> dict[str, Any]:
         """JSON for the agent."""

@@ -13,8 +13,13 @@ log = logging.getLogger(__name__)
 
 
 def children(pid: int) -> list[int]:
+    """``pid``'s children now ([] once it is gone: a process may exit while its tree is walked)."""
     out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
         with contextlib.suppress(OSError):
             out += [int(c) for c in (task / "children").read_text().split()]
     return out

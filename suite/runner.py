@@ -35,7 +35,7 @@ def run(scenario: Scenario, options: RunOptions | None = None) -> Verdict:
         return qemu_runner.run(scenario, opts)
     trigger = opts.trigger or scenario.trigger
     with ledger.recorded(scenario) as verdict, shrinker.scope(trigger, "synthetic") as cg, \
-            UffdHelper(argv_prefix=cg.wrap([]) if cg else None, timeout=opts.timeout) as helper:
+            UffdHelper(argv_prefix=cg.wrap([]) if cg else None, timeout=opts.deadline()) as helper:
         SyntheticRun(scenario, helper, cg, trigger, verdict, opts.artifacts).execute()
     return verdict
 
@@ -80,6 +80,8 @@ class SyntheticRun:
             try:
                 faults = getattr(self, step.handler)(step, sel)
             except StallError as exc:
+                if not self.h.stalled:  # a wait of the harness (ksmd's scans …), or a helper gone: the run's error
+                    raise
                 self.ledger.stall(step.phase, [], str(exc))
                 return  # the helper sits in a fault: nothing further can be trusted
             self.judge(step, sel, before, faults)

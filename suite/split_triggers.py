@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import stat
 import subprocess
 import tempfile
 import time
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from . import l1_swap, oracle, pagemap, shrinker, thp, waits
-from .errors import HolecheckError
+from .errors import HolecheckError, SetupError
 from .ledger import Ledger
 from .memcg import Memcg
 from .pagemap import PAGE, PAGES_PER_THP, PageStates
@@ -49,7 +50,6 @@ from .uffd import UffdHelper
 SIZES_DIR = Path("/sys/kernel/mm/transparent_hugepage")
 KSM = Path("/sys/kernel/mm/ksm")
 LOCKDOWN = Path("/sys/kernel/security/lockdown")
-KSM_KNOBS = ("run", "use_zero_pages", "pages_to_scan", "sleep_millisecs", "smart_scan")
 KSM_SCANS = 20  # full scans (~2 ms each here): with use_zero_pages=0 the first splits fail (6 scans split 8 of 32)
 KSM_TIMEOUT = 40.0  # sparse pages under TCG: ksmd memcmp()s them up to their one byte, 11-14 full scans in 10 s
 FIRINGS = 4  # a due split fires at most this often while folios it was due to are left (ksm splits 8-100 % a firing)
@@ -238,12 +238,20 @@ def mounted(fstype: str, where: Path, probe: str) -> Iterator[Path]:
     if (where / probe).exists():
         yield where
         return
-    with tempfile.TemporaryDirectory(prefix=f"holecheck-{fstype}-") as tmp:
+    # never TemporaryDirectory: its cleanup would walk into a debugfs that is still mounted
+    tmp = tempfile.mkdtemp(prefix=f"holecheck-{fstype}-")
+    try:
         subprocess.run(["mount", "-t", fstype, "none", tmp], check=True, capture_output=True, timeout=10)
-        try:
-            yield Path(tmp)
-        finally:
-            subprocess.run(["umount", tmp], check=False, capture_output=True, timeout=10)
+    except BaseException:
+        os.rmdir(tmp)
+        raise
+    try:
+        yield Path(tmp)
+    finally:
+        done = subprocess.run(["umount", tmp], check=False, capture_output=True, timeout=10)
+        if done.returncode != 0:  # the directory stays: removing it would remove what is mounted there
+            raise SetupError(f"cannot unmount {fstype} from {tmp}: {done.stderr.decode(errors='replace').strip()}")
+        os.rmdir(tmp)
 
 
 def debugfs() -> contextlib.AbstractContextManager[Path]:
@@ -286,15 +294,24 @@ def debugfs_refusal(exc: OSError, lockdown: str) -> str:
                      f"lockdown {mode or 'not active or unknown'}): not a refusal by lockdown") from None
 
 
+def ksm_writable() -> list[str]:
+    """Every knob of KSM's this kernel has (the files it lets root write), ``run`` last: restored in this order,
+    ksmd starts again only once the others are as found."""
+    if not KSM.is_dir():
+        return []
+    names = sorted(p.name for p in KSM.iterdir() if p.is_file() and p.stat().st_mode & stat.S_IWUSR)
+    return [n for n in names if n != "run"] + [n for n in names if n == "run"]
+
+
 def ksm_current() -> dict[str, str]:
-    """KSM's knobs as now (``ksm/run`` …), for checks that a run left them as found."""
-    return {f"ksm/{k}": (KSM / k).read_text().strip() for k in KSM_KNOBS if (KSM / k).exists()}
+    """KSM's knobs as now (``ksm/run`` …, every writable one), for checks that a run left them as found."""
+    return {f"ksm/{k}": (KSM / k).read_text().strip() for k in ksm_writable()}
 
 
 @contextlib.contextmanager
 def ksm_knobs(use_zero_pages: bool) -> Iterator[None]:
     """KSM set for a quick on-demand scan; every knob restored as found, also on error."""
-    saved = {k: (KSM / k).read_text().strip() for k in KSM_KNOBS if (KSM / k).exists()}
+    saved = {k: (KSM / k).read_text().strip() for k in ksm_writable()}
     try:
         (KSM / "run").write_text("0")
         for k, v in (("use_zero_pages", str(int(use_zero_pages))), ("pages_to_scan", "100000"),
@@ -304,9 +321,10 @@ def ksm_knobs(use_zero_pages: bool) -> Iterator[None]:
         yield
     finally:
         (KSM / "run").write_text("0")
-        for k, v in saved.items():
+        for k, v in saved.items():  # only what changed (advisor_mode reads "[none] scan-time", not writable back)
             with contextlib.suppress(OSError):
-                (KSM / k).write_text(v)
+                if (KSM / k).read_text().strip() != v:
+                    (KSM / k).write_text(v)
 
 
 def ksm_scan(use_zero_pages: bool) -> str:

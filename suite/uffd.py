@@ -146,6 +146,11 @@ class UffdHelper:
         )
         self._stderr_thread.start()
 
+    @property
+    def stalled(self) -> bool:
+        """A command got no reply in time while the helper still runs (blocked in a fault): a kernel finding."""
+        return bool(self._broken and self._broken.startswith("no reply")) and self._proc.poll() is None
+
     # ---- process plumbing ----
 
     def _read_stderr(self) -> None:
@@ -185,6 +190,8 @@ class UffdHelper:
         while b"\n" not in self._stdout_buf:
             left = deadline - time.monotonic()
             if left <= 0:
+                if self._proc.poll() is not None:  # gone, its stdout held open elsewhere: not a stall
+                    raise self._died(cmd)
                 self._broken = f"no reply to '{cmd}'"
                 raise StallError(
                     f"uffd helper: no reply to '{cmd}' within {timeout:g} s "

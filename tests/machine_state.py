@@ -5,11 +5,12 @@ and virtiofsd sit in sessions of their own but are still descendants); after the
 one line per thing left behind — ``[]`` means the machine is as found:
 
 - a process the run started, still alive; any process whose command line names the run's private paths;
-- a THP knob under /sys/kernel/mm/transparent_hugepage not as before (read under holecheck's knob lock, so a
-  concurrent holecheck run's scenario is never mistaken for a leftover; for runs on the host's kernel: a run
-  whose kernel under test is in a VM sets the knobs inside the VM);
+- a host-wide knob not as before (``suite.host_knobs``: THP and mTHP knobs, every KSM knob, the cgroup v2 root's
+  subtree_control; read under holecheck's knob lock, so a concurrent holecheck run's scenario is never mistaken
+  for a leftover; for runs on the host's kernel: a run whose kernel under test is in a VM sets the knobs inside
+  the VM);
 - a holecheck memory cgroup named after one of the run's processes (``suite.memcg``: ``holecheck-…-<pid>-…``);
-- a mount that was not there before (holecheck mounts nothing on the host);
+- a mount that was not there before (holecheck's only mount, debugfs for split_huge_pages, is undone);
 - anything in the run's private TMPDIR (every socket and private dir is a ``tempfile`` dir), a new holecheck
   entry in /run;
 - in a cache directory: a temporary name of holecheck's (``.<name>.XXXXXXXX``, ``tmpXXXXXXXX``, ``*.seeding``,
@@ -25,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from suite import memcg, procs, split_triggers, thp
+from suite import host_knobs, memcg, procs, thp
 from suite.errors import StallError
 from suite.waits import wait_for
 
@@ -102,8 +103,9 @@ def processes_mentioning(markers: Iterable[str]) -> list[Proc]:
 
 
 def thp_knobs(timeout: float = 300.0) -> dict[str, str]:
-    """The host's THP knobs, read while no holecheck scenario has them changed: under the knob lock, polled
-    often (other runs' scenarios take it back to back; a slow poll would starve)."""
+    """The host's knobs (``host_knobs.now()``: THP, mTHP, KSM, subtree_control), read while no holecheck scenario
+    has them changed: under the knob lock, polled often (other runs' scenarios take it back to back; a slow poll
+    would starve)."""
     if not thp.SYSFS.exists():
         return {}
     fd = os.open(thp.LOCK, os.O_RDWR | os.O_CREAT, 0o600)
@@ -117,7 +119,7 @@ def thp_knobs(timeout: float = 300.0) -> dict[str, str]:
 
         wait_for(take, bool, what=f"the THP knob lock {thp.LOCK} to read the knobs", timeout=timeout,
                  interval=0.005, max_interval=0.02)
-        return {**thp.current(), **thp.sizes_current(), **split_triggers.ksm_current()}
+        return host_knobs.now()
     finally:
         os.close(fd)
 
@@ -176,8 +178,7 @@ def leftovers(before: Baseline, watch: ProcessWatch, markers: Iterable[str], pri
     except StallError:
         out = left_processes()
     if before.thp is not None:
-        out += [f"THP knob {name}: {before.thp.get(name)} before, {value} after"
-                for name, value in thp_knobs().items() if before.thp.get(name) != value]
+        out += [f"host knob {line}" for line in host_knobs.differences(before.thp, thp_knobs())]
     out += [f"memory cgroup left: {p}" for p in memcgs_of(watch.pids)]
     out += [f"new mount: {m}" for m in sorted(mounts() - before.mounts)]
     if private_tmp is not None:

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,11 +34,37 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts a t
 
 def holecheck(*args: str, env: dict[str, str] | None = None,
               as_user: int | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args]
-    if as_user is not None:
-        argv = ["setpriv", f"--reuid={as_user}", f"--regid={as_user}", "--clear-groups", *argv]
-    return subprocess.run(argv, cwd=PROJECT, capture_output=True, text=True, timeout=TIMEOUT, check=False,
-                          env={**os.environ, **(env or {})})
+    pytest_args = ["-m", "pytest", "-p", "no:cacheprovider", "-q", *args]
+    run_env = {**os.environ, **(env or {})}
+    if as_user is None:
+        argv, cwd = [sys.executable, *pytest_args], PROJECT
+    else:
+        drop = ["setpriv", f"--reuid={as_user}", f"--regid={as_user}", "--clear-groups"]
+        if reachable_by_others(PROJECT):
+            argv, cwd = [*drop, sys.executable, *pytest_args], PROJECT
+        else:
+            return in_bound_checkout(drop, pytest_args, run_env)
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT, check=False, env=run_env)
+
+
+def reachable_by_others(path: Path) -> bool:
+    """Can any user walk down to ``path`` (a checkout in /root, 0700 on Debian, is not)?"""
+    return all(p.stat().st_mode & 0o001 for p in [path, *path.parents])
+
+
+def in_bound_checkout(drop: list[str], pytest_args: list[str],
+                      env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run pytest as another user where it can reach the checkout: the same files bound onto a world-readable
+    directory, in a mount namespace of its own (the bind goes with the process)."""
+    with tempfile.TemporaryDirectory(prefix="holecheck-as-user-") as tmp:
+        os.chmod(tmp, 0o755)
+        python = Path(sys.executable)
+        if python.is_relative_to(PROJECT):  # the checkout's venv: the same venv under the bound path
+            python = Path(tmp) / python.relative_to(PROJECT)
+        script = 'mount --bind "$0" "$1" && cd "$1" && shift && exec "$@"'
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(PROJECT), tmp,
+                *drop, str(python), *pytest_args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, check=False, env=env)
 
 
 def one_line(proc: subprocess.CompletedProcess[str], pattern: str, exit_code: int = SETUP_EXIT) -> str:
@@ -90,6 +117,15 @@ def test_kernel_that_is_not_a_kernel_is_named_with_why(tmp_path: Path, make, why
     image = make(tmp_path)
     proc = holecheck(CHEAP_UNIT, f"--kernel={image}")
     one_line(proc, rf"--kernel={re.escape(str(image))}: not a kernel image: {why}; give a bzImage/vmlinuz or vmlinux")
+
+
+@root_only
+def test_a_kernel_that_cannot_be_had_stops_an_xdist_session_with_one_line() -> None:
+    """As ``./holecheck main --kernel=…`` runs: the controller resolves the one kernel before workers start (a
+    worker cannot stop the session: each of its cells would fail instead)."""
+    proc = holecheck("tests/test_synthetic.py", "-n", "2", "--dist", "loadgroup", "--kernel=debian:nonexistent")
+    one_line(proc, r"^ERROR: debian:nonexistent: not a Debian kernel version \(e\.g\. ")
+    assert "INTERNALERROR" not in proc.stdout + proc.stderr and " failed" not in proc.stdout, proc.stdout
 
 
 # --- QEMU: checked at session start for the selected real-QEMU tests, and again at every boot ---------------

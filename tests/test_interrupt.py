@@ -200,6 +200,38 @@ def seen(procs: list[Proc]) -> str:
     return ", ".join(sorted({Path(p.cmdline.split(" ", 1)[0]).name for p in procs})) or "no child yet"
 
 
+def cpu_seconds(p: Proc) -> float | None:
+    """CPU time ``p`` used so far (a VM's vCPUs are its QEMU's threads, under TCG and KVM alike); None: gone."""
+    try:
+        fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def until_worked(run: Run, what: str, who: Callable[[list[Proc]], list[Proc]], seconds: float) -> None:
+    """Wait until ``who`` (of the run's processes) used ``seconds`` more CPU: work under way, measured as work,
+    not as wall-clock time (fast with KVM, slow on a loaded machine under TCG). Short-lived processes (compilers)
+    count with the last CPU time seen of them."""
+    used: dict[tuple[int, int], float] = {}
+    start: list[float] = []
+
+    def worked(procs: list[Proc]) -> Point:
+        for p in who(procs):
+            if (t := cpu_seconds(p)) is not None:
+                used[(p.pid, p.start)] = t
+        total = sum(used.values())
+        start[:] = start or [total]
+        return Point(total - start[0] >= seconds, f"{seen(procs)}; {total - start[0]:.1f} CPU s")
+
+    run.until(f"{what} ({seconds:g} CPU s of it)", worked)
+
+
+def console_says(root: Path, text: str) -> bool:
+    """An L1 VM's console (vm/*/console.log under ``root``) shows ``text``."""
+    return any(text in log.read_text(errors="replace") for log in root.glob("vm/*/console.log"))
+
+
 # --- the points ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.vm
@@ -210,10 +242,10 @@ def test_during_l1_boot(sig: signal.Signals, private: Private, start: Callable[.
 
     def booting(procs: list[Proc]) -> Point:
         qemu = named(procs, "qemu-system", str(private.artifacts))
-        return Point(bool(qemu) and not boot_records(), seen(procs))
+        return Point(bool(qemu) and console_says(private.artifacts, "holecheck-init:") and not boot_records(),
+                     seen(procs))
 
-    run.until("the L1 QEMU to run before its agent answered", booting)
-    time.sleep(1.0)  # the kernel is booting now (under TCG: seconds before the agent can answer)
+    run.until("the L1 VM's init to run (its lines on the console) before the agent answered", booting)
     run.interrupt(sig)
     run.assert_unwound(PYTEST_INTERRUPTED)
     assert not boot_records(), "the agent answered before the interrupt: the boot was not interrupted"
@@ -230,10 +262,10 @@ def test_during_l1_boot_libvirt(sig: signal.Signals, private: Private, start: Ca
 
     def booting(procs: list[Proc]) -> Point:
         qemu = named(processes_mentioning([str(private.tmp)]), "qemu-system")
-        return Point(bool(qemu) and not boot_records(), seen(procs) + f"; libvirt's QEMU: {len(qemu)}")
+        return Point(bool(qemu) and console_says(private.artifacts, "holecheck-init:") and not boot_records(),
+                     seen(procs) + f"; libvirt's QEMU: {len(qemu)}")
 
-    run.until("libvirt's L1 QEMU to run before its agent answered", booting)
-    time.sleep(1.0)
+    run.until("libvirt's L1 VM's init to run (its lines on the console) before the agent answered", booting)
     run.interrupt(sig)
     run.assert_unwound(PYTEST_INTERRUPTED)
     assert not boot_records(), "the agent answered before the interrupt: the boot was not interrupted"
@@ -251,7 +283,8 @@ def test_during_scenario_in_l1(sig: signal.Signals, private: Private, start: Cal
         return Point(bool(cell_dirs()), f"{seen(procs)}; artifacts: {[d.name for d in private.artifacts.iterdir()]}")
 
     run.until("the scenario to be sent to the agent in L1", running)
-    time.sleep(2.0)  # the agent's runner is starting L2 QEMUs inside L1
+    # the agent's runner starts L2 QEMUs inside L1: guest work, seen as the L1 QEMU's CPU time
+    until_worked(run, "the scenario to run in L1", lambda procs: named(procs, "qemu-system"), 2.0)
     run.interrupt(sig)
     run.assert_unwound(PYTEST_INTERRUPTED)
     assert not any((d / "verdict.json").exists() for d in cell_dirs()), \
@@ -313,7 +346,7 @@ def test_during_bisect_step(sig: signal.Signals, private: Private, start: Callab
             return Point(bool(named(procs, "qemu-system")), seen(procs))
 
         run.until("a bisection step's L1 VM to run", step_vm)
-        time.sleep(1.0)
+        until_worked(run, "the step's L1 VM to boot", lambda procs: named(procs, "qemu-system"), 1.0)
         run.interrupt(sig)
         run.assert_unwound(CLI_INTERRUPTED, markers=tuple(str(p) for p in set(bisect_dir.glob("*")) - before))
         assert any("pytest" in p.cmdline for p in run.watch.seen.values()), "no bisection step ran"
@@ -329,15 +362,15 @@ def build_cache() -> Iterator[tuple[Path, str]]:
     build finds the patched tree made and configured."""
     from kernels import linux_source
 
-    # once per machine (~1 min); the power tests build from it too
-    linux_source.fetch_source(linux_source.source_version())
-    srcs = sorted((cache_root() / "build" / "src").glob("*/pristine.complete"))
-    version = srcs[-1].read_text().strip()
+    # once per machine (~1 min); the power tests build from it too. The version the build picks: the shared cache
+    # may hold other versions' sources (another run's pin), against which the patch does not apply
+    real = linux_source.fetch_source(linux_source.source_version())
+    version = (real.root / "pristine.complete").read_text().strip()
     root = Path(tempfile.mkdtemp(prefix="hcint-build-", dir="/tmp"))
-    src = root / "build" / "src" / srcs[-1].parent.name
+    src = root / "build" / "src" / real.root.name
     src.mkdir(parents=True)
-    (src / "pristine").symlink_to(srcs[-1].parent / "pristine")
-    shutil.copy(srcs[-1], src / "pristine.complete")
+    (src / "pristine").symlink_to(real.root / "pristine")
+    shutil.copy(real.root / "pristine.complete", src / "pristine.complete")
     yield root, version
     shutil.rmtree(root, ignore_errors=True)
 
@@ -359,7 +392,7 @@ def test_during_kernel_build(sig: signal.Signals, private: Private, start: Calla
                      seen(procs))
 
     run.until("make bzImage to compile", compiling)
-    time.sleep(2.0)
+    until_worked(run, "the compilers to work", lambda procs: named(procs, "cc1") + named(procs, "gcc"), 2.0)
     run.interrupt(sig)
     run.assert_unwound(CLI_INTERRUPTED, caches=(cache,), markers=(str(cache),))
     monkeypatch.setenv("HOLECHECK_CACHE", str(cache))

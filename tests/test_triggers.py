@@ -20,6 +20,7 @@ from split_rules import assert_trigger_split, skip_unless_size
 from suite import known_findings, pagemap, split_triggers
 from suite import memory_axes as ma
 from suite import scenario as sc
+from suite.targets import preflight
 from suite.thp import MTHP_SIZES_KB, ThpSettings
 
 pytestmark = pytest.mark.host
@@ -80,6 +81,8 @@ def skip_host_swap(kernel_spec, split: str) -> None:
 
 def _run_cell(run, check_verdict, kernel_features, kernel_spec, kind: str, split: str, thp: ThpSettings) -> None:
     skip_host_swap(kernel_spec, split)
+    if why := preflight.lacking(kernel_features, split):
+        pytest.skip(why)
     skip_unless_size(kernel_features, thp)
     if kind.startswith("soft-dirty") and not kernel_features["soft_dirty"]:
         pytest.skip("kernel under test lacks CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 is never set")
@@ -110,6 +113,8 @@ def test_trigger_negative_control(run, check_verdict, kernel_spec, kernel_featur
     (plus, on a kernel with a known bug in this trigger, exactly the pages that bug un-protected: they lost their
     uffd-wp bit at the split)."""
     skip_host_swap(kernel_spec, split)
+    if why := preflight.lacking(kernel_features, split):
+        pytest.skip(why)
     scenario = replace(sc.snapshot_style("after-protect", sabotage=True), split=split)
     verdict = run(scenario)
     check_verdict(verdict, must_pass=False)
@@ -196,6 +201,8 @@ def test_trigger_qemu(run, qemu, check_verdict, kernel_features, kind, split):
     """A real QEMU's RAM split by each trigger: no received page lost, no uffd-wp bit lost, the same restore."""
     fill = sc.Fill(content="same") if split.endswith("-same") else sc.Fill()
     split = split.removesuffix("-same")
+    if why := preflight.lacking(kernel_features, split):
+        pytest.skip(why)
     verdict = run(replace(QEMU_KINDS[kind](fill), split=split))
     check_verdict(verdict)
     assert_trigger_split(verdict, kernel_features, split, ThpSettings())

@@ -157,6 +157,7 @@ def test_killed_mid_command_raises_clear_error() -> None:
                 h.place(0, 2 * MIB)
         finally:
             timer.cancel()
+        assert not h.stalled  # a dead helper is the run's error, never a stall finding
         with pytest.raises(HelperError, match="unusable"):
             h.verify(0, PAGE)
     assert gone(h.pid)
@@ -168,6 +169,7 @@ def test_no_reply_raises_stall_and_close_kills() -> None:
         os.kill(h.pid, signal.SIGSTOP)
         with pytest.raises(StallError, match=r"no reply to 'place 0x0 0x1000' within 0.2 s"):
             h.place(0, PAGE, timeout=0.2)
+        assert h.stalled  # alive and silent: what the synthetic runner records as a stall finding
         with pytest.raises(HelperError, match="unusable"):
             h.place(0, PAGE)
     assert gone(h.pid)

@@ -32,7 +32,7 @@ from ..procs import stop_group
 from ..targets.libvirt_vm import QEMU_CONF, QEMU_NS, Embed, kill_pidfiles
 from ..waits import wait_for
 from . import bios
-from .machine import MachineConfig, RamMachine, resolve_accel
+from .machine import CONNECT_NOT_YET, MachineConfig, RamMachine, resolve_accel
 from .process import die_with_parent
 from .qtest import QtestClient
 
@@ -147,6 +147,7 @@ def ram_domain_xml(name: str, uid: str, config: MachineConfig, qmp: Path, qtest:
         f"<domain type='{'kvm' if accel == 'kvm' else 'qemu'}' xmlns:qemu='{QEMU_NS}'>"
         f"<name>{escape(name)}</name><uuid>{uid}</uuid>"
         f"<memory unit='MiB'>{config.mem_mib}</memory><vcpu>1</vcpu>"
+        f"{'' if config.mem_merge else '<memoryBacking><nosharepages/></memoryBacking>'}"  # mem-merge=off
         f"<os><type arch='x86_64' machine={quoteattr(config.machine)}>hvm</type>"
         f"<loader type='rom'>{escape(str(bios.path()))}</loader></os>"
         "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>"
@@ -212,7 +213,7 @@ class DomainRamMachine(RamMachine):
             return "connected"
 
         state = wait_for(probe, lambda s: s in ("exited", "connected"), what=f"{self.name}: QEMU to answer QMP",
-                         timeout=timeout)
+                         timeout=timeout, retry_on=CONNECT_NOT_YET)
         if state == "exited":
             raise SetupError(f"{self.name}: libvirt's QEMU exited: {self.log_tail(3)}")
         q = self.qmp("query-version")["qemu"]

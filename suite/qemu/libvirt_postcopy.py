@@ -97,7 +97,7 @@ class LibvirtPostcopyRun(PostcopyRun):
         """A side whose QEMU libvirt starts (source: now; destination: when the migration prepares it)."""
         cg = self.stack.enter_context(shrinker.scope(self.trigger, name))
         config = MachineConfig(mem_mib=self.s.size_mib, accel=self.opts.accel, qemu=self.opts.qemu,
-                               incoming=incoming)
+                               incoming=incoming, mem_merge=self.s.split.startswith("ksm"))
         if incoming:
             daemon = self.daemon = self.stack.enter_context(
                 DestinationDaemon(self.embed, argv_prefix=cg.wrap if cg else None))
@@ -206,8 +206,8 @@ class LibvirtPostcopyRun(PostcopyRun):
         self.event("src", "migrateStartPostCopy")  # still held at 1 KiB/s: the dirtier's MiB cannot converge
         self.src_dom.migrateStartPostCopy(0)
         migration.set_parameters(self.src.machine, max_bandwidth=64 * MIB)
-        migration.wait_ram_flags(self.dst.machine, present={"um"}, timeout=self.opts.timeout)
-        migration.wait_status(self.src.machine, {"postcopy-active"}, timeout=self.opts.timeout)
+        migration.wait_ram_flags(self.dst.machine, present={"um"}, timeout=self.opts.deadline())
+        migration.wait_status(self.src.machine, {"postcopy-active"}, timeout=self.opts.deadline())
         self.dst.ledger.observe(step.phase)
 
     def do_completed(self, step: Step) -> None:
@@ -215,9 +215,10 @@ class LibvirtPostcopyRun(PostcopyRun):
         self.src_dom.migrateSetMaxSpeed(8192, self.lv.VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY)
         assert self.thread is not None
         wait_for(lambda: (self.migrating(), self.thread.is_alive())[1] if self.thread else False,
-                 lambda alive: not alive, what="libvirt's migrateToURI3 to return (migration completed)", timeout=60)
+                 lambda alive: not alive, what="libvirt's migrateToURI3 to return (migration completed)",
+                 timeout=self.opts.deadline(6))
         self.migrating()
-        migration.wait_status(self.dst.machine, {"completed"}, timeout=30)
+        migration.wait_status(self.dst.machine, {"completed"}, timeout=self.opts.deadline(3))
         self.sides.pop("src", None)  # libvirt ended the source QEMU: nothing left to shrink or snapshot there
         self.dst.ledger.observe(step.phase)
 
@@ -238,7 +239,7 @@ class LibvirtPostcopyRun(PostcopyRun):
 
     def wait_ram(self, done, what: str) -> dict:
         return wait_for(lambda: migration.query(self.src.machine).get("ram", {}), done, what=f"src: {what}",
-                        timeout=30, interval=0.005, max_interval=0.05)
+                        timeout=self.opts.deadline(3), interval=0.005, max_interval=0.05)
 
     def final_compare(self) -> None:
         """The destination must hold the source's RAM as it was at the switch (libvirt ended the source)."""

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qemu.qmp import QMPClient
-from qemu.qmp.protocol import Runstate
+from qemu.qmp.protocol import ConnectError, Runstate
 from qemu.qmp.qmp_client import ExecuteError
 
 from ..errors import HolecheckError, SetupError, StallError
@@ -41,6 +41,7 @@ from .qtest import QtestClient
 log = logging.getLogger(__name__)
 
 QMP_TIMEOUT = 10.0
+CONNECT_NOT_YET = (OSError, ConnectError, TimeoutError)  # a QMP socket not listening yet
 STARTUP_TIMEOUT = 30.0  # ~0.1 s on the host; an L2 QEMU under TCG inside an L1 VM needs ~3 s
 MEM_CHUNK = 1 << 20  # /proc/PID/mem transfers: one huge read is slower (and allocates twice)
 
@@ -65,6 +66,7 @@ class MachineConfig:
     extra_args: tuple[str, ...] = ()
     machine: str = "pc"
     memfd: bool = False  # guest RAM a memory-backend-memfd,share=on (shmem), not anonymous memory
+    mem_merge: bool = False  # QEMU's default (on) lets a host-wide ksmd merge guest RAM: only where KSM is the point
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,8 @@ class RamMachine(QemuProcess):
         assert self.dir is not None
         cfg = self.config
         return [
-            "-machine", cfg.machine + (",memory-backend=ram0" if cfg.memfd else ""),
+            "-machine", cfg.machine + (",memory-backend=ram0" if cfg.memfd else "")
+            + f",mem-merge={'on' if cfg.mem_merge else 'off'}",
             *(["-object", f"memory-backend-memfd,id=ram0,size={cfg.mem_mib}M,share=on"] if cfg.memfd else []),
             "-accel", self.accel, "-bios", str(bios.path()),
             "-m", str(cfg.mem_mib), "-nodefaults", "-display", "none", "-vga", "none", "-serial", "none",
@@ -185,7 +188,7 @@ class RamMachine(QemuProcess):
             self._run(self._client_or_fail().connect(sock), 2.0)
             return "connected"
 
-        state = wait_for(probe, lambda s: s in ("exited", "connected"),
+        state = wait_for(probe, lambda s: s in ("exited", "connected"), retry_on=CONNECT_NOT_YET,
                          what=f"{self.name}: QEMU to answer QMP on {sock}", timeout=self.startup_timeout)
         if state == "exited":
             raise self.launch_failure()
@@ -293,7 +296,7 @@ class RamMachine(QemuProcess):
 
         try:
             found = wait_for(probe, lambda ev: ev is not None, what=f"{self.name}: QMP event {name}",
-                             timeout=timeout, interval=0.01, max_interval=0.05)
+                             timeout=timeout, interval=0.01, max_interval=0.05, alive=self.gone)
         except StallError as exc:
             seen = sorted({e.get("event", "?") for e in self._events})
             raise StallError(f"{exc} (unconsumed events: {seen or 'none'})") from None

@@ -112,7 +112,7 @@ def wait_status(machine: RamMachine, statuses: set[str], timeout: float = MIGRAT
         budget = max(0.1, min(machine.qmp_timeout, deadline - time.monotonic()))
         try:
             reply = query(machine, timeout=budget)
-        except HolecheckError as exc:
+        except StallError as exc:  # a destination held in a userfault answers QMP late: not yet
             last[0] = str(exc)
             raise
         last[0] = f"status {reply.get('status', 'none')!r}"
@@ -123,7 +123,7 @@ def wait_status(machine: RamMachine, statuses: set[str], timeout: float = MIGRAT
 
     try:
         reply = wait_for(probe, done, what=f"{machine.name}: migration status in {sorted(statuses)}",
-                         timeout=timeout, interval=0.01, max_interval=0.1)
+                         timeout=timeout, interval=0.01, max_interval=0.1, retry_on=(StallError,), alive=machine.gone)
     except StallError:
         raise StallError(f"{machine.name}: migration status not in {sorted(statuses)} after {timeout:g} s; "
                          f"last seen: {last[0]}") from None
@@ -205,7 +205,7 @@ class HoldUffdRegistration:
         if shutil.which(self.strace) is None:
             raise SetupError(f"{self.strace} not found: holding the nohugepage window needs strace")
         dst = self.dst
-        wait_for(dst.ram_rss, lambda rss: rss > 0, timeout=self.advise_timeout,
+        wait_for(dst.ram_rss, lambda rss: rss > 0, timeout=self.advise_timeout, alive=dst.gone,
                  what=f"{dst.name}: a received RAM page (proof that the ADVISE probe is over) before attaching strace")
         self.mode = uffd_open_mode(dst)
         delay = f"delay_enter={int(self.hold * 1e6)}:when=1"
@@ -335,6 +335,7 @@ def wait_ram_flags(machine: RamMachine, *, present: Collection[str] = (), absent
                    timeout: float = 10.0) -> frozenset[str]:
     """Wait until guest RAM's VmFlags include ``present`` and none of ``absent`` (e.g. snapshot armed: "uw")."""
     return wait_for(machine.ram_flags, lambda f: set(present) <= f and not (set(absent) & f), timeout=timeout,
+                    alive=machine.gone,
                     interval=0.005, max_interval=0.05,  # flags flip within ms of the event; smaps reads ~1 ms
                     what=f"{machine.name}: RAM VmFlags with {sorted(present)} and without {sorted(absent)}")
 

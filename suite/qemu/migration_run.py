@@ -51,6 +51,7 @@ class Dirtier:
     """Keeps a few source pages dirty through qtest, so precopy never converges while it is held open."""
 
     machine: RamMachine
+    deadline: float  # per memset: RunOptions.deadline()
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     error: str = ""
@@ -60,7 +61,7 @@ class Dirtier:
             n = 0
             while not self.stop.is_set():
                 try:
-                    self.machine.qtest.memset(DIRTIER_GPA, DIRTIER_PAGES * PAGE, n % 255 + 1, timeout=5.0)
+                    self.machine.qtest.memset(DIRTIER_GPA, DIRTIER_PAGES * PAGE, n % 255 + 1, timeout=self.deadline)
                 except HolecheckError as exc:
                     self.error = str(exc)
                     return
@@ -73,7 +74,7 @@ class Dirtier:
     def halt(self) -> None:
         self.stop.set()
         if self.thread is not None:
-            self.thread.join(timeout=10)
+            self.thread.join(timeout=self.deadline + 1)  # its memset is bounded by the deadline
 
 
 class Aborted(Exception):
@@ -143,8 +144,11 @@ class MigrationRun:
             trace_dir.mkdir()
         config = MachineConfig(mem_mib=self.s.size_mib, accel=self.opts.accel, qemu=self.opts.qemu,
                                incoming=incoming, memfd=self.s.backing == "memfd",
+                               mem_merge=self.s.split.startswith("ksm"),  # ksmd splits here: RAM MADV_MERGEABLE
                                extra_args=tuple(discards.trace_args(trace_dir)) if trace_dir.is_dir() else ())
-        machine = self.stack.enter_context(RamMachine(config, name=name, argv_prefix=cg.wrap if cg else None))
+        machine = self.stack.enter_context(RamMachine(config, name=name, argv_prefix=cg.wrap if cg else None,
+                                                      qmp_timeout=self.opts.deadline(),
+                                                      startup_timeout=self.opts.deadline(3)))
         self.v.qemu = machine.version
         self.stack.callback(self.save_machine_artifacts, machine)
 

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from ..errors import HolecheckError, StallError
+from ..errors import HolecheckError, PartyGoneError, StallError
 from ..oracle import runs
 from ..pagemap import PAGE
 from ..scenario import Step
@@ -51,16 +51,18 @@ class PostcopyRun(MigrationRun):
             self.hold.release()
 
     def query(self, machine: RamMachine) -> dict:
-        return migration.query(machine, timeout=self.opts.timeout)
+        return migration.query(machine, timeout=self.opts.deadline())
 
     def start_dirtier(self) -> None:
-        self.dirtier = Dirtier(self.src.machine)
+        self.dirtier = Dirtier(self.src.machine, self.opts.deadline())
         self.dirtier.start()
 
     def ram_stats(self) -> dict:
         return self.query(self.src.machine).get("ram", {})
 
     def stalled(self, step: Step, exc: Exception, indices: list[int] | None = None, detail: str = "") -> Aborted:
+        if gone := self.dst.machine.gone():  # no answer from a QEMU that exited: the run's error, not a finding
+            raise PartyGoneError(f"{gone}: {exc}") from exc
         requests = "?"
         with contextlib.suppress(HolecheckError):
             requests = str(self.ram_stats().get("postcopy-requests", "?"))
@@ -115,7 +117,7 @@ class PostcopyRun(MigrationRun):
         self.dst.ledger.observe(step.phase)
 
     def do_pre_switchover(self, step: Step) -> None:
-        self.hold = migration.HoldUffdRegistration(self.dst.machine, hold=HOLD)
+        self.hold = migration.HoldUffdRegistration(self.dst.machine, hold=HOLD, advise_timeout=self.opts.deadline())
         self.hold.attach()
         assert self.dirtier is not None
         # the dirtier runs until the source is paused before the switch: stopped any earlier, precopy may converge
@@ -123,7 +125,7 @@ class PostcopyRun(MigrationRun):
         # as precopy). Its writes before the pause are caught by the last bitmap sync, which follows the pause.
         migration.start_postcopy(self.src.machine)
         try:
-            migration.wait_status(self.src.machine, {"pre-switchover"}, timeout=self.opts.timeout)
+            migration.wait_status(self.src.machine, {"pre-switchover"}, timeout=self.opts.deadline())
         finally:
             self.dirtier.halt()
         if self.dirtier.error:
@@ -135,7 +137,7 @@ class PostcopyRun(MigrationRun):
         self.src.machine.qmp("migrate-continue", state="pre-switchover")
         assert self.hold is not None
         try:
-            self.hold.wait_open(timeout=self.opts.timeout)
+            self.hold.wait_open(timeout=self.opts.deadline())
         except StallError as exc:  # say why the switch never came: the source's state, the destination's words
             src = {}
             with contextlib.suppress(HolecheckError):
@@ -148,14 +150,14 @@ class PostcopyRun(MigrationRun):
     def do_postcopy_running(self, step: Step) -> None:
         assert self.hold is not None
         self.hold.release()
-        migration.wait_ram_flags(self.dst.machine, present={"um"}, timeout=self.opts.timeout)
-        migration.wait_status(self.src.machine, {"postcopy-active"}, timeout=self.opts.timeout)
+        migration.wait_ram_flags(self.dst.machine, present={"um"}, timeout=self.opts.deadline())
+        migration.wait_status(self.src.machine, {"postcopy-active"}, timeout=self.opts.deadline())
         self.dst.ledger.observe(step.phase)
 
     def do_completed(self, step: Step) -> None:
         migration.set_parameters(self.src.machine, max_postcopy_bandwidth=1 << 30)
-        migration.wait_status(self.src.machine, {"completed"}, timeout=30)
-        migration.wait_status(self.dst.machine, {"completed"}, timeout=30)
+        migration.wait_status(self.src.machine, {"completed"}, timeout=self.opts.deadline(3))
+        migration.wait_status(self.dst.machine, {"completed"}, timeout=self.opts.deadline(3))
         self.dst.ledger.observe(step.phase)
 
     # actions
@@ -183,7 +185,7 @@ class PostcopyRun(MigrationRun):
         q = self.dst.machine.qtest
         present = np.nonzero(self.dst.ledger.placed & states.present)[0]
         if present.size:  # liveness: the destination answers reads of what it has
-            q.read(int(present[-1]) * PAGE, PAGE, timeout=self.opts.timeout)
+            q.read(int(present[-1]) * PAGE, PAGE, timeout=self.opts.deadline())
         missing = [int(i) for i in np.nonzero(self.dst.ledger.missing(states))[0]]
         watched = self.sabotaged or bool(missing)  # what QEMU does with a missing page is worth a note
         if watched and not self.in_postcopy():
@@ -195,7 +197,7 @@ class PostcopyRun(MigrationRun):
         for n, i in enumerate(missing):
             t0 = time.monotonic()
             try:
-                q.read(i * PAGE, PAGE, timeout=self.opts.timeout)
+                q.read(i * PAGE, PAGE, timeout=self.opts.deadline())
             except StallError as exc:
                 aborted = self.stalled(step, exc, missing[n:], (
                     f"{len(missing)} received page(s) are pte_none; QEMU will not re-request a page in its "
@@ -220,7 +222,7 @@ class PostcopyRun(MigrationRun):
         t0 = time.monotonic()
         try:
             migration.set_parameters(self.src.machine, max_postcopy_bandwidth=1 << 30)
-            got = self.dst.machine.qtest.read(index * PAGE, PAGE, timeout=self.opts.timeout)
+            got = self.dst.machine.qtest.read(index * PAGE, PAGE, timeout=self.opts.deadline())
         except HolecheckError as exc:
             status = "?"
             with contextlib.suppress(HolecheckError):
@@ -230,8 +232,8 @@ class PostcopyRun(MigrationRun):
             return
         waited = time.monotonic() - t0
         with contextlib.suppress(HolecheckError):
-            migration.wait_status(self.src.machine, {"completed"}, timeout=self.opts.timeout)
-            migration.wait_status(self.dst.machine, {"completed"}, timeout=self.opts.timeout)
+            migration.wait_status(self.src.machine, {"completed"}, timeout=self.opts.deadline())
+            migration.wait_status(self.dst.machine, {"completed"}, timeout=self.opts.deadline())
             self.final_compare()
         requests = "?"
         with contextlib.suppress(HolecheckError):
@@ -241,7 +243,8 @@ class PostcopyRun(MigrationRun):
                             f"postcopy-requests={requests}")
 
     def wait_ram(self, done, what: str) -> dict:
-        return wait_for(self.ram_stats, done, what=f"src: {what}", timeout=30, interval=0.005, max_interval=0.05)
+        return wait_for(self.ram_stats, done, what=f"src: {what}", timeout=self.opts.deadline(3), interval=0.005,
+                        max_interval=0.05)
 
     def final_compare(self) -> None:
         """After completion the destination must hold exactly the source's RAM."""

@@ -211,6 +211,14 @@ class QemuProcess:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def gone(self) -> str:
+        """'' while QEMU runs, else that it is gone: an ``alive`` for ``waits.wait_for`` (a harness error, not a
+        stall, when the QEMU awaited has exited)."""
+        if self.alive():
+            return ""
+        rc = self.exitcode()
+        return f"{self.name}: QEMU is gone" + (f" (exit status {rc})" if rc is not None else "")
+
     def exitcode(self) -> int | None:
         """QEMU's exit status once it exited (negative: killed by that signal), else None."""
         return self._proc.poll() if self._proc is not None else None

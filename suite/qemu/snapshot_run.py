@@ -6,7 +6,7 @@ import signal
 
 import numpy as np
 
-from ..errors import StallError
+from ..errors import PartyGoneError, StallError
 from ..oracle import runs
 from ..pagemap import PAGE, PAGES_PER_THP
 from ..procs import descendants, signal_all
@@ -51,7 +51,7 @@ class SnapshotRun(MigrationRun):
     def do_snapshot_running(self, step: Step) -> None:
         self.file = self.workdir / "snapshot.bin"
         migration.start_snapshot(self.src.machine, self.file, self.opts.snapshot_rate)
-        migration.wait_ram_flags(self.src.machine, present={"uw"}, timeout=self.opts.timeout)
+        migration.wait_ram_flags(self.src.machine, present={"uw"}, timeout=self.opts.deadline())
         self.freeze()
         # settled: QEMU's thread is blocked on the full pipe when two snapshots show the same uffd-wp bits
         prev = [-1]
@@ -62,7 +62,7 @@ class SnapshotRun(MigrationRun):
             return n if same else -1
 
         wait_for(wp_count, lambda n: n >= 0, what="src: the snapshot stream to stall on its stopped sink",
-                 timeout=self.opts.timeout, interval=0.02)
+                 timeout=self.opts.deadline(), interval=0.02)
         self.src.ledger.observe(step.phase)
 
     def do_shrink(self, step: Step) -> None:
@@ -76,20 +76,22 @@ class SnapshotRun(MigrationRun):
         q = self.src.machine.qtest
         for first, count in runs(sel):
             try:
-                q.memset(first * PAGE, count * PAGE, 0x5A, timeout=self.opts.timeout)
+                q.memset(first * PAGE, count * PAGE, 0x5A, timeout=self.opts.deadline())
             except StallError as exc:
+                if gone := self.src.machine.gone():  # no answer from a QEMU that exited: the run's error
+                    raise PartyGoneError(f"{gone}: {exc}") from exc
                 self.src.ledger.stall(step.phase, [first], str(exc))
                 raise Aborted() from None
         self.src.ledger.observe(step.phase)
 
     def do_snapshot_done(self, step: Step) -> None:
         self.thaw()
-        migration.wait_status(self.src.machine, {"completed"}, timeout=60)
+        migration.wait_status(self.src.machine, {"completed"}, timeout=self.opts.deadline(6))
         self.src.ledger.observe(step.phase)
 
     def do_restored(self, step: Step) -> None:
         dst = self.start_side("restore", incoming=True)
-        migration.restore(dst.machine, self.file, timeout=60)
+        migration.restore(dst.machine, self.file, timeout=self.opts.deadline(6))
         self.compare(step, dst, self.start_content, "restored RAM differs from RAM at snapshot start")
 
 

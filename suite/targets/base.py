@@ -6,7 +6,7 @@ The two targets live by subject: ``host.HostTarget`` (this kernel, this process)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..kernelspec import KernelSpec
 from ..scenario import Scenario
@@ -24,8 +24,10 @@ class Target(Protocol):
         """Largest L2 guest RAM the real-QEMU scenarios use here (small under TCG, where every page costs)."""
         ...
 
-    def features(self) -> dict[str, bool]:
-        """What the kernel under test offers: ``soft_dirty`` (CONFIG_MEM_SOFT_DIRTY), ``shrink_underused``."""
+    def features(self) -> dict[str, Any]:
+        """What the kernel under test offers (``preflight.local_features``, probed once per kernel):
+        ``soft_dirty``, ``shrink_underused``, ``uffd_*``, ``pagemap_scan``, ``shmem_thp``, ``ksm``,
+        ``debugfs_split``, ``zram`` (booleans), ``mthp_kb`` (sizes with a knob), ``numa_nodes`` (int)."""
         ...
 
     def run(self, scenario: Scenario, artifacts: Path | None = None, qemu: str | None = None) -> Verdict:

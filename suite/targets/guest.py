@@ -22,7 +22,7 @@ from .. import uffd
 from ..cache import cache_root
 from ..errors import HolecheckError, SetupError
 from ..kernelspec import KernelSpec
-from ..options import RunOptions
+from ..options import TCG_SLOWDOWN, RunOptions
 from ..qemu import bios
 from ..scenario import Scenario
 from ..verdict import Verdict
@@ -86,6 +86,7 @@ class GuestTarget:
         from kernels import kernel as kernels
 
         self.spec, self.options, self.boot = spec, options, boot or BootOptions()
+        self._features: dict[str, Any] | None = None
         self.kernel = kernels.resolve(spec.kind, spec.value)  # SetupError: no image, config lacks options
         initrd = initramfs.build(self.kernel.modules)
         # The guest sees the host's cache read-only: build there now what it would otherwise build itself.
@@ -167,9 +168,11 @@ class GuestTarget:
         # under TCG every guest page costs: 128 MiB keeps a real-QEMU cell around half a minute
         return 256 if self.accel == "kvm" else 128
 
-    def features(self) -> dict[str, bool]:
-        reply = self.call("features")
-        return {k: bool(v) for k, v in reply.items() if k != "id"}  # preflight.local_features' keys
+    def features(self) -> dict[str, Any]:
+        if self._features is None:  # probed once per kernel (the VM's kernel does not change while it runs)
+            reply = self.call("features")
+            self._features = {k: v for k, v in reply.items() if k != "id"}  # preflight.local_features' keys
+        return self._features
 
     def call(self, method: str, timeout: float = CALL_TIMEOUT, **params: object) -> dict[str, Any]:
         """One agent request; an agent-side failure carries the console's last lines."""
@@ -192,11 +195,12 @@ class GuestTarget:
             log.warning("artifacts dir %s is outside the shared %s: the guest cannot write it", artifacts,
                         self.artifacts_root)
             artifacts = None
-        timeout = RUN_SLACK + len(scenario.steps) * (self.options.timeout + 5.0)
+        timeout = RUN_SLACK + len(scenario.steps) * (self.options.deadline(TCG_SLOWDOWN) + 5.0)
         if not getattr(scenario, "synthetic", True):
             timeout += REAL_QEMU_SLACK
         # L2 QEMUs run inside L1: /dev/kvm there only with nested virtualization, so let them choose
         options = replace(self.options, artifacts=artifacts.resolve() if artifacts else None, backend="qemu",
+                          slowdown=1.0 if self.accel == "kvm" else TCG_SLOWDOWN,
                           qemu=qemu or self.options.qemu, accel="tcg" if self.options.accel == "tcg" else "auto")
         reply = self.call("run", timeout, scenario=scenario.to_json(), options=options.to_wire())
         return Verdict.from_json(reply["verdict"])

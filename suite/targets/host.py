@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from .. import runner, uffd
 from ..errors import SetupError
@@ -19,6 +20,7 @@ class HostTarget:
 
     def __init__(self, spec: KernelSpec, options: RunOptions) -> None:
         self.spec, self.options = spec, options
+        self._features: dict[str, Any] | None = None
         if problems := preflight.host_problems():
             raise SetupError(f"host kernel {os.uname().release}: " + "; ".join(problems))
         uffd.build()  # into the cache now: a cache that cannot take it stops the session, not each test
@@ -29,8 +31,10 @@ class HostTarget:
 
     l2_ram_mib = 256
 
-    def features(self) -> dict[str, bool]:
-        return preflight.local_features()
+    def features(self) -> dict[str, Any]:
+        if self._features is None:  # probed once per session
+            self._features = preflight.local_features()
+        return self._features
 
     def run(self, scenario: Scenario, artifacts: Path | None = None, qemu: str | None = None) -> Verdict:
         return runner.run(scenario, replace(self.options, artifacts=artifacts, qemu=qemu or self.options.qemu))

@@ -222,7 +222,8 @@ def domain_xml(spec: vmmod.VmSpec, name: str, channels: dict[str, Path]) -> str:
     return (
         f"<domain type='{'kvm' if spec.accel == 'kvm' else 'qemu'}' xmlns:qemu='{QEMU_NS}'>"
         f"<name>{escape(name)}</name><memory unit='MiB'>{spec.memory_mib}</memory><vcpu>{spec.cpus}</vcpu>"
-        "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
+        # nosharepages: mem-merge=off (a host-wide ksmd must not merge the L1 VM's RAM)
+        "<memoryBacking><nosharepages/><source type='memfd'/><access mode='shared'/></memoryBacking>"
         f"<os><type arch='x86_64' machine={quoteattr(spec.machine)}>hvm</type>"
         f"<kernel>{escape(str(spec.kernel))}</kernel><initrd>{escape(str(spec.initrd))}</initrd>"
         f"<cmdline>{escape(spec.cmdline)}</cmdline></os>"

@@ -5,6 +5,7 @@ import ctypes
 import errno
 import os
 from pathlib import Path
+from typing import Any
 
 from .. import pagemap, thp
 
@@ -51,12 +52,64 @@ def host_problems() -> list[str]:
     return problems
 
 
-def local_features() -> dict[str, bool]:
-    """Target.features() answered by the kernel this process runs on (the host's, or the guest's in the agent)."""
+def local_features() -> dict[str, Any]:
+    """Target.features() answered by the kernel this process runs on (the host's, or the guest's in the agent).
+
+    Booleans, except ``mthp_kb`` (the mTHP sizes with a ``hugepages-<N>kB`` knob, PMD size included, ascending)
+    and ``numa_nodes`` (online nodes). Each probe reads, never changes, the kernel's state."""
     return {"soft_dirty": pagemap.soft_dirty_supported(), "shrink_underused": thp.KNOBS["shrink_underused"].exists(),
-            "ksm": Path("/sys/kernel/mm/ksm/run").exists(),
             **{f"mthp_{kb}kB": thp.size_knob(kb).exists() for kb in thp.MTHP_SIZES_KB},  # per-size mTHP knobs
-            **memory_features()}
+            **memory_features(), **optional_features()}
+
+
+def optional_features() -> dict[str, Any]:
+    """What a kernel may be built without: a cell needing it skips naming it (conftest ``need_feature``)."""
+    sizes = sorted(int(k.parent.name[len("hugepages-"):-len("kB")]) for k in thp.SYSFS.glob("hugepages-*kB/enabled"))
+    return {
+        "ksm": Path("/sys/kernel/mm/ksm/run").exists(),  # CONFIG_KSM
+        # CONFIG_DEBUG_FS (split_huge_pages comes with THP); mounted or mountable, not locked down to "none" access
+        "debugfs_split": Path("/sys/kernel/debug/split_huge_pages").exists()
+        or ("\tdebugfs\n" in Path("/proc/filesystems").read_text() and not _debugfs_locked_down()),
+        "zram": Path("/sys/block/zram0").is_dir() or Path("/sys/class/zram-control").is_dir(),  # CONFIG_ZRAM, loaded
+        "mthp_kb": sizes,
+        "numa_nodes": numa_nodes(),
+    }
+
+
+# the optional feature each split trigger needs, and how a kernel comes to lack it
+SPLIT_NEEDS = {"ksm": "ksm", "ksm-zero": "ksm", "debugfs": "debugfs_split", "pageout-swap": "zram"}
+LACKS = {"ksm": "no KSM (CONFIG_KSM: no /sys/kernel/mm/ksm)",
+         "debugfs_split": "no debugfs split_huge_pages (CONFIG_DEBUG_FS, or lockdown confidentiality)",
+         "zram": "no zram device (CONFIG_ZRAM, or its module not loaded)"}
+
+
+def lacking(features: dict[str, Any], split: str = "", mthp_kb: int = 0) -> str:
+    """Why a cell cannot run on the kernel whose ``features`` these are ('' if it can): the cell skips saying
+    so, instead of failing half-way on an interface that is not there."""
+    why = []
+    if (need := SPLIT_NEEDS.get(split)) and not features[need]:
+        why.append(f"the {split} split trigger needs what this kernel lacks: {LACKS[need]}")
+    if mthp_kb and mthp_kb not in features["mthp_kb"]:
+        sizes = ", ".join(f"{kb}kB" for kb in features["mthp_kb"]) or "none (mTHP came with 6.8)"
+        why.append(f"this kernel has no hugepages-{mthp_kb}kB knob (sizes with a knob: {sizes})")
+    return "; ".join(why)
+
+
+def _debugfs_locked_down() -> bool:
+    """Lockdown "confidentiality" makes split_huge_pages refuse (EPERM)."""
+    lockdown = Path("/sys/kernel/security/lockdown")
+    return lockdown.exists() and "[confidentiality]" in lockdown.read_text()
+
+
+def numa_nodes(online: Path = Path("/sys/devices/system/node/online")) -> int:
+    """Online NUMA nodes (1 on a kernel without CONFIG_NUMA: it has no node directory)."""
+    if not online.exists():
+        return 1
+    count = 0
+    for part in online.read_text().strip().split(","):
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
 
 
 # UFFDIO_API = _IOWR(0xAA, 0x3F, struct uffdio_api {u64 api, features, ioctls}); PAGEMAP_SCAN = _IOWR('f', 16, 96 B)

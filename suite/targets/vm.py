@@ -234,7 +234,8 @@ class QemuVm(QemuProcess):
         fs_sockets, port_sockets = self._fs_sockets, self._port_sockets
         mmio = s.machine == "microvm"
         acpi = "" if s.acpi or not mmio else ",acpi=off"
-        argv = ["-M", f"{s.machine},memory-backend=mem{acpi}", "-accel", s.accel,
+        # mem-merge=off: QEMU's default madvises guest RAM MERGEABLE, for a host-wide ksmd to merge
+        argv = ["-M", f"{s.machine},memory-backend=mem{acpi},mem-merge=off", "-accel", s.accel,
                 "-m", f"{s.memory_mib}M", "-smp", str(s.cpus),
                 # virtio-fs needs guest RAM that virtiofsd can map: a shared memfd
                 "-object", f"memory-backend-memfd,id=mem,size={s.memory_mib}M,share=on",

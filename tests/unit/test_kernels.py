@@ -225,6 +225,24 @@ def test_config_one_line_per_missing_option() -> None:
     ]
 
 
+def test_config_missing_optional_is_one_warning_line_each_saying_what_is_skipped() -> None:
+    optional = {o: "y" for o in [*config_check.fragment().optional, *config_check.FEATURES]}
+    assert config_check.missing_optional({**GOOD, **optional}) == []
+    assert config_check.missing_optional({**GOOD, **optional, "ZRAM": "m"}) == []  # loaded from the initramfs
+    cfg = {**GOOD, **optional, "KSM": "n"}
+    cfg.pop("DEBUG_FS")
+    assert config_check.missing_optional(cfg) == [
+        "CONFIG_KSM is not set: the KSM split cells (ksm, ksm-zero, -same-by-ksm) are skipped without it",
+        "CONFIG_DEBUG_FS is not set: the debugfs split trigger (split_huge_pages) is skipped without it",
+    ]
+    assert config_check.problems(cfg) == []  # never stops the session
+    no_soft_dirty = {**GOOD, **optional, "MEM_SOFT_DIRTY": "n", "IKCONFIG": "n"}  # IKCONFIG costs no cell
+    assert config_check.missing_optional(no_soft_dirty) == [
+        "CONFIG_MEM_SOFT_DIRTY is not set: soft-dirty scenarios are skipped without it"]
+    frag = config_check.fragment()  # warned about, never forced onto holecheck's own builds (their config hash)
+    assert not set(config_check.FEATURES) & (set(frag.required) | set(frag.optional))
+
+
 def test_config_transport_follows_machine() -> None:
     cfg = {**GOOD, "VIRTIO_MMIO": "n"}
     assert config_check.problems(cfg, "microvm") == ["CONFIG_VIRTIO_MMIO is not set: holecheck needs =y or m"]
