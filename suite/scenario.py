@@ -34,6 +34,10 @@ OPS: dict[str, bool] = {
     "dump": True,  # arg "soft-dirty" | "written": every page written since the clear must read so (CRIU's dump)
     "sabotage-clean": True,  # arg "soft-dirty" | "written": selected written pages made to read clean
     "sabotage-fill": True,  # data into the selected zero subpages behind the model: those THPs are not underused
+    # RWP (Linux 7.3, issue 21): register arg "rwp" / "rwp,async"; dump arg "accessed" (PAGEMAP_SCAN hot/cold sets)
+    "rwp": False,  # arg "1"/"0": UFFDIO_RWPROTECT the selected pages (present ones become inaccessible)
+    "set-mode": True,  # arg "async"/"sync": UFFDIO_SET_MODE toggles UFFD_FEATURE_RWP_ASYNC
+    "sabotage-unrwp": True,  # UFFDIO_RWPROTECT mode 0 behind the model's back (a re-created lost RWP bit)
 }
 # Real-QEMU kinds: a phase op advances the migration to that phase; an action op acts where the migration is.
 POSTCOPY_PHASES = ("before-migrate", "mid-precopy", "precopy-done", "pre-switchover", "nohugepage-window",
