@@ -17,9 +17,11 @@
 #define NSTEPS (sizeof(STEPS) / sizeof(STEPS[0]))
 #define NKNOBS (sizeof(KNOBS) / sizeof(KNOBS[0]))
 
-enum kind { K_HOLE, K_MISSING, K_NO_WP, K_LOST_WP, K_LOST_SD, K_CONTENT, K_STALE, NKINDS };
+enum kind { K_HOLE, K_MISSING, K_NO_WP, K_LOST_WP, K_LOST_SD, K_CONTENT, K_STALE, K_NO_RWP, K_EXTRA_RWP,
+	    K_ACCESSED_COLD, K_UNTOUCHED_HOT, NKINDS };
 static const char *const KIND_NAMES[NKINDS] = {"hole", "missing-fault", "no-wp-fault", "lost-uffd-wp",
-						"lost-soft-dirty", "content", "stale-dump"};
+						"lost-soft-dirty", "content", "stale-dump", "no-rwp-fault",
+						"extra-rwp-fault", "accessed-cold", "untouched-hot"};
 static size_t bad_count[NKINDS];
 
 static double timeout_s;
@@ -33,6 +35,11 @@ static int pagemap_fd = -1, wp_registered;
 static uint8_t *written; /* memory axes: written since the last clear (soft-dirty / PAGE_IS_WRITTEN must show it) */
 static int wp_async;     /* uffd WP_ASYNC: no WP fault messages; the dump judges */
 static size_t max_uffd_wp_bits;
+/* RWP (Linux 7.3): wp_expected holds the RWP-protected pages (the same uffd PTE bit, pagemap bit 57) */
+static int rwp_registered, rwp_async;
+static void *zalloc(size_t n);
+static uint8_t *fault_rwp; /* RWP faults per page during this step (counts) */
+static uint8_t *accessed;  /* read or written since RWP protection: PAGEMAP_SCAN's hot set must be exactly these */
 
 /* ---- leaving the machine as found: async-signal-safe, runs once (exit, die, signal, stall) ---- */
 
@@ -410,16 +417,31 @@ static void write_pages(size_t first, size_t count, int kind)
 	}
 }
 
+/* Is TOKEN one of the comma-separated words of LIST ("rwp" is not "wp")? */
+static int has_token(const char *list, const char *token)
+{
+	size_t n = strlen(token);
+	for (const char *p = list; (p = strstr(p, token)); p += n)
+		if ((p == list || p[-1] == ',') && (p[n] == ',' || !p[n]))
+			return 1;
+	return 0;
+}
+
 static void do_register(const char *modes)
 {
-	__u64 mode = (strstr(modes, "missing") ? UFFDIO_REGISTER_MODE_MISSING : 0) |
-			(strstr(modes, "wp") ? UFFDIO_REGISTER_MODE_WP : 0) |
-			(strstr(modes, "minor") ? UFFDIO_REGISTER_MODE_MINOR : 0);
-	/* memory axes: WP_ASYNC / WP_UNPOPULATED as the register arg names them; uffd-wp on shmem for memfd */
-	extra_features = (strstr(modes, "async") ? 1ULL << 15 : 0) | (strstr(modes, "unpopulated") ? 1ULL << 13 : 0) |
+	__u64 mode = (has_token(modes, "missing") ? UFFDIO_REGISTER_MODE_MISSING : 0) |
+			(has_token(modes, "wp") ? UFFDIO_REGISTER_MODE_WP : 0) |
+			(has_token(modes, "minor") ? UFFDIO_REGISTER_MODE_MINOR : 0) |
+			(has_token(modes, "rwp") ? UFFDIO_REGISTER_MODE_RWP : 0);
+	rwp_registered = !!(mode & UFFDIO_REGISTER_MODE_RWP);
+	/* memory axes: WP_ASYNC / WP_UNPOPULATED as the register arg names them; uffd-wp on shmem for memfd;
+	 * RWP: UFFD_FEATURE_RWP, and "async" is RWP_ASYNC there */
+	extra_features = (has_token(modes, "async") ? (rwp_registered ? UFFD_FEATURE_RWP_ASYNC : 1ULL << 15) : 0) |
+			 (has_token(modes, "unpopulated") ? 1ULL << 13 : 0) |
 			 (BACKING_MEMFD && (mode & UFFDIO_REGISTER_MODE_WP) ? 1ULL << 12 : 0) |
-			 (mode & UFFDIO_REGISTER_MODE_MINOR ? 1ULL << 10 : 0);
-	wp_async = strstr(modes, "async") != NULL;
+			 (mode & UFFDIO_REGISTER_MODE_MINOR ? 1ULL << 10 : 0) | (rwp_registered ? UFFD_FEATURE_RWP : 0);
+	wp_async = !rwp_registered && has_token(modes, "async");
+	rwp_async = rwp_registered && has_token(modes, "async");
 	int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
 	if (fd < 0 && (errno == EPERM || errno == ENOSYS)) {
 		int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
@@ -434,8 +456,9 @@ static void do_register(const char *modes)
 	struct uffdio_api api = {.api = UFFD_API,
 					.features = ((mode & UFFDIO_REGISTER_MODE_WP) ? UFFD_FEATURE_PAGEFAULT_FLAG_WP : 0) |
 						    extra_features};
-	if (ioctl(fd, UFFDIO_API, &api))
-		die("UFFDIO_API: %s", strerror(errno));
+	unsigned long long asked = api.features; /* a failed UFFDIO_API zeroes the structure */
+	if (ioctl(fd, UFFDIO_API, &api)) /* EINVAL: the kernel lacks a feature asked for (RWP: before Linux 7.3) */
+		die("UFFDIO_API (features 0x%llx asked): %s", (unsigned long long)asked, strerror(errno));
 	struct uffdio_register reg = {.range = {.start = (unsigned long)region, .len = region_size}, .mode = mode};
 	if (ioctl(fd, UFFDIO_REGISTER, &reg))
 		die("UFFDIO_REGISTER %s: %s", modes, strerror(errno));
@@ -466,7 +489,52 @@ static void drain(uint8_t *missing, uint8_t *wp)
 	memcpy(wp, hit_wp, npages);
 	memset(hit_missing, 0, npages);
 	memset(hit_wp, 0, npages);
+	memcpy(fault_rwp, hit_rwp, npages);
+	memset(hit_rwp, 0, npages);
 	pthread_mutex_unlock(&hits_lock);
+}
+
+/* ---- RWP (Linux 7.3): UFFDIO_RWPROTECT, UFFDIO_SET_MODE, PAGEMAP_SCAN's PAGE_IS_ACCESSED ---- */
+
+static void rw_protect(size_t first, size_t count, int on)
+{
+	struct uffdio_rwprotect r = {.range = {.start = (unsigned long)region + first * PAGE, .len = count * PAGE},
+				     .mode = on ? UFFDIO_RWPROTECT_MODE_RWP : 0};
+	int rc;
+	while ((rc = ioctl(uffd, UFFDIO_RWPROTECT, &r)) && errno == EAGAIN)
+		;
+	if (rc)
+		die("UFFDIO_RWPROTECT(%d) pages %zu+%zu: %s", on, first, count, strerror(errno));
+}
+
+static void set_mode(const char *mode)
+{
+	struct uffdio_set_mode m = {0};
+	if (!strcmp(mode, "async"))
+		m.enable = UFFD_FEATURE_RWP_ASYNC;
+	else
+		m.disable = UFFD_FEATURE_RWP_ASYNC;
+	if (ioctl(uffd, UFFDIO_SET_MODE, &m))
+		die("UFFDIO_SET_MODE %s: %s", mode, strerror(errno));
+	rwp_async = !strcmp(mode, "async");
+}
+
+static void scan_accessed(uint8_t *out, int cold);
+
+/* The hot set (PAGE_IS_ACCESSED) and the cold set (inverted, resident pages) against the model. */
+static void dump_accessed(const char *phase)
+{
+	uint8_t *hot = zalloc(npages), *cold = zalloc(npages);
+	scan_accessed(hot, 0);
+	scan_accessed(cold, 1);
+	for (size_t i = 0; i < npages; i++)
+		if (accessed[i] && (cold[i] || !hot[i]))
+			report(K_ACCESSED_COLD, i, phase);
+	for (size_t i = 0; i < npages; i++)
+		if (wp_expected[i] && (hot[i] || !cold[i]))
+			report(K_UNTOUCHED_HOT, i, phase);
+	free(hot);
+	free(cold);
 }
 
 /* ---- split triggers (suite/split_triggers.py): what a shrink step fires, SPLIT ---- */
@@ -477,7 +545,6 @@ static void drain(uint8_t *missing, uint8_t *wp)
 #define KSM_DIR THP_DIR "../ksm/"
 #define KSM_SCANS 20
 
-static void *zalloc(size_t n);
 static uint8_t *unmapped; /* pages partial-unmap discarded on purpose: no longer placed nor protected */
 
 static long read_long(const char *path)
@@ -645,6 +712,35 @@ static void scan_written(uint8_t *out, int clear)
 	close(fd);
 }
 
+/* PAGEMAP_SCAN of the region for PAGE_IS_ACCESSED (1 << 9) into out[]; cold: inverted, present or swapped only. */
+static void scan_accessed(uint8_t *out, int cold)
+{
+	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	static struct rt_page_region vec[1024];
+	unsigned long base = (unsigned long)region, at = base, end = base + region_size;
+	if (fd < 0)
+		die("open /proc/self/pagemap: %s", strerror(errno));
+	memset(out, 0, npages);
+	while (at < end) {
+		struct rt_pm_scan_arg a = {.size = sizeof(a), .start = at, .end = end, .vec = (uintptr_t)vec,
+					   .vec_len = 1024, .category_mask = 1 << 9, .return_mask = 1 << 9};
+		if (cold) {
+			a.category_inverted = 1 << 9;
+			a.category_anyof_mask = (1 << 3) | (1 << 4); /* PAGE_IS_PRESENT | PAGE_IS_SWAPPED */
+		}
+		long n = ioctl(fd, RT_PAGEMAP_SCAN, &a);
+		if (n < 0)
+			die("PAGEMAP_SCAN (accessed): %s", strerror(errno));
+		for (long i = 0; i < n; i++)
+			for (__u64 p = vec[i].start; p < vec[i].end; p += PAGE)
+				out[(p - base) / PAGE] = 1;
+		if (a.walk_end <= at)
+			break;
+		at = a.walk_end;
+	}
+	close(fd);
+}
+
 static void memory_axes_step(const struct step *s)
 {
 	const struct run *r = s->runs;
@@ -658,6 +754,10 @@ static void memory_axes_step(const struct step *s)
 		memset(written, 0, npages);
 		break;
 	case OP_DUMP: { /* every page written since the clear must be in the dump, else it restores stale data */
+		if (!strcmp(s->arg, "accessed")) {
+			dump_accessed(s->phase);
+			break;
+		}
 		if (!strcmp(s->arg, "written")) {
 			scan_written(mismatch, 0);
 		} else {
@@ -741,6 +841,22 @@ static void perform(const struct step *s)
 			write_protect(r[i].first, r[i].count, on);
 		break;
 	}
+	case OP_RWP:
+	case OP_SABOTAGE_UNRWP: {
+		int on = s->op == OP_RWP && s->arg[0] == '1';
+		if (uffd < 0)
+			die("%s: not registered", s->phase);
+		if (on) { /* RWP protects present PTEs only: populate first, so every page is protected */
+			advise(0, npages, MADV_POPULATE_READ, "MADV_POPULATE_READ");
+			drain(fault_missing, fault_wp);
+		}
+		for (size_t i = 0; i < s->nruns; i++)
+			rw_protect(r[i].first, r[i].count, on);
+		break;
+	}
+	case OP_SET_MODE:
+		set_mode(s->arg);
+		break;
 	case OP_CLEAR_SOFT_DIRTY:
 		if (put("/proc/self/clear_refs", "4"))
 			die("clear_refs: %s", strerror(errno));
@@ -805,7 +921,28 @@ static void judge(const struct step *s, const uint64_t *before, const uint64_t *
 				wp_expected[i] = !strcmp(s->arg, "1");
 	if (s->op == OP_CLEAR_WRITTEN)
 		memset(wp_expected, 1, npages);
-	if (s->op == OP_TOUCH && (!strcmp(s->arg, "write") || !strcmp(s->arg, "zero"))) {
+	if (s->op == OP_RWP && s->arg[0] == '1')
+		for (size_t i = 0; i < npages; i++)
+			if (sel[i]) {
+				wp_expected[i] = 1;
+				accessed[i] = 0;
+				if ((after[i] & PM_PRESENT) && !(after[i] & PM_UFFD_WP)) /* protected, yet no bit 57 */
+					report(K_LOST_WP, i, ph);
+			}
+	if (rwp_registered && (s->op == OP_TOUCH || s->op == OP_VERIFY)) {
+		/* sync: exactly the protected pages accessed raised one RWP fault each; async: none */
+		for (size_t i = 0; i < npages; i++) {
+			int due = !rwp_async && sel[i] && wp_expected[i];
+			if (due && !fault_rwp[i])
+				report(K_NO_RWP, i, ph);
+			else if (fault_rwp[i] > 1 || (fault_rwp[i] && !due))
+				report(K_EXTRA_RWP, i, ph);
+			if (sel[i]) {
+				wp_expected[i] = 0;
+				accessed[i] = 1;
+			}
+		}
+	} else if (s->op == OP_TOUCH && (!strcmp(s->arg, "write") || !strcmp(s->arg, "zero"))) {
 		for (size_t i = 0; i < npages && !wp_async; i++)
 			if (sel[i] && wp_expected[i] && !fault_wp[i])
 				report(K_NO_WP, i, ph);
@@ -902,6 +1039,9 @@ int main(int argc, char **argv)
 	expected = zalloc(npages);
 	hit_missing = zalloc(npages);
 	hit_wp = zalloc(npages);
+	hit_rwp = zalloc(npages);
+	fault_rwp = zalloc(npages);
+	accessed = zalloc(npages);
 	sel = zalloc(npages);
 	fault_missing = zalloc(npages);
 	fault_wp = zalloc(npages);
