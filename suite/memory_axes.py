@@ -133,8 +133,9 @@ RWP_MODES = ("sync", "async", "async-sync", "sync-async")
 def rwp_style(mode: str, shrink_at: str, *, sabotage: bool = False, fill: Fill | None = None,
               thp: ThpSettings | None = None) -> Scenario:
     """The snapshot-style sequence under RWP: register RWP, populate and protect every page, read every 16th zero
-    subpage (``zero-some``), split at ``shrink_at`` (after-protect: protected and accessed pages side by side),
-    then read and write every page. In sync mode every first access to a protected page raises exactly one RWP
+    subpage of the even THPs (``zero-some-half``; async mode resolves a PMD-mapped THP whole, so the odd THPs must
+    stay untouched), split at ``shrink_at`` (after-protect: protected and accessed pages side by side), then read
+    and write every page. In sync mode every first access to a protected page raises exactly one RWP
     fault and the second none; in async mode none, and PAGEMAP_SCAN's hot / cold sets must be exactly the pages
     accessed / not. ``async-sync`` / ``sync-async`` switch with UFFDIO_SET_MODE after the split (the kernel's
     documented working-set loop: detect async, switch to sync, scan, evict). ``sabotage`` un-protects a few zero
@@ -148,7 +149,7 @@ def rwp_style(mode: str, shrink_at: str, *, sabotage: bool = False, fill: Fill |
         if st.op == "register":
             steps.append(Step("register", "rwp,async" if first == "async" else "rwp"))
         elif st.op == "wp":
-            steps += [Step("rwp", "1"), Step("touch", "read", pages="zero-some")]
+            steps += [Step("rwp", "1"), Step("touch", "read", pages="zero-some-half")]
         elif st.op == "shrink" or st.op == "map" or st.op == "place":
             steps.append(st)
     steps += [Step("set-mode", last)] if first != last else []

@@ -18,7 +18,7 @@ from .ledger import Ledger
 from .memcg import Memcg
 from .options import RunOptions
 from .oracle import mixed_thp_anchors, runs
-from .pagemap import PAGE, PageStates
+from .pagemap import PAGE, PAGES_PER_THP, PageStates
 from .qemu import runner as qemu_runner
 from .scenario import OPS, Scenario, Step
 from .uffd import Faults, UffdHelper
@@ -62,6 +62,7 @@ class SyntheticRun:
         # RWP (Linux 7.3): wp_expected then holds the RWP-protected pages (one uffd PTE bit, pagemap bit 57)
         self.rwp_registered = self.rwp_async = False
         self.accessed = np.zeros(n, dtype=bool)  # read or written since RWP protection (PAGEMAP_SCAN's hot set)
+        self.pmd_mapped = np.zeros(n, dtype=bool)  # PMD-mapped just before an async RWP access (PAGE_IS_HUGE)
 
     # --- driving -------------------------------------------------------------------------------------------
 
@@ -194,6 +195,7 @@ class SyntheticRun:
                            f"after the shrink and a second firing (first page of each THP named)")
 
     def do_touch(self, step: Step, sel: np.ndarray) -> Faults:
+        self.note_pmd_mapped()
         if step.arg in ("write", "zero"):
             self.nonzero = self.nonzero | sel if step.arg == "write" else self.nonzero & ~sel
             self.written |= sel
@@ -205,6 +207,7 @@ class SyntheticRun:
         return faults
 
     def do_verify(self, step: Step, sel: np.ndarray) -> Faults:
+        self.note_pmd_mapped()
         bad: list[int] = []
 
         def verify(o: int, n: int) -> Faults:
@@ -249,9 +252,24 @@ class SyntheticRun:
         return Faults(faults.missing + more.missing, faults.wp + more.wp, faults.rwp + more.rwp,
                       faults.rwp_repeat + more.rwp_repeat)
 
+    def note_pmd_mapped(self) -> None:
+        """Before an access in async RWP mode: which pages a PMD maps. The kernel resolves an access to a PMD-mapped
+        THP for the whole PMD (do_huge_pmd_uffd_rwp: one uffd bit for 512 pages), to a PTE for that page only."""
+        self.pmd_mapped[:] = False
+        if self.rwp_registered and self.rwp_async:
+            self.pmd_mapped[self.h.scan_huge(0, self.s.npages * PAGE)] = True
+
     def judge_rwp(self, step: Step, sel: np.ndarray, faults: Faults) -> None:
         """An access step under RWP: in sync mode exactly the protected pages it touched raised one RWP fault each
-        (and no other page any); in async mode none did. Either way the touched pages are unprotected now."""
+        (and no other page any); in async mode none did. Either way the touched pages are unprotected now, in async
+        mode with every page of a PMD-mapped THP it touched."""
+        if self.rwp_async and (self.pmd_mapped & sel).any():
+            chunks = (self.pmd_mapped & sel)[: len(sel) // PAGES_PER_THP * PAGES_PER_THP]
+            whole = np.repeat(chunks.reshape(-1, PAGES_PER_THP).any(axis=1), PAGES_PER_THP)
+            whole = np.resize(whole, len(sel)) & self.pmd_mapped
+            self.v.notes.append(f"{step.phase}: async RWP resolved {int(whole.sum()) // PAGES_PER_THP} PMD-mapped "
+                                f"THPs whole ({int((whole & ~sel).sum())} pages accessed with them)")
+            sel = sel | whole
         trapped, repeat = np.zeros_like(sel), np.zeros_like(sel)
         trapped[faults.rwp], repeat[faults.rwp_repeat] = True, True
         due = np.zeros_like(sel) if self.rwp_async else sel & self.wp_expected

@@ -61,7 +61,8 @@ KIND_OPS: dict[str, frozenset[str]] = {
 # How a real postcopy migration is driven (``migration.VARIANTS`` has the capabilities): plain postcopy-ram,
 # with multifd channels (zero-page-detection=multifd), with postcopy-preempt.
 POSTCOPY_VARIANTS = ("", "multifd", "preempt")
-SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed", "sabotage-chunks")
+SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed", "sabotage-chunks",
+             "zero-some-half")
 # What a "shrink" step fires to split large folios (``split_triggers``); "shrinker" is the default.
 SPLITS = ("shrinker", "pageout", "pageout-swap", "partial-unmap", "debugfs", "ksm", "ksm-zero")
 BACKINGS = ("anon", "memfd")  # the region: private anonymous (default) or a MAP_SHARED memfd (shmem THPs)
@@ -185,6 +186,8 @@ class Scenario:
             return ~data & (np.arange(n) % 16 == 4)
         chunk = np.arange(n) // PAGES_PER_THP
         sub = np.arange(n) % PAGES_PER_THP
+        if name == "zero-some-half":  # zero-some of the even chunks only (RWP: the odd chunks stay untouched)
+            return self.selector("zero-some") & (chunk % 2 == 0)
         if name == "discard":  # QEMU discards re-dirtied ranges: the first 64 subpages of every 4th chunk
             return (chunk % 4 == 3) & (sub < 64)
         if name == "sabotage":  # a few zero subpages of two chunks, not discarded

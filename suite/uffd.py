@@ -302,6 +302,10 @@ class UffdHelper:
         reply = self.command(f"scan-accessed {off:#x} {length:#x} {int(cold)}", timeout)
         return list(reply["pages"]), Faults.from_reply(reply)
 
+    def scan_huge(self, off: int, length: int, timeout: float | None = None) -> list[int]:
+        """PAGEMAP_SCAN PAGE_IS_HUGE: the pages mapped by a PMD now."""
+        return list(self.command(f"scan-huge {off:#x} {length:#x}", timeout)["pages"])
+
     def minor_faults(self, timeout: float | None = None) -> int:
         """MINOR faults resolved with UFFDIO_CONTINUE so far (``register("minor")`` on memfd)."""
         return int(self.command("minor-faults", timeout)["minor"])

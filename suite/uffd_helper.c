@@ -936,9 +936,12 @@ static int memory_axes_command(const char *c, int argc, char **argv)
  *   scan-accessed OFF LEN COLD   PAGEMAP_SCAN for PAGE_IS_ACCESSED (the uffd bit clear on an RWP VMA): COLD=0 lists
  *                                the pages accessed since protection (the hot set), COLD=1 the resident pages not
  *                                accessed (ACCESSED inverted, present or swapped: holes carry neither)
+ *   scan-huge OFF LEN            PAGEMAP_SCAN for PAGE_IS_HUGE: the pages mapped by a PMD now (async RWP resolves an
+ *                                access to a PMD-mapped THP for the whole PMD: one uffd bit for its 512 pages)
  */
 #define HC_PAGE_IS_PRESENT (1ULL << 3)
 #define HC_PAGE_IS_SWAPPED (1ULL << 4)
+#define HC_PAGE_IS_HUGE (1ULL << 6)
 #define HC_PAGE_IS_ACCESSED (1ULL << 9)
 
 static void cmd_rwp(char *off_s, char *len_s, char *on_s)
@@ -992,39 +995,37 @@ static void cmd_set_mode(char *mode_s)
 	reply(&b);
 }
 
-static void cmd_scan_accessed(char *off_s, char *len_s, char *cold_s)
+/* scan-accessed (mask PAGE_IS_ACCESSED, cold: inverted) and scan-huge (mask PAGE_IS_HUGE): the pages matching. */
+static void cmd_scan_category(const char *cmd, char *off_s, char *len_s, __u64 mask, int cold)
 {
 	unsigned long off, len;
-	if (parse_range("scan-accessed", off_s, len_s, &off, &len))
+	if (parse_range(cmd, off_s, len_s, &off, &len))
 		return;
-	int cold = cold_s && !strcmp(cold_s, "1");
 	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	if (fd < 0) {
-		reply_error("scan-accessed: open /proc/self/pagemap", errno);
+		reply_error("scan: open /proc/self/pagemap", errno);
 		return;
 	}
 	uint8_t *found = calloc(npages, 1);
 	struct hc_page_region *vec = calloc(1024, sizeof(*vec));
 	if (!found || !vec) {
-		reply_error("scan-accessed: calloc", ENOMEM);
+		reply_error("scan: calloc", ENOMEM);
 		exit(2);
 	}
 	unsigned long base = (unsigned long)region, at = base + off, end = base + off + len;
 	while (at < end) {
 		struct hc_pm_scan_arg a = {.size = sizeof(a), .start = at, .end = end, .vec = (uintptr_t)vec,
-					   .vec_len = 1024, .category_mask = HC_PAGE_IS_ACCESSED,
-					   .return_mask = HC_PAGE_IS_ACCESSED};
-		if (cold) {
-			a.category_inverted = HC_PAGE_IS_ACCESSED;
-			a.category_anyof_mask = HC_PAGE_IS_PRESENT | HC_PAGE_IS_SWAPPED;
-		}
+					   .vec_len = 1024, .category_mask = mask, .return_mask = mask,
+					   .category_anyof_mask = HC_PAGE_IS_PRESENT | HC_PAGE_IS_SWAPPED};
+		if (cold)
+			a.category_inverted = mask;
 		long n = ioctl(fd, HC_PAGEMAP_SCAN, &a);
 		if (n < 0) {
 			int err = errno;
 			free(found);
 			free(vec);
 			close(fd);
-			reply_error("scan-accessed: PAGEMAP_SCAN", err);
+			reply_error(err == ENOTTY ? "scan: PAGEMAP_SCAN (the kernel lacks it)" : "scan: PAGEMAP_SCAN", err);
 			return;
 		}
 		for (long i = 0; i < n; i++)
@@ -1051,7 +1052,9 @@ static int rwp_command(const char *c, int argc, char **argv)
 	else if (!strcmp(c, "set-mode") && argc == 2)
 		cmd_set_mode(argv[1]);
 	else if (!strcmp(c, "scan-accessed") && argc == 4)
-		cmd_scan_accessed(argv[1], argv[2], argv[3]);
+		cmd_scan_category(c, argv[1], argv[2], HC_PAGE_IS_ACCESSED, !strcmp(argv[3], "1"));
+	else if (!strcmp(c, "scan-huge") && argc == 3)
+		cmd_scan_category(c, argv[1], argv[2], HC_PAGE_IS_HUGE, 0);
 	else
 		return 0;
 	return 1;

@@ -60,7 +60,7 @@ def test_rwp_origin(run, check_verdict, kernel_features, origin):
 
 def _sabotaged(scenario: sc.Scenario, region: int) -> list[int]:
     """The pages the negative control un-protects that were still protected: its zero subpages not read before."""
-    idx = np.nonzero(scenario.selector("sabotage") & ~scenario.selector("zero-some"))[0]
+    idx = np.nonzero(scenario.selector("sabotage") & ~scenario.selector("zero-some-half"))[0]
     return [region + int(i) * pagemap.PAGE for i in idx]
 
 

@@ -40,6 +40,7 @@ static int rwp_registered, rwp_async;
 static void *zalloc(size_t n);
 static uint8_t *fault_rwp; /* RWP faults per page during this step (counts) */
 static uint8_t *accessed;  /* read or written since RWP protection: PAGEMAP_SCAN's hot set must be exactly these */
+static uint8_t *pmd_mapped; /* PMD-mapped before an async access: the kernel resolves such a THP whole */
 
 /* ---- leaving the machine as found: async-signal-safe, runs once (exit, die, signal, stall) ---- */
 
@@ -519,14 +520,16 @@ static void set_mode(const char *mode)
 	rwp_async = !strcmp(mode, "async");
 }
 
-static void scan_accessed(uint8_t *out, int cold);
+static void scan_category(uint8_t *out, __u64 mask, int cold);
+#define PAGE_IS_HUGE (1ULL << 6)
+#define PAGE_IS_ACCESSED (1ULL << 9)
 
 /* The hot set (PAGE_IS_ACCESSED) and the cold set (inverted, resident pages) against the model. */
 static void dump_accessed(const char *phase)
 {
 	uint8_t *hot = zalloc(npages), *cold = zalloc(npages);
-	scan_accessed(hot, 0);
-	scan_accessed(cold, 1);
+	scan_category(hot, PAGE_IS_ACCESSED, 0);
+	scan_category(cold, PAGE_IS_ACCESSED, 1);
 	for (size_t i = 0; i < npages; i++)
 		if (accessed[i] && (cold[i] || !hot[i]))
 			report(K_ACCESSED_COLD, i, phase);
@@ -712,8 +715,9 @@ static void scan_written(uint8_t *out, int clear)
 	close(fd);
 }
 
-/* PAGEMAP_SCAN of the region for PAGE_IS_ACCESSED (1 << 9) into out[]; cold: inverted, present or swapped only. */
-static void scan_accessed(uint8_t *out, int cold)
+/* PAGEMAP_SCAN of the region for MASK (PAGE_IS_ACCESSED, PAGE_IS_HUGE) into out[]; cold: inverted; present or
+ * swapped pages only. */
+static void scan_category(uint8_t *out, __u64 mask, int cold)
 {
 	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	static struct rt_page_region vec[1024];
@@ -723,14 +727,13 @@ static void scan_accessed(uint8_t *out, int cold)
 	memset(out, 0, npages);
 	while (at < end) {
 		struct rt_pm_scan_arg a = {.size = sizeof(a), .start = at, .end = end, .vec = (uintptr_t)vec,
-					   .vec_len = 1024, .category_mask = 1 << 9, .return_mask = 1 << 9};
-		if (cold) {
-			a.category_inverted = 1 << 9;
-			a.category_anyof_mask = (1 << 3) | (1 << 4); /* PAGE_IS_PRESENT | PAGE_IS_SWAPPED */
-		}
+					   .vec_len = 1024, .category_mask = mask, .return_mask = mask,
+					   .category_anyof_mask = (1 << 3) | (1 << 4) /* PAGE_IS_PRESENT | SWAPPED */};
+		if (cold)
+			a.category_inverted = mask;
 		long n = ioctl(fd, RT_PAGEMAP_SCAN, &a);
 		if (n < 0)
-			die("PAGEMAP_SCAN (accessed): %s", strerror(errno));
+			die("PAGEMAP_SCAN (categories 0x%llx): %s", (unsigned long long)mask, strerror(errno));
 		for (long i = 0; i < n; i++)
 			for (__u64 p = vec[i].start; p < vec[i].end; p += PAGE)
 				out[(p - base) / PAGE] = 1;
@@ -930,6 +933,14 @@ static void judge(const struct step *s, const uint64_t *before, const uint64_t *
 					report(K_LOST_WP, i, ph);
 			}
 	if (rwp_registered && (s->op == OP_TOUCH || s->op == OP_VERIFY)) {
+		/* async: an access to a PMD-mapped THP resolves the whole PMD (one uffd bit for its 512 pages) */
+		for (size_t c = 0; rwp_async && c + 512 <= npages; c += 512) {
+			int hit = 0;
+			for (size_t i = c; i < c + 512; i++)
+				hit |= sel[i] && pmd_mapped[i];
+			for (size_t i = c; hit && i < c + 512; i++)
+				sel[i] |= pmd_mapped[i];
+		}
 		/* sync: exactly the protected pages accessed raised one RWP fault each; async: none */
 		for (size_t i = 0; i < npages; i++) {
 			int due = !rwp_async && sel[i] && wp_expected[i];
@@ -974,6 +985,8 @@ static void run_step(const struct step *s, int first)
 		__atomic_store_n(&timed_phase, s->phase, __ATOMIC_RELEASE);
 		__atomic_store_n(&deadline_ns, t0 + (int64_t)(timeout_s * 1e9), __ATOMIC_RELEASE);
 	}
+	if (rwp_registered && rwp_async && (s->op == OP_TOUCH || s->op == OP_VERIFY))
+		scan_category(pmd_mapped, PAGE_IS_HUGE, 0);
 	perform(s);
 	__atomic_store_n(&deadline_ns, 0, __ATOMIC_RELEASE);
 	drain(fault_missing, fault_wp);
@@ -1042,6 +1055,7 @@ int main(int argc, char **argv)
 	hit_rwp = zalloc(npages);
 	fault_rwp = zalloc(npages);
 	accessed = zalloc(npages);
+	pmd_mapped = zalloc(npages);
 	sel = zalloc(npages);
 	fault_missing = zalloc(npages);
 	fault_wp = zalloc(npages);
