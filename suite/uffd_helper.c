@@ -611,26 +611,33 @@ static void cmd_register(char *modes_s)
 	reply(&b);
 }
 
-static void cmd_wp(char *off_s, char *len_s, char *on_s)
+/* wp and rwp: UFFDIO_WRITEPROTECT / UFFDIO_RWPROTECT of a range, on (ON_MODE) or off; both take a range and a
+ * mode (struct uffdio_rwprotect has uffdio_writeprotect's layout). */
+static void cmd_protect(const char *cmd, unsigned long req, const char *req_name, __u64 on_mode, char *off_s,
+			char *len_s, char *on_s)
 {
 	unsigned long off, len;
-	if (parse_range("wp", off_s, len_s, &off, &len))
+	char what[96];
+	if (parse_range(cmd, off_s, len_s, &off, &len))
 		return;
 	if (!on_s || (strcmp(on_s, "1") && strcmp(on_s, "0"))) {
-		reply_error("wp: expected OFF LEN 1|0", EINVAL);
+		snprintf(what, sizeof(what), "%s: expected OFF LEN 1|0", cmd);
+		reply_error(what, EINVAL);
 		return;
 	}
 	if (uffd < 0) {
-		reply_error("wp: not registered", EINVAL);
+		snprintf(what, sizeof(what), "%s: not registered", cmd);
+		reply_error(what, EINVAL);
 		return;
 	}
 	struct uffdio_writeprotect w = {.range = {.start = (unsigned long)region + off, .len = len},
-					.mode = on_s[0] == '1' ? UFFDIO_WRITEPROTECT_MODE_WP : 0};
+					.mode = on_s[0] == '1' ? on_mode : 0};
 	int rc;
-	while ((rc = ioctl(uffd, UFFDIO_WRITEPROTECT, &w)) && errno == EAGAIN)
+	while ((rc = ioctl(uffd, req, &w)) && errno == EAGAIN)
 		;
 	if (rc) {
-		reply_error("wp: UFFDIO_WRITEPROTECT", errno);
+		snprintf(what, sizeof(what), "%s: %s", cmd, req_name);
+		reply_error(what, errno);
 		return;
 	}
 	struct buf b = reply_ok();
@@ -855,34 +862,36 @@ static void cmd_collapse(char *off_s, char *len_s)
 	reply(&b);
 }
 
-static void cmd_scan(char *off_s, char *len_s, char *clear_s)
+/* PAGEMAP_SCAN of OFF LEN with ARG's flags and categories (its range and vector filled in here); replies with the
+ * matching pages as FIELD. */
+static void scan_reply(const char *cmd, const char *field, char *off_s, char *len_s, struct hc_pm_scan_arg arg)
 {
 	unsigned long off, len;
-	if (parse_range("scan", off_s, len_s, &off, &len))
+	if (parse_range(cmd, off_s, len_s, &off, &len))
 		return;
-	int clear = clear_s && !strcmp(clear_s, "1");
 	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	if (fd < 0) {
 		reply_error("scan: open /proc/self/pagemap", errno);
 		return;
 	}
-	uint8_t *written = calloc(npages, 1);
+	uint8_t *found = calloc(npages, 1);
 	struct hc_page_region *vec = calloc(1024, sizeof(*vec));
-	if (!written || !vec) {
+	if (!found || !vec) {
 		reply_error("scan: calloc", ENOMEM);
 		exit(2);
 	}
 	unsigned long base = (unsigned long)region, at = base + off, end = base + off + len;
 	while (at < end) {
-		struct hc_pm_scan_arg a = {.size = sizeof(a), .start = at, .end = end, .vec = (uintptr_t)vec,
-					   .vec_len = 1024, .category_mask = HC_PAGE_IS_WRITTEN,
-					   .return_mask = HC_PAGE_IS_WRITTEN};
-		if (clear)
-			a.flags = HC_PM_SCAN_WP_MATCHING | HC_PM_SCAN_CHECK_WPASYNC;
+		struct hc_pm_scan_arg a = arg;
+		a.size = sizeof(a);
+		a.start = at;
+		a.end = end;
+		a.vec = (uintptr_t)vec;
+		a.vec_len = 1024;
 		long n = ioctl(fd, HC_PAGEMAP_SCAN, &a);
 		if (n < 0) {
 			int err = errno;
-			free(written);
+			free(found);
 			free(vec);
 			close(fd);
 			reply_error(err == ENOTTY ? "scan: PAGEMAP_SCAN (the kernel lacks it)" : "scan: PAGEMAP_SCAN", err);
@@ -890,7 +899,7 @@ static void cmd_scan(char *off_s, char *len_s, char *clear_s)
 		}
 		for (long i = 0; i < n; i++)
 			for (__u64 p = vec[i].start; p < vec[i].end; p += PAGE)
-				written[(p - base) / PAGE] = 1;
+				found[(p - base) / PAGE] = 1;
 		if (a.walk_end <= at) /* no progress: should not happen, but never loop forever */
 			break;
 		at = a.walk_end;
@@ -898,10 +907,18 @@ static void cmd_scan(char *off_s, char *len_s, char *clear_s)
 	close(fd);
 	free(vec);
 	struct buf b = reply_ok();
-	buf_index_list(&b, "written", written, npages, 0);
-	free(written);
+	buf_index_list(&b, field, found, npages, 0);
+	free(found);
 	drain_faults(&b);
 	reply(&b);
+}
+
+static void cmd_scan(char *off_s, char *len_s, char *clear_s)
+{
+	struct hc_pm_scan_arg a = {.category_mask = HC_PAGE_IS_WRITTEN, .return_mask = HC_PAGE_IS_WRITTEN};
+	if (clear_s && !strcmp(clear_s, "1"))
+		a.flags = HC_PM_SCAN_WP_MATCHING | HC_PM_SCAN_CHECK_WPASYNC;
+	scan_reply("scan", "written", off_s, len_s, a);
 }
 
 /* Dispatch for this block: 1 if the command was one of it (and has been answered). */
@@ -944,33 +961,6 @@ static int memory_axes_command(const char *c, int argc, char **argv)
 #define HC_PAGE_IS_HUGE (1ULL << 6)
 #define HC_PAGE_IS_ACCESSED (1ULL << 9)
 
-static void cmd_rwp(char *off_s, char *len_s, char *on_s)
-{
-	unsigned long off, len;
-	if (parse_range("rwp", off_s, len_s, &off, &len))
-		return;
-	if (!on_s || (strcmp(on_s, "1") && strcmp(on_s, "0"))) {
-		reply_error("rwp: expected OFF LEN 1|0", EINVAL);
-		return;
-	}
-	if (uffd < 0) {
-		reply_error("rwp: not registered", EINVAL);
-		return;
-	}
-	struct uffdio_rwprotect r = {.range = {.start = (unsigned long)region + off, .len = len},
-				     .mode = on_s[0] == '1' ? UFFDIO_RWPROTECT_MODE_RWP : 0};
-	int rc;
-	while ((rc = ioctl(uffd, UFFDIO_RWPROTECT, &r)) && errno == EAGAIN)
-		;
-	if (rc) {
-		reply_error("rwp: UFFDIO_RWPROTECT", errno);
-		return;
-	}
-	struct buf b = reply_ok();
-	drain_faults(&b);
-	reply(&b);
-}
-
 static void cmd_set_mode(char *mode_s)
 {
 	if (!mode_s || (strcmp(mode_s, "async") && strcmp(mode_s, "sync"))) {
@@ -995,60 +985,19 @@ static void cmd_set_mode(char *mode_s)
 	reply(&b);
 }
 
-/* scan-accessed (mask PAGE_IS_ACCESSED, cold: inverted) and scan-huge (mask PAGE_IS_HUGE): the pages matching. */
+/* scan-accessed (mask PAGE_IS_ACCESSED, cold: inverted) and scan-huge (PAGE_IS_HUGE), present or swapped pages. */
 static void cmd_scan_category(const char *cmd, char *off_s, char *len_s, __u64 mask, int cold)
 {
-	unsigned long off, len;
-	if (parse_range(cmd, off_s, len_s, &off, &len))
-		return;
-	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
-		reply_error("scan: open /proc/self/pagemap", errno);
-		return;
-	}
-	uint8_t *found = calloc(npages, 1);
-	struct hc_page_region *vec = calloc(1024, sizeof(*vec));
-	if (!found || !vec) {
-		reply_error("scan: calloc", ENOMEM);
-		exit(2);
-	}
-	unsigned long base = (unsigned long)region, at = base + off, end = base + off + len;
-	while (at < end) {
-		struct hc_pm_scan_arg a = {.size = sizeof(a), .start = at, .end = end, .vec = (uintptr_t)vec,
-					   .vec_len = 1024, .category_mask = mask, .return_mask = mask,
-					   .category_anyof_mask = HC_PAGE_IS_PRESENT | HC_PAGE_IS_SWAPPED};
-		if (cold)
-			a.category_inverted = mask;
-		long n = ioctl(fd, HC_PAGEMAP_SCAN, &a);
-		if (n < 0) {
-			int err = errno;
-			free(found);
-			free(vec);
-			close(fd);
-			reply_error(err == ENOTTY ? "scan: PAGEMAP_SCAN (the kernel lacks it)" : "scan: PAGEMAP_SCAN", err);
-			return;
-		}
-		for (long i = 0; i < n; i++)
-			for (__u64 p = vec[i].start; p < vec[i].end; p += PAGE)
-				found[(p - base) / PAGE] = 1;
-		if (a.walk_end <= at) /* no progress: should not happen, but never loop forever */
-			break;
-		at = a.walk_end;
-	}
-	close(fd);
-	free(vec);
-	struct buf b = reply_ok();
-	buf_index_list(&b, "pages", found, npages, 0);
-	free(found);
-	drain_faults(&b);
-	reply(&b);
+	struct hc_pm_scan_arg a = {.category_mask = mask, .return_mask = mask, .category_inverted = cold ? mask : 0,
+				   .category_anyof_mask = HC_PAGE_IS_PRESENT | HC_PAGE_IS_SWAPPED};
+	scan_reply(cmd, "pages", off_s, len_s, a);
 }
 
 /* Dispatch for this block: 1 if the command was one of it (and has been answered). */
 static int rwp_command(const char *c, int argc, char **argv)
 {
 	if (!strcmp(c, "rwp") && argc == 4)
-		cmd_rwp(argv[1], argv[2], argv[3]);
+		cmd_protect(c, UFFDIO_RWPROTECT, "UFFDIO_RWPROTECT", UFFDIO_RWPROTECT_MODE_RWP, argv[1], argv[2], argv[3]);
 	else if (!strcmp(c, "set-mode") && argc == 2)
 		cmd_set_mode(argv[1]);
 	else if (!strcmp(c, "scan-accessed") && argc == 4)
@@ -1094,7 +1043,8 @@ int main(void)
 		} else if (!strcmp(c, "register") && argc == 2) {
 			cmd_register(argv[1]);
 		} else if (!strcmp(c, "wp") && argc == 4) {
-			cmd_wp(argv[1], argv[2], argv[3]);
+			cmd_protect("wp", UFFDIO_WRITEPROTECT, "UFFDIO_WRITEPROTECT", UFFDIO_WRITEPROTECT_MODE_WP, argv[1],
+				    argv[2], argv[3]);
 		} else if (!strcmp(c, "touch") && argc == 4) {
 			cmd_touch(argv[1], argv[2], argv[3]);
 		} else if (!strcmp(c, "verify") && argc == 3) {

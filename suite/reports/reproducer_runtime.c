@@ -471,15 +471,21 @@ static void do_register(const char *modes)
 	pthread_detach(t);
 }
 
-static void write_protect(size_t first, size_t count, int on)
+/* UFFDIO_WRITEPROTECT or UFFDIO_RWPROTECT (struct uffdio_rwprotect has uffdio_writeprotect's layout) of pages. */
+static void range_protect(unsigned long req, const char *name, __u64 on_mode, size_t first, size_t count, int on)
 {
 	struct uffdio_writeprotect w = {.range = {.start = (unsigned long)region + first * PAGE, .len = count * PAGE},
-					.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0};
+					.mode = on ? on_mode : 0};
 	int rc;
-	while ((rc = ioctl(uffd, UFFDIO_WRITEPROTECT, &w)) && errno == EAGAIN)
+	while ((rc = ioctl(uffd, req, &w)) && errno == EAGAIN)
 		;
 	if (rc)
-		die("UFFDIO_WRITEPROTECT(%d) pages %zu+%zu: %s", on, first, count, strerror(errno));
+		die("%s(%d) pages %zu+%zu: %s", name, on, first, count, strerror(errno));
+}
+
+static void write_protect(size_t first, size_t count, int on)
+{
+	range_protect(UFFDIO_WRITEPROTECT, "UFFDIO_WRITEPROTECT", UFFDIO_WRITEPROTECT_MODE_WP, first, count, on);
 }
 
 /* Faults the handler resolved since the last drain: this step's. */
@@ -499,13 +505,7 @@ static void drain(uint8_t *missing, uint8_t *wp)
 
 static void rw_protect(size_t first, size_t count, int on)
 {
-	struct uffdio_rwprotect r = {.range = {.start = (unsigned long)region + first * PAGE, .len = count * PAGE},
-				     .mode = on ? UFFDIO_RWPROTECT_MODE_RWP : 0};
-	int rc;
-	while ((rc = ioctl(uffd, UFFDIO_RWPROTECT, &r)) && errno == EAGAIN)
-		;
-	if (rc)
-		die("UFFDIO_RWPROTECT(%d) pages %zu+%zu: %s", on, first, count, strerror(errno));
+	range_protect(UFFDIO_RWPROTECT, "UFFDIO_RWPROTECT", UFFDIO_RWPROTECT_MODE_RWP, first, count, on);
 }
 
 static void set_mode(const char *mode)
@@ -690,8 +690,8 @@ static void map_memfd(const char *arg)
 	adopt_region(raw, start, arg);
 }
 
-/* PAGEMAP_SCAN of the region for PAGE_IS_WRITTEN into out[] (clear: write-protect what it reports). */
-static void scan_written(uint8_t *out, int clear)
+/* PAGEMAP_SCAN of the region with ARG's flags and categories (range and vector filled in here) into out[]. */
+static void pm_scan(uint8_t *out, struct rt_pm_scan_arg arg)
 {
 	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	static struct rt_page_region vec[1024];
@@ -700,11 +700,15 @@ static void scan_written(uint8_t *out, int clear)
 		die("open /proc/self/pagemap: %s", strerror(errno));
 	memset(out, 0, npages);
 	while (at < end) {
-		struct rt_pm_scan_arg a = {.size = sizeof(a), .flags = clear ? 3 : 0, .start = at, .end = end,
-					   .vec = (uintptr_t)vec, .vec_len = 1024, .category_mask = 2, .return_mask = 2};
+		struct rt_pm_scan_arg a = arg;
+		a.size = sizeof(a);
+		a.start = at;
+		a.end = end;
+		a.vec = (uintptr_t)vec;
+		a.vec_len = 1024;
 		long n = ioctl(fd, RT_PAGEMAP_SCAN, &a);
 		if (n < 0)
-			die("PAGEMAP_SCAN: %s", strerror(errno));
+			die("PAGEMAP_SCAN (categories 0x%llx): %s", (unsigned long long)arg.category_mask, strerror(errno));
 		for (long i = 0; i < n; i++)
 			for (__u64 p = vec[i].start; p < vec[i].end; p += PAGE)
 				out[(p - base) / PAGE] = 1;
@@ -715,33 +719,19 @@ static void scan_written(uint8_t *out, int clear)
 	close(fd);
 }
 
-/* PAGEMAP_SCAN of the region for MASK (PAGE_IS_ACCESSED, PAGE_IS_HUGE) into out[]; cold: inverted; present or
- * swapped pages only. */
+/* PAGE_IS_WRITTEN into out[] (clear: write-protect what it reports). */
+static void scan_written(uint8_t *out, int clear)
+{
+	struct rt_pm_scan_arg a = {.flags = clear ? 3 : 0, .category_mask = 2, .return_mask = 2};
+	pm_scan(out, a);
+}
+
+/* MASK (PAGE_IS_ACCESSED, PAGE_IS_HUGE) into out[]; cold: inverted; present or swapped pages only. */
 static void scan_category(uint8_t *out, __u64 mask, int cold)
 {
-	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-	static struct rt_page_region vec[1024];
-	unsigned long base = (unsigned long)region, at = base, end = base + region_size;
-	if (fd < 0)
-		die("open /proc/self/pagemap: %s", strerror(errno));
-	memset(out, 0, npages);
-	while (at < end) {
-		struct rt_pm_scan_arg a = {.size = sizeof(a), .start = at, .end = end, .vec = (uintptr_t)vec,
-					   .vec_len = 1024, .category_mask = mask, .return_mask = mask,
-					   .category_anyof_mask = (1 << 3) | (1 << 4) /* PAGE_IS_PRESENT | SWAPPED */};
-		if (cold)
-			a.category_inverted = mask;
-		long n = ioctl(fd, RT_PAGEMAP_SCAN, &a);
-		if (n < 0)
-			die("PAGEMAP_SCAN (categories 0x%llx): %s", (unsigned long long)mask, strerror(errno));
-		for (long i = 0; i < n; i++)
-			for (__u64 p = vec[i].start; p < vec[i].end; p += PAGE)
-				out[(p - base) / PAGE] = 1;
-		if (a.walk_end <= at)
-			break;
-		at = a.walk_end;
-	}
-	close(fd);
+	struct rt_pm_scan_arg a = {.category_mask = mask, .return_mask = mask, .category_inverted = cold ? mask : 0,
+				   .category_anyof_mask = (1 << 3) | (1 << 4) /* PAGE_IS_PRESENT | SWAPPED */};
+	pm_scan(out, a);
 }
 
 static void memory_axes_step(const struct step *s)
