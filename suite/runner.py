@@ -175,6 +175,7 @@ class SyntheticRun:
             self.unmapped = split_triggers.split_region(self.ledger, self.h, self.s, step.phase, self.nonzero,
                                                         self.trigger, self.cg)
             self.wp_expected &= ~self.unmapped
+            self.accessed &= ~self.unmapped  # a hole is neither hot nor cold (RWP: no longer in the working set)
         return _no_faults()
 
     def name_skipped_thps(self, step: Step, before: pagemap.PageStates, after: pagemap.PageStates) -> None:
