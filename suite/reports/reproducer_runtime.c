@@ -631,6 +631,7 @@ static const char *fire_split(void)
 			memset(unmapped + r->first, 1, r->count);
 			memset(placed + r->first, 0, r->count);
 			memset(wp_expected + r->first, 0, r->count);
+			memset(accessed + r->first, 0, r->count); /* RWP: a hole is neither hot nor cold */
 		}
 		return fire_shrinker();
 	}
