@@ -128,6 +128,7 @@ def origin_style(origin: str, *, backing: str = "anon", sabotage: bool = False,
 # UFFDIO_SET_MODE switching RWP_ASYNC off / on after the first accesses (7.3 toggles only RWP_ASYNC: a WP ↔ RWP
 # switch does not exist, re-registering a WP range as RWP is -EBUSY)
 RWP_MODES = ("sync", "async", "async-sync", "sync-async")
+RWP_MIB = 16  # 8 THPs: every sync access is a fault round trip, 10-40 s per 16k pages in an L1 VM under TCG
 
 
 def rwp_style(mode: str, shrink_at: str, *, sabotage: bool = False, fill: Fill | None = None,
@@ -162,4 +163,4 @@ def rwp_style(mode: str, shrink_at: str, *, sabotage: bool = False, fill: Fill |
         steps += [Step("touch", "write", pages="data"), Step("dump", "accessed", label="dump(accessed)@end")]
     steps.append(Step("verify"))
     name = f"rwp-{mode}-{base.name}" + ("-sabotage" if sabotage else "")
-    return replace(base, name=name, steps=tuple(steps))
+    return replace(base, name=name, steps=tuple(steps), size_mib=RWP_MIB)

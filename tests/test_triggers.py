@@ -54,8 +54,7 @@ SAMPLE = ([("wp", split, PMD) for split in sc.SPLITS]
           + [("soft-dirty-fault", "pageout", K64)]
           + [("missing", split, PMD) for split in ("pageout", "partial-unmap")]
           + [(kind, "ksm", PMD) for kind in SAME_KINDS]
-          + [("rwp", split, PMD) for split in ("pageout", "partial-unmap", "ksm-zero", "debugfs")]
-          + [("rwp", "pageout", K64), ("rwp-async", "pageout", PMD)])
+          + [("rwp", "partial-unmap", PMD), ("rwp", "pageout", K64)])
 
 
 def size_id(thp: ThpSettings) -> str:
