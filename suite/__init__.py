@@ -5,7 +5,7 @@ Every module, in reading order:
 What a run is and what it yields
 - ``scenario``     — a scenario is data: a list of steps (map, place, register, shrink, …).
 - ``memory_axes``  — builders for the memory axes: RAM backing (memfd), THP origin, uffd WP features, CRIU's
-                     soft-dirty / PAGE_IS_WRITTEN dump sequence.
+                     soft-dirty / PAGE_IS_WRITTEN dump sequence, userfaultfd's RWP mode (Linux 7.3).
 - ``content``      — the model's bytes of a data page (unique stamps, duplicates, sparse pages that test the
                      zero detector): what every side is judged against.
 - ``verdict``      — the structured, JSON-serialisable result pytest asserts on.

@@ -11,6 +11,8 @@ CRIU's soft-dirty sequence. Each returns a ``scenario.Scenario`` (data: a list o
   read soft-dirty / written, else an incremental dump restores stale data.
 - ``wp_feature_style``: the snapshot-style sequence with ``UFFD_FEATURE_WP_ASYNC`` (armed and read back with
   PAGEMAP_SCAN ``PAGE_IS_WRITTEN``) or ``UFFD_FEATURE_WP_UNPOPULATED`` (protect without populating first).
+- ``rwp_style`` (issue 21): the same sequence with userfaultfd's read-write-protect mode (Linux 7.3), sync, async
+  (read back with PAGEMAP_SCAN ``PAGE_IS_ACCESSED``) or switched between the two by ``UFFDIO_SET_MODE``.
 """
 from __future__ import annotations
 
@@ -131,3 +133,45 @@ def lost_data_control(split: str = "shrinker", *, thp: ThpSettings | None = None
     at = next(i for i, st in enumerate(base.steps) if st.op == "shrink")
     steps = (*base.steps[:at], Step("sabotage-zero", pages="sabotage-data"), *base.steps[at:])
     return replace(base, name=f"{base.name}-sabotage-zero", steps=steps)
+
+
+# RWP modes: sync (every access faults), async (the kernel resolves; PAGEMAP_SCAN reads the hot set), and
+# UFFDIO_SET_MODE switching RWP_ASYNC off / on after the first accesses (7.3 toggles only RWP_ASYNC: a WP ↔ RWP
+# switch does not exist, re-registering a WP range as RWP is -EBUSY)
+RWP_MODES = ("sync", "async", "async-sync", "sync-async")
+RWP_MIB = 16  # 8 THPs: every sync access is a fault round trip, 10-40 s per 16k pages in an L1 VM under TCG
+
+
+def rwp_style(mode: str, shrink_at: str, *, sabotage: bool = False, fill: Fill | None = None,
+              thp: ThpSettings | None = None) -> Scenario:
+    """The snapshot-style sequence under RWP: register RWP, populate and protect every page, read every 16th zero
+    subpage of the even THPs (``zero-some-half``; async mode resolves a PMD-mapped THP whole, so the odd THPs must
+    stay untouched), split at ``shrink_at`` (after-protect: protected and accessed pages side by side), then read
+    and write every page. In sync mode every first access to a protected page raises exactly one RWP
+    fault and the second none; in async mode none, and PAGEMAP_SCAN's hot / cold sets must be exactly the pages
+    accessed / not. ``async-sync`` / ``sync-async`` switch with UFFDIO_SET_MODE after the split (the kernel's
+    documented working-set loop: detect async, switch to sync, scan, evict). ``sabotage`` un-protects a few zero
+    subpages after the split (negative control: named at the first access, or by the scan)."""
+    if mode not in RWP_MODES or shrink_at not in SNAPSHOT_SHRINK_POINTS:
+        raise ValueError(f"unknown RWP mode {mode!r} (one of {', '.join(RWP_MODES)}) or point {shrink_at!r}")
+    first, last = mode.split("-")[0], mode.split("-")[-1]
+    base = snapshot_style(shrink_at, fill=fill, thp=thp)
+    steps: list[Step] = []
+    for st in base.steps:
+        if st.op == "register":
+            steps.append(Step("register", "rwp,async" if first == "async" else "rwp"))
+        elif st.op == "wp":
+            steps += [Step("rwp", "1"), Step("touch", "read", pages="zero-some-half")]
+        elif st.op == "shrink" or st.op == "map" or st.op == "place":
+            steps.append(st)
+    steps += [Step("set-mode", last)] if first != last else []
+    steps += [Step("sabotage-unrwp", "0", pages="sabotage")] if sabotage else []
+    steps += [Step("dump", "accessed")] if first == "async" else []  # the hot set of the async phase
+    if last == "sync":  # the first access of each page faults (a read, a write), the second must not
+        steps += [Step("touch", "read", pages="zero"), Step("touch", "write", pages="data"),
+                  Step("touch", "write", pages="zero", label="touch(write, zero)@again")]
+    else:
+        steps += [Step("touch", "write", pages="data"), Step("dump", "accessed", label="dump(accessed)@end")]
+    steps.append(Step("verify"))
+    name = f"rwp-{mode}-{base.name}" + ("-sabotage" if sabotage else "")
+    return replace(base, name=name, steps=tuple(steps), size_mib=RWP_MIB)

@@ -18,7 +18,7 @@ from .ledger import Ledger
 from .memcg import Memcg
 from .options import RunOptions
 from .oracle import mixed_thp_anchors, runs
-from .pagemap import PAGE, PageStates
+from .pagemap import PAGE, PAGES_PER_THP, PageStates
 from .qemu import runner as qemu_runner
 from .scenario import OPS, Scenario, Step
 from .uffd import Faults, Mismatch, UffdHelper
@@ -63,6 +63,10 @@ class SyntheticRun:
         verdict.name_pages("data", np.nonzero(data)[0])  # what a known finding's signature is stated in
         verdict.name_pages("zero", np.nonzero(~data)[0])
         self.lost = np.zeros(n, dtype=bool)  # sparse data pages already named as lost-data (once each)
+        # RWP (Linux 7.3): wp_expected then holds the RWP-protected pages (one uffd PTE bit, pagemap bit 57)
+        self.rwp_registered = self.rwp_async = False
+        self.accessed = np.zeros(n, dtype=bool)  # read or written since RWP protection (PAGEMAP_SCAN's hot set)
+        self.pmd_mapped = np.zeros(n, dtype=bool)  # PMD-mapped just before an async RWP access (PAGE_IS_HUGE)
 
     # --- driving -------------------------------------------------------------------------------------------
 
@@ -97,12 +101,16 @@ class SyntheticRun:
         """Apply ``call(off, length)`` to every run of selected pages; merge the faults they reported."""
         missing: list[int] = []
         wp: list[int] = []
+        rwp: list[int] = []
+        rwp_repeat: list[int] = []
         for first, count in runs(sel):
             f = call(first * PAGE, count * PAGE)
             if f is not None:
                 missing += f.missing
                 wp += f.wp
-        return Faults(missing, wp)
+                rwp += f.rwp
+                rwp_repeat += f.rwp_repeat
+        return Faults(missing, wp, rwp, rwp_repeat)
 
     # --- the steps (scenario.OPS) --------------------------------------------------------------------------
 
@@ -135,8 +143,9 @@ class SyntheticRun:
     do_sabotage_punch = do_discard  # the same MADV_DONTNEED, but the model still counts the pages as placed
 
     def do_register(self, step: Step, sel: np.ndarray) -> Faults:
-        modes = [m for m in step.arg.split(",") if m in ("missing", "wp", "minor")]
-        features = [f"wp-{f}" for f in step.arg.split(",") if f in ("async", "unpopulated")]
+        modes = [m for m in step.arg.split(",") if m in ("missing", "wp", "minor", "rwp")]
+        prefix = "rwp" if "rwp" in modes else "wp"  # "async": UFFD_FEATURE_RWP_ASYNC under RWP, else WP_ASYNC
+        features = [f"{prefix}-{f}" for f in step.arg.split(",") if f in ("async", "unpopulated")]
         if self.s.backing == "memfd" and "wp" in modes:
             features.append("wp-shmem")  # uffd-wp on shmem: kept in PTE markers across zaps
         if "minor" in modes:
@@ -145,6 +154,7 @@ class SyntheticRun:
             self.h.features(",".join(features))
         self.h.register(",".join(modes))
         self.wp_registered, self.wp_async = "wp" in modes, "wp-async" in features
+        self.rwp_registered, self.rwp_async = "rwp" in modes, "rwp-async" in features
         return _no_faults()
 
     def do_wp(self, step: Step, sel: np.ndarray) -> Faults:
@@ -172,9 +182,11 @@ class SyntheticRun:
             self.unmapped = split_triggers.split_region(self.ledger, self.h, self.s, step.phase, self.nonzero,
                                                         self.trigger, self.cg)
             self.wp_expected &= ~self.unmapped
+            self.accessed &= ~self.unmapped  # a hole is neither hot nor cold (RWP: no longer in the working set)
         return _no_faults()
 
     def do_touch(self, step: Step, sel: np.ndarray) -> Faults:
+        self.note_pmd_mapped()
         if step.arg in ("write", "zero"):
             self.nonzero = self.nonzero | sel if step.arg == "write" else self.nonzero & ~sel
             self.written |= sel
@@ -186,6 +198,7 @@ class SyntheticRun:
         return faults
 
     def do_verify(self, step: Step, sel: np.ndarray) -> Faults:
+        self.note_pmd_mapped()
         bad: list[Mismatch] = []
 
         def verify(o: int, n: int) -> Faults:
@@ -211,6 +224,66 @@ class SyntheticRun:
 
     # --- the memory axes' steps (issue 11; builders in ``memory_axes``) -----------------------------------------
 
+    # --- RWP's steps (issue 21; builder ``memory_axes.rwp_style``) ----------------------------------------------
+
+    def do_rwp(self, step: Step, sel: np.ndarray) -> Faults:
+        on = step.arg == "1"
+        if on:  # RWP protects present PTEs only: populate first, so every page is protected
+            self.h.madvise("populate_read", 0, self.s.npages * PAGE)
+        return self.each_run(sel, lambda o, n: self.h.rwp(o, n, on))
+
+    do_sabotage_unrwp = do_rwp  # un-protects behind the model's back
+
+    def do_set_mode(self, step: Step, sel: np.ndarray) -> Faults:
+        faults = self.h.set_mode(step.arg)
+        self.rwp_async = step.arg == "async"
+        return faults
+
+    def dump_accessed(self, step: Step) -> Faults:
+        """PAGEMAP_SCAN's hot set (PAGE_IS_ACCESSED) and cold set (inverted, resident pages) against the model: a
+        page accessed since protection must read hot, a protected page not accessed since must read cold."""
+        n = self.s.npages
+        hot_idx, faults = self.h.scan_accessed(0, n * PAGE, cold=False)
+        cold_idx, more = self.h.scan_accessed(0, n * PAGE, cold=True)
+        hot, cold = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        hot[hot_idx], cold[cold_idx] = True, True
+        counts = (f"{int(self.accessed.sum())} pages accessed since protection; the scan: {int(hot.sum())} hot, "
+                  f"{int(cold.sum())} cold")
+        led = self.ledger
+        led.report("accessed-cold", step.phase, np.nonzero(self.accessed & (cold | ~hot))[0], counts)
+        led.report("untouched-hot", step.phase, np.nonzero(self.wp_expected & (hot | ~cold))[0], counts)
+        return Faults(faults.missing + more.missing, faults.wp + more.wp, faults.rwp + more.rwp,
+                      faults.rwp_repeat + more.rwp_repeat)
+
+    def note_pmd_mapped(self) -> None:
+        """Before an access in async RWP mode: which pages a PMD maps. The kernel resolves an access to a PMD-mapped
+        THP for the whole PMD (do_huge_pmd_uffd_rwp: one uffd bit for 512 pages), to a PTE for that page only."""
+        self.pmd_mapped[:] = False
+        if self.rwp_registered and self.rwp_async:
+            self.pmd_mapped[self.h.scan_huge(0, self.s.npages * PAGE)] = True
+
+    def judge_rwp(self, step: Step, sel: np.ndarray, faults: Faults) -> None:
+        """An access step under RWP: in sync mode exactly the protected pages it touched raised one RWP fault each
+        (and no other page any); in async mode none did. Either way the touched pages are unprotected now, in async
+        mode with every page of a PMD-mapped THP it touched."""
+        if self.rwp_async and (self.pmd_mapped & sel).any():
+            chunks = (self.pmd_mapped & sel)[: len(sel) // PAGES_PER_THP * PAGES_PER_THP]
+            whole = np.repeat(chunks.reshape(-1, PAGES_PER_THP).any(axis=1), PAGES_PER_THP)
+            whole = np.resize(whole, len(sel)) & self.pmd_mapped
+            self.v.notes.append(f"{step.phase}: async RWP resolved {int(whole.sum()) // PAGES_PER_THP} PMD-mapped "
+                                f"THPs whole ({int((whole & ~sel).sum())} pages accessed with them)")
+            sel = sel | whole
+        trapped, repeat = np.zeros_like(sel), np.zeros_like(sel)
+        trapped[faults.rwp], repeat[faults.rwp_repeat] = True, True
+        due = np.zeros_like(sel) if self.rwp_async else sel & self.wp_expected
+        self.ledger.report("no-rwp-fault", step.phase, np.nonzero(due & ~trapped)[0],
+                           f"{int(due.sum())} protected pages accessed in sync mode, {int(trapped.sum())} faulted")
+        self.ledger.report("extra-rwp-fault", step.phase, np.nonzero((trapped & ~due) | repeat)[0],
+                           f"{int((trapped & ~due).sum())} faults on pages not due one, {int(repeat.sum())} pages "
+                           f"faulted more than once" + (" (async mode delivers none)" if self.rwp_async else ""))
+        self.wp_expected &= ~sel
+        self.accessed |= sel
+
     def do_collapse(self, step: Step, sel: np.ndarray) -> Faults:
         return self.each_run(sel, self.h.collapse)
 
@@ -223,6 +296,8 @@ class SyntheticRun:
     def do_dump(self, step: Step, sel: np.ndarray) -> Faults:
         """What an incremental dump saves: pages reading soft-dirty (pagemap) or PAGE_IS_WRITTEN (PAGEMAP_SCAN).
         A page written since the clear that it would skip is a finding: the dump restores its stale content."""
+        if step.arg == "accessed":
+            return self.dump_accessed(step)
         if step.arg == "soft-dirty":
             reported, faults = self.snapshot().soft_dirty, _no_faults()
         else:
@@ -268,7 +343,14 @@ class SyntheticRun:
 
         if step.op == "wp":
             self.wp_expected = self.wp_expected | sel if step.arg == "1" else self.wp_expected & ~sel
-        if step.op == "touch" and step.arg in ("write", "zero"):
+        if step.op == "rwp" and step.arg == "1":
+            self.wp_expected |= sel
+            self.accessed &= ~sel
+            led.report("lost-uffd-wp", phase, np.nonzero(sel & after.present & ~after.uffd_wp)[0],
+                       "protected by UFFDIO_RWPROTECT, yet pagemap bit 57 (the uffd PTE bit) is clear")
+        if self.rwp_registered and step.op in ("touch", "verify"):
+            self.judge_rwp(step, sel, faults)
+        elif step.op == "touch" and step.arg in ("write", "zero"):
             trapped = np.zeros_like(sel)
             trapped[faults.wp] = True
             if not self.wp_async:  # WP_ASYNC: no fault messages; the dump (PAGEMAP_SCAN) judges instead

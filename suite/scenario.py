@@ -36,6 +36,10 @@ OPS: dict[str, bool] = {
     "sabotage-clean": True,  # arg "soft-dirty" | "written": selected written pages made to read clean
     "sabotage-fill": True,  # data into the selected zero subpages behind the model: those THPs are not underused
     "sabotage-zero": True,  # content axis: the selected data pages zeroed behind the model (a misjudged zero detector)
+    # RWP (Linux 7.3, issue 21): register arg "rwp" / "rwp,async"; dump arg "accessed" (PAGEMAP_SCAN hot/cold sets)
+    "rwp": False,  # arg "1"/"0": UFFDIO_RWPROTECT the selected pages (present ones become inaccessible)
+    "set-mode": True,  # arg "async"/"sync": UFFDIO_SET_MODE toggles UFFD_FEATURE_RWP_ASYNC
+    "sabotage-unrwp": True,  # UFFDIO_RWPROTECT mode 0 behind the model's back (a re-created lost RWP bit)
 }
 # Real-QEMU kinds: a phase op advances the migration to that phase; an action op acts where the migration is.
 POSTCOPY_PHASES = ("before-migrate", "mid-precopy", "precopy-done", "pre-switchover", "nohugepage-window",
@@ -60,7 +64,7 @@ KIND_OPS: dict[str, frozenset[str]] = {
 # with multifd channels (zero-page-detection=multifd), with postcopy-preempt.
 POSTCOPY_VARIANTS = ("", "multifd", "preempt")
 SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed", "sabotage-chunks",
-             "sabotage-data")
+             "sabotage-data", "zero-some-half")
 # What a "shrink" step fires to split large folios (``split_triggers``); "shrinker" is the default.
 SPLITS = ("shrinker", "pageout", "pageout-swap", "partial-unmap", "debugfs", "ksm", "ksm-zero")
 BACKINGS = ("anon", "memfd")  # the region: private anonymous (default) or a MAP_SHARED memfd (shmem THPs)
@@ -184,6 +188,8 @@ class Scenario:
             return ~data & (np.arange(n) % 16 == 4)
         chunk = np.arange(n) // PAGES_PER_THP
         sub = np.arange(n) % PAGES_PER_THP
+        if name == "zero-some-half":  # zero-some of the even chunks only (RWP: the odd chunks stay untouched)
+            return self.selector("zero-some") & (chunk % 2 == 0)
         if name == "discard":  # QEMU discards re-dirtied ranges: the first 64 subpages of every 4th chunk
             return (chunk % 4 == 3) & (sub < 64)
         if name == "sabotage":  # a few zero subpages of two chunks, not discarded

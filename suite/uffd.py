@@ -1,11 +1,12 @@
 """The userfaultfd helper: a small C program that performs userfaultfd sequences step by step.
 
 It owns ONE anonymous region and obeys one line command at a time (``content``, ``map``, ``madvise``, ``place``,
-``register``, ``wp``, ``touch``, ``verify``, ``scrub``, ``quit``), answering one JSON line each. Between commands it is
+``register``, ``wp``, ``touch``, ``verify``, ``scrub``, ``quit``; the memory axes' and RWP's blocks add
+more), answering one JSON line each. Between commands it is
 idle, so the caller can read its /proc/PID/pagemap and fire the THP shrinker exactly when it wants. Its
 fault-handler thread resolves MISSING faults with the page's expected content (as QEMU postcopy does) and
-WP faults by un-protecting the page (as QEMU's background snapshot does); each reply lists the pages that
-faulted during that command.
+WP faults by un-protecting the page (as QEMU's background snapshot does), RWP faults (Linux 7.3) by un-protecting
+the page with UFFDIO_RWPROTECT; each reply lists the pages that faulted during that command.
 
 The helper is C rather than Python so that every load/store is exactly the one asked for and the handler
 thread runs while the main thread sits in a page fault; see the header of ``uffd_helper.c``.
@@ -26,7 +27,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -93,10 +94,13 @@ class Faults:
 
     missing: list[int]
     wp: list[int]
+    rwp: list[int] = field(default_factory=list)  # RWP faults (UFFD_PAGEFAULT_FLAG_RWP)
+    rwp_repeat: list[int] = field(default_factory=list)  # pages that raised more than one RWP fault
 
     @classmethod
     def from_reply(cls, reply: dict[str, Any]) -> Faults:
-        return cls(missing=list(reply.get("missing", [])), wp=list(reply.get("wp", [])))
+        return cls(missing=list(reply.get("missing", [])), wp=list(reply.get("wp", [])),
+                   rwp=list(reply.get("rwp", [])), rwp_repeat=list(reply.get("rwp_repeat", [])))
 
 
 @dataclass(frozen=True)
@@ -308,6 +312,27 @@ class UffdHelper:
         """'same': every page's stamp the same bytes (KSM merges data pages); 'unique' (default): its own;
         'sparse': one non-zero byte per page (``suite.content``)."""
         self.command(f"content {kind}", timeout)
+
+    # ---- RWP (Linux 7.3): the helper's RWP block ----
+
+    def rwp(self, off: int, length: int, on: bool, timeout: float | None = None) -> Faults:
+        """UFFDIO_RWPROTECT the range (on: present pages become inaccessible) or un-protect it (off)."""
+        return Faults.from_reply(self.command(f"rwp {off:#x} {length:#x} {int(on)}", timeout))
+
+    def set_mode(self, mode: str, timeout: float | None = None) -> Faults:
+        """UFFDIO_SET_MODE: 'async' enables UFFD_FEATURE_RWP_ASYNC, 'sync' disables it."""
+        return Faults.from_reply(self.command(f"set-mode {mode}", timeout))
+
+    def scan_accessed(self, off: int, length: int, cold: bool,
+                      timeout: float | None = None) -> tuple[list[int], Faults]:
+        """PAGEMAP_SCAN PAGE_IS_ACCESSED: the pages accessed since protection (hot), or, ``cold``, the resident
+        pages not accessed (the category inverted)."""
+        reply = self.command(f"scan-accessed {off:#x} {length:#x} {int(cold)}", timeout)
+        return list(reply["pages"]), Faults.from_reply(reply)
+
+    def scan_huge(self, off: int, length: int, timeout: float | None = None) -> list[int]:
+        """PAGEMAP_SCAN PAGE_IS_HUGE: the pages mapped by a PMD now."""
+        return list(self.command(f"scan-huge {off:#x} {length:#x}", timeout)["pages"])
 
     def minor_faults(self, timeout: float | None = None) -> int:
         """MINOR faults resolved with UFFDIO_CONTINUE so far (``register("minor")`` on memfd)."""

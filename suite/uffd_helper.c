@@ -33,6 +33,32 @@
 #ifndef USERFAULTFD_IOC_NEW
 #define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
 #endif
+/* RWP (read-write protect, Linux 7.3): spelled from 7.3's include/uapi/linux/userfaultfd.h so that older headers
+ * compile; a kernel without it answers UFFDIO_API without UFFD_FEATURE_RWP and the 'rwp' commands fail naming it */
+#ifndef UFFDIO_REGISTER_MODE_RWP
+#define UFFDIO_REGISTER_MODE_RWP ((__u64)1 << 3)
+#endif
+#ifndef UFFD_PAGEFAULT_FLAG_RWP
+#define UFFD_PAGEFAULT_FLAG_RWP (1 << 3)
+#endif
+#ifndef UFFD_FEATURE_RWP
+#define UFFD_FEATURE_RWP (1ULL << 17)
+#define UFFD_FEATURE_RWP_ASYNC (1ULL << 18)
+#endif
+#ifndef UFFDIO_RWPROTECT
+struct uffdio_rwprotect {
+	struct uffdio_range range;
+	__u64 mode;
+};
+#define UFFDIO_RWPROTECT_MODE_RWP ((__u64)1 << 0)
+#define UFFDIO_RWPROTECT _IOWR(0xAA, 0x09, struct uffdio_rwprotect)
+#endif
+#ifndef UFFDIO_SET_MODE
+struct uffdio_set_mode {
+	__u64 enable, disable; /* features to toggle: only UFFD_FEATURE_RWP_ASYNC in 7.3 */
+};
+#define UFFDIO_SET_MODE _IOW(0xAA, 0x0A, struct uffdio_set_mode)
+#endif
 
 #define PAGE 4096UL
 #define HPAGE (2UL << 20)
@@ -54,6 +80,7 @@ static int same_content, sparse_content;
 /* Faults the handler resolved since the last drain: one byte per page, so lists come out sorted and unique. */
 static pthread_mutex_t hits_lock = PTHREAD_MUTEX_INITIALIZER;
 static uint8_t *hit_missing, *hit_wp;
+static uint8_t *hit_rwp; /* RWP faults per page (saturating count): exactly one per protected page is expected */
 
 static int uffd = -1;
 static pid_t parent_pid;
@@ -160,6 +187,15 @@ static void drain_faults(struct buf *b)
 	pthread_mutex_lock(&hits_lock);
 	buf_index_list(b, "missing", hit_missing, npages, 1);
 	buf_index_list(b, "wp", hit_wp, npages, 1);
+	if (hit_rwp) { /* "rwp": pages that raised RWP faults; "rwp_repeat": those that raised more than one */
+		uint8_t *repeat = calloc(npages, 1);
+		for (size_t i = 0; repeat && i < npages; i++)
+			repeat[i] = hit_rwp[i] > 1;
+		buf_index_list(b, "rwp", hit_rwp, npages, 1);
+		if (repeat)
+			buf_index_list(b, "rwp_repeat", repeat, npages, 0);
+		free(repeat);
+	}
 	pthread_mutex_unlock(&hits_lock);
 }
 
@@ -296,6 +332,19 @@ static void resolve_wp(unsigned long addr, size_t idx)
 	}
 }
 
+/* RWP mode: like QEMU-style WP resolution, un-protect the faulting page (UFFDIO_RWPROTECT without MODE_RWP), which
+ * restores its PTE permissions and wakes the thread (7.3's Documentation/admin-guide/mm/userfaultfd.rst). */
+static void resolve_rwp(unsigned long addr, size_t idx)
+{
+	struct uffdio_rwprotect r = {.range = {.start = addr, .len = PAGE}, .mode = 0};
+	while (ioctl(uffd, UFFDIO_RWPROTECT, &r)) {
+		if (errno == EAGAIN)
+			continue;
+		handler_log("UFFDIO_RWPROTECT(0) page %zu (0x%lx): %s", idx, addr, strerror(errno));
+		return;
+	}
+}
+
 /* MINOR mode (shmem): map the page the cache already holds, as a VM's MINOR-mode postcopy does; counted only. */
 static unsigned long minor_faults;
 
@@ -361,6 +410,14 @@ static void *handler(void *arg)
 			size_t idx = (addr - (unsigned long)region) / PAGE;
 			if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR) { /* MINOR mode: the page is in the cache */
 				resolve_minor(addr, idx);
+				continue;
+			}
+			if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_RWP) { /* counted before resolving, as below */
+				pthread_mutex_lock(&hits_lock);
+				if (hit_rwp[idx] < 255)
+					hit_rwp[idx]++;
+				pthread_mutex_unlock(&hits_lock);
+				resolve_rwp(addr, idx);
 				continue;
 			}
 			int is_wp = (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0;
@@ -435,7 +492,8 @@ static void adopt_region(char *raw, char *start, unsigned long size)
 	expected = calloc(npages, 1);
 	hit_missing = calloc(npages, 1);
 	hit_wp = calloc(npages, 1);
-	if (!expected || !hit_missing || !hit_wp) {
+	hit_rwp = calloc(npages, 1);
+	if (!expected || !hit_missing || !hit_wp || !hit_rwp) {
 		reply_error("map: calloc", ENOMEM);
 		exit(2);
 	}
@@ -543,11 +601,13 @@ static void cmd_register(char *modes_s)
 			mode |= UFFDIO_REGISTER_MODE_WP;
 		else if (!strcmp(m, "minor"))
 			mode |= UFFDIO_REGISTER_MODE_MINOR;
+		else if (!strcmp(m, "rwp"))
+			mode |= UFFDIO_REGISTER_MODE_RWP;
 		else
 			bad = 1;
 	}
 	if (!mode || bad) {
-		reply_error("register: modes must be missing|wp|missing,wp|minor", EINVAL);
+		reply_error("register: modes must be missing|wp|missing,wp|minor|rwp|missing,rwp", EINVAL);
 		return;
 	}
 	int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
@@ -572,7 +632,7 @@ static void cmd_register(char *modes_s)
 	/* Only PAGEFAULT_FLAG_WP, never WP_UNPOPULATED: unpopulated pages must stay plain holes, as for QEMU. */
 	struct uffdio_api api = {.api = UFFD_API,
 				 .features = ((mode & UFFDIO_REGISTER_MODE_WP) ? UFFD_FEATURE_PAGEFAULT_FLAG_WP : 0) |
-				     extra_features};
+				     ((mode & UFFDIO_REGISTER_MODE_RWP) ? UFFD_FEATURE_RWP : 0) | extra_features};
 	if (ioctl(fd, UFFDIO_API, &api)) {
 		reply_error("register: UFFDIO_API", errno);
 		close(fd);
@@ -598,26 +658,33 @@ static void cmd_register(char *modes_s)
 	reply(&b);
 }
 
-static void cmd_wp(char *off_s, char *len_s, char *on_s)
+/* wp and rwp: UFFDIO_WRITEPROTECT / UFFDIO_RWPROTECT of a range, on (ON_MODE) or off; both take a range and a
+ * mode (struct uffdio_rwprotect has uffdio_writeprotect's layout). */
+static void cmd_protect(const char *cmd, unsigned long req, const char *req_name, __u64 on_mode, char *off_s,
+			char *len_s, char *on_s)
 {
 	unsigned long off, len;
-	if (parse_range("wp", off_s, len_s, &off, &len))
+	char what[96];
+	if (parse_range(cmd, off_s, len_s, &off, &len))
 		return;
 	if (!on_s || (strcmp(on_s, "1") && strcmp(on_s, "0"))) {
-		reply_error("wp: expected OFF LEN 1|0", EINVAL);
+		snprintf(what, sizeof(what), "%s: expected OFF LEN 1|0", cmd);
+		reply_error(what, EINVAL);
 		return;
 	}
 	if (uffd < 0) {
-		reply_error("wp: not registered", EINVAL);
+		snprintf(what, sizeof(what), "%s: not registered", cmd);
+		reply_error(what, EINVAL);
 		return;
 	}
 	struct uffdio_writeprotect w = {.range = {.start = (unsigned long)region + off, .len = len},
-					.mode = on_s[0] == '1' ? UFFDIO_WRITEPROTECT_MODE_WP : 0};
+					.mode = on_s[0] == '1' ? on_mode : 0};
 	int rc;
-	while ((rc = ioctl(uffd, UFFDIO_WRITEPROTECT, &w)) && errno == EAGAIN)
+	while ((rc = ioctl(uffd, req, &w)) && errno == EAGAIN)
 		;
 	if (rc) {
-		reply_error("wp: UFFDIO_WRITEPROTECT", errno);
+		snprintf(what, sizeof(what), "%s: %s", cmd, req_name);
+		reply_error(what, errno);
 		return;
 	}
 	struct buf b = reply_ok();
@@ -701,7 +768,8 @@ static void cmd_scrub(char *off_s, char *len_s)
 
 /* ==== memory axes (issue 11): memfd backing, uffd features, zeroing writes, MADV_COLLAPSE, PAGEMAP_SCAN ====
  *
- *   features LIST       uffd features for the next register: none | wp-async,wp-unpopulated,wp-shmem,minor-shmem
+ *   features LIST       uffd features for the next register: none | wp-async,wp-unpopulated,wp-shmem,minor-shmem,
+ *                       rwp,rwp-async
  *                       (replies with the kernel's "supported" mask; a feature it lacks is an error naming it)
  *   map-memfd SIZE      like map, but a MAP_SHARED memfd (shmem) region: shmem THPs per shmem_enabled
  *   zero OFF LEN        store zeros into the pages (CRIU's "overwrite with zeros": written, but zero-filled)
@@ -742,6 +810,8 @@ static const struct {
 	{"wp-unpopulated", HC_FEATURE_WP_UNPOPULATED},
 	{"wp-shmem", HC_FEATURE_WP_SHMEM},
 	{"minor-shmem", HC_FEATURE_MINOR_SHMEM},
+	{"rwp", UFFD_FEATURE_RWP},
+	{"rwp-async", UFFD_FEATURE_RWP_ASYNC}, /* needs rwp in the same UFFDIO_API: register rwp asks for it */
 };
 
 /* The features the kernel's UFFDIO_API offers (a throw-away userfaultfd), or -1 with errno. */
@@ -779,7 +849,8 @@ static void cmd_features(char *list)
 		for (i = 0; i < n && strcmp(t, hc_features[i].name); i++)
 			;
 		if (i == n && strcmp(t, "none")) {
-			reply_error("features: expected none or wp-async,wp-unpopulated,wp-shmem,minor-shmem", EINVAL);
+			reply_error("features: expected none or wp-async,wp-unpopulated,wp-shmem,minor-shmem,rwp,rwp-async",
+				    EINVAL);
 			return;
 		}
 		if (i == n)
@@ -860,34 +931,36 @@ static void cmd_collapse(char *off_s, char *len_s)
 	reply(&b);
 }
 
-static void cmd_scan(char *off_s, char *len_s, char *clear_s)
+/* PAGEMAP_SCAN of OFF LEN with ARG's flags and categories (its range and vector filled in here); replies with the
+ * matching pages as FIELD. */
+static void scan_reply(const char *cmd, const char *field, char *off_s, char *len_s, struct hc_pm_scan_arg arg)
 {
 	unsigned long off, len;
-	if (parse_range("scan", off_s, len_s, &off, &len))
+	if (parse_range(cmd, off_s, len_s, &off, &len))
 		return;
-	int clear = clear_s && !strcmp(clear_s, "1");
 	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	if (fd < 0) {
 		reply_error("scan: open /proc/self/pagemap", errno);
 		return;
 	}
-	uint8_t *written = calloc(npages, 1);
+	uint8_t *found = calloc(npages, 1);
 	struct hc_page_region *vec = calloc(1024, sizeof(*vec));
-	if (!written || !vec) {
+	if (!found || !vec) {
 		reply_error("scan: calloc", ENOMEM);
 		exit(2);
 	}
 	unsigned long base = (unsigned long)region, at = base + off, end = base + off + len;
 	while (at < end) {
-		struct hc_pm_scan_arg a = {.size = sizeof(a), .start = at, .end = end, .vec = (uintptr_t)vec,
-					   .vec_len = 1024, .category_mask = HC_PAGE_IS_WRITTEN,
-					   .return_mask = HC_PAGE_IS_WRITTEN};
-		if (clear)
-			a.flags = HC_PM_SCAN_WP_MATCHING | HC_PM_SCAN_CHECK_WPASYNC;
+		struct hc_pm_scan_arg a = arg;
+		a.size = sizeof(a);
+		a.start = at;
+		a.end = end;
+		a.vec = (uintptr_t)vec;
+		a.vec_len = 1024;
 		long n = ioctl(fd, HC_PAGEMAP_SCAN, &a);
 		if (n < 0) {
 			int err = errno;
-			free(written);
+			free(found);
 			free(vec);
 			close(fd);
 			reply_error(err == ENOTTY ? "scan: PAGEMAP_SCAN (the kernel lacks it)" : "scan: PAGEMAP_SCAN", err);
@@ -895,7 +968,7 @@ static void cmd_scan(char *off_s, char *len_s, char *clear_s)
 		}
 		for (long i = 0; i < n; i++)
 			for (__u64 p = vec[i].start; p < vec[i].end; p += PAGE)
-				written[(p - base) / PAGE] = 1;
+				found[(p - base) / PAGE] = 1;
 		if (a.walk_end <= at) /* no progress: should not happen, but never loop forever */
 			break;
 		at = a.walk_end;
@@ -903,10 +976,18 @@ static void cmd_scan(char *off_s, char *len_s, char *clear_s)
 	close(fd);
 	free(vec);
 	struct buf b = reply_ok();
-	buf_index_list(&b, "written", written, npages, 0);
-	free(written);
+	buf_index_list(&b, field, found, npages, 0);
+	free(found);
 	drain_faults(&b);
 	reply(&b);
+}
+
+static void cmd_scan(char *off_s, char *len_s, char *clear_s)
+{
+	struct hc_pm_scan_arg a = {.category_mask = HC_PAGE_IS_WRITTEN, .return_mask = HC_PAGE_IS_WRITTEN};
+	if (clear_s && !strcmp(clear_s, "1"))
+		a.flags = HC_PM_SCAN_WP_MATCHING | HC_PM_SCAN_CHECK_WPASYNC;
+	scan_reply("scan", "written", off_s, len_s, a);
 }
 
 /* Dispatch for this block: 1 if the command was one of it (and has been answered). */
@@ -927,6 +1008,71 @@ static int memory_axes_command(const char *c, int argc, char **argv)
 		buf_printf(&b, ",\"minor\":%lu", __atomic_load_n(&minor_faults, __ATOMIC_RELAXED));
 		reply(&b);
 	}
+	else
+		return 0;
+	return 1;
+}
+
+/* ==== RWP (read-write protect, Linux 7.3; issue 21) ====
+ *
+ *   rwp OFF LEN 1|0              UFFDIO_RWPROTECT: 1 makes the present pages inaccessible (PROT_NONE + the uffd PTE
+ *                                bit, pagemap bit 57), 0 restores them and wakes faulters (register rwp first)
+ *   set-mode async|sync          UFFDIO_SET_MODE: enable / disable UFFD_FEATURE_RWP_ASYNC at run time (the only
+ *                                feature 7.3 lets one toggle; sync → async wakes blocked faulters)
+ *   scan-accessed OFF LEN COLD   PAGEMAP_SCAN for PAGE_IS_ACCESSED (the uffd bit clear on an RWP VMA): COLD=0 lists
+ *                                the pages accessed since protection (the hot set), COLD=1 the resident pages not
+ *                                accessed (ACCESSED inverted, present or swapped: holes carry neither)
+ *   scan-huge OFF LEN            PAGEMAP_SCAN for PAGE_IS_HUGE: the pages mapped by a PMD now (async RWP resolves an
+ *                                access to a PMD-mapped THP for the whole PMD: one uffd bit for its 512 pages)
+ */
+#define HC_PAGE_IS_PRESENT (1ULL << 3)
+#define HC_PAGE_IS_SWAPPED (1ULL << 4)
+#define HC_PAGE_IS_HUGE (1ULL << 6)
+#define HC_PAGE_IS_ACCESSED (1ULL << 9)
+
+static void cmd_set_mode(char *mode_s)
+{
+	if (!mode_s || (strcmp(mode_s, "async") && strcmp(mode_s, "sync"))) {
+		reply_error("set-mode: expected async|sync", EINVAL);
+		return;
+	}
+	if (uffd < 0) {
+		reply_error("set-mode: not registered", EINVAL);
+		return;
+	}
+	struct uffdio_set_mode m = {0};
+	if (!strcmp(mode_s, "async"))
+		m.enable = UFFD_FEATURE_RWP_ASYNC;
+	else
+		m.disable = UFFD_FEATURE_RWP_ASYNC;
+	if (ioctl(uffd, UFFDIO_SET_MODE, &m)) {
+		reply_error("set-mode: UFFDIO_SET_MODE", errno);
+		return;
+	}
+	struct buf b = reply_ok();
+	drain_faults(&b);
+	reply(&b);
+}
+
+/* scan-accessed (mask PAGE_IS_ACCESSED, cold: inverted) and scan-huge (PAGE_IS_HUGE), present or swapped pages. */
+static void cmd_scan_category(const char *cmd, char *off_s, char *len_s, __u64 mask, int cold)
+{
+	struct hc_pm_scan_arg a = {.category_mask = mask, .return_mask = mask, .category_inverted = cold ? mask : 0,
+				   .category_anyof_mask = HC_PAGE_IS_PRESENT | HC_PAGE_IS_SWAPPED};
+	scan_reply(cmd, "pages", off_s, len_s, a);
+}
+
+/* Dispatch for this block: 1 if the command was one of it (and has been answered). */
+static int rwp_command(const char *c, int argc, char **argv)
+{
+	if (!strcmp(c, "rwp") && argc == 4)
+		cmd_protect(c, UFFDIO_RWPROTECT, "UFFDIO_RWPROTECT", UFFDIO_RWPROTECT_MODE_RWP, argv[1], argv[2], argv[3]);
+	else if (!strcmp(c, "set-mode") && argc == 2)
+		cmd_set_mode(argv[1]);
+	else if (!strcmp(c, "scan-accessed") && argc == 4)
+		cmd_scan_category(c, argv[1], argv[2], HC_PAGE_IS_ACCESSED, !strcmp(argv[3], "1"));
+	else if (!strcmp(c, "scan-huge") && argc == 3)
+		cmd_scan_category(c, argv[1], argv[2], HC_PAGE_IS_HUGE, 0);
 	else
 		return 0;
 	return 1;
@@ -968,15 +1114,16 @@ int main(void)
 		} else if (!strcmp(c, "register") && argc == 2) {
 			cmd_register(argv[1]);
 		} else if (!strcmp(c, "wp") && argc == 4) {
-			cmd_wp(argv[1], argv[2], argv[3]);
+			cmd_protect("wp", UFFDIO_WRITEPROTECT, "UFFDIO_WRITEPROTECT", UFFDIO_WRITEPROTECT_MODE_WP, argv[1],
+				    argv[2], argv[3]);
 		} else if (!strcmp(c, "touch") && argc == 4) {
 			cmd_touch(argv[1], argv[2], argv[3]);
 		} else if (!strcmp(c, "verify") && argc == 3) {
 			cmd_verify(argv[1], argv[2]);
 		} else if (!strcmp(c, "scrub") && argc == 3) {
 			cmd_scrub(argv[1], argv[2]);
-		} else if (memory_axes_command(c, argc, argv)) {
-			/* handled by the memory axes block */
+		} else if (memory_axes_command(c, argc, argv) || rwp_command(c, argc, argv)) {
+			/* handled by the memory axes or the RWP block */
 		} else {
 			char what[160];
 			snprintf(what, sizeof(what), "unknown command or wrong argument count: '%.100s' (%d args)", c,

@@ -20,6 +20,12 @@ KINDS = {
     "stall": "received pages a reader stalls on (a read did not return in time)",
     "no-split": "THPs (large folios) were not split although the shrinker (split trigger) should have split them",
     "stale-dump": "pages written since the clear read clean: an incremental dump would restore stale data",
+    "no-rwp-fault": "accesses to read-write-protected pages raised no RWP fault (the access went through untrapped)",
+    "extra-rwp-fault": "RWP faults on pages not read-write-protected, or more than one on a page",
+    "accessed-cold": "pages accessed since RWP protection that PAGEMAP_SCAN reports not accessed (a working-set "
+                     "tracker would evict a page in use)",
+    "untouched-hot": "pages not accessed since RWP protection that PAGEMAP_SCAN reports accessed (their RWP "
+                     "protection is gone)",
 }
 FIRST_SHOWN = 8  # addresses shown in a message
 PAGE = 4096

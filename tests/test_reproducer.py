@@ -212,3 +212,19 @@ def test_ksm_duplicates_reproducer_shows_the_known_finding(tmp_path: Path):
     assert out.rc == 1 and lost, f"{known.name} did not show: fixed? then drop it\n{out.stdout}{out.stderr}"
     assert set(lost) <= data and untrapped == lost, out.stdout
     assert {k for k, _, _ in out.bad} <= {"lost-uffd-wp", "no-wp-fault"}, out.stdout
+
+
+@pytest.mark.host
+@host
+def test_rwp_reproducer_builds_and_says_when_the_kernel_lacks_rwp(tmp_path: Path):
+    """RWP (Linux 7.3) cells replay in C too (every mode, the negative controls): each builds warning-free; on a
+    kernel without RWP the run stops with one line naming UFFDIO_API and the features it asked for (exit 2)."""
+    from suite.targets import preflight
+
+    for mode in ma.RWP_MODES:
+        (tmp_path / mode).mkdir()
+        binary = build(tmp_path / mode, ma.rwp_style(mode, "after-protect", sabotage=mode in ("sync", "async")))
+    if preflight.memory_features()["uffd_rwp"]:
+        pytest.skip("this kernel has RWP: its reproducer runs like tests/test_rwp.py's cells (see README)")
+    out = run(binary)
+    assert out.rc == 2 and "UFFDIO_API (features 0x" in out.stderr and not out.bad, out.stdout + out.stderr

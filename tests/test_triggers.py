@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from split_rules import assert_trigger_split, skip_unless_size
+from test_rwp import need_rwp
 
 from suite import known_findings, pagemap, split_triggers
 from suite import memory_axes as ma
@@ -38,11 +39,15 @@ KINDS = {
         steps=(sc.Step("map", "hugepage"), sc.Step("clear-soft-dirty"), sc.Step("place", pages="data"),
                sc.Step("shrink", label="shrink@after-place"), sc.Step("verify"))),
     "missing": lambda thp: sc.postcopy_style("after-discard", "after-place", thp=thp),
+    # RWP (Linux 7.3; tests/test_rwp.py): protected and read pages side by side at the split
+    "rwp": lambda thp: ma.rwp_style("sync", "after-protect", thp=thp),
+    "rwp-async": lambda thp: ma.rwp_style("async", "after-protect", thp=thp),
 }
 # Duplicate data pages (Fill content "same"): KSM then merges write-protected data pages too, not only the zero
 # subpages a split leaves behind. Only KSM cares what the data is: this kind runs with ksm alone. (The soft-dirty
 # sibling lost 255 bits on 7.3.4 every time, on 6.12.118 once in 5 runs: too unsteady for a strict cell)
-SAME_KINDS = {"wp-same": lambda thp: replace(KINDS["wp"](thp), fill=sc.Fill(content="same"))}
+SAME_KINDS = {"wp-same": lambda thp: replace(KINDS["wp"](thp), fill=sc.Fill(content="same")),
+              "rwp-same": lambda thp: replace(KINDS["rwp"](thp), fill=sc.Fill(content="same"))}
 # The content axis (suite/content.py): data pages holding one non-zero byte each, at offsets all over the page. A
 # zero-subpage detector that looks at part of a page (or words, or bits) takes them for zero-filled and maps the
 # zero page over data: ``lost-data``. Both uffd modes, every trigger and size in the product
@@ -57,7 +62,8 @@ SAMPLE = ([("wp", split, PMD) for split in sc.SPLITS]
           + [("missing", split, PMD) for split in ("pageout", "partial-unmap")]
           + [(kind, "ksm", PMD) for kind in SAME_KINDS]
           + [("wp-sparse", split, PMD) for split in sc.SPLITS]
-          + [("missing-sparse", split, size) for split, size in (("shrinker", PMD), ("pageout", K64))])
+          + [("missing-sparse", split, size) for split, size in (("shrinker", PMD), ("pageout", K64))]
+          + [("rwp", "partial-unmap", PMD), ("rwp", "pageout", K64)])
 
 
 def size_id(thp: ThpSettings) -> str:
@@ -86,6 +92,8 @@ def _run_cell(run, check_verdict, kernel_features, kernel_spec, kind: str, split
     skip_unless_size(kernel_features, thp)
     if kind.startswith("soft-dirty") and not kernel_features["soft_dirty"]:
         pytest.skip("kernel under test lacks CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 is never set")
+    if kind.startswith("rwp"):
+        need_rwp(kernel_features, "async" if kind.endswith("async") else "sync")
     verdict = run(scenario_for(kind, split, thp))
     check_verdict(verdict)
     assert_trigger_split(verdict, kernel_features, split, thp)

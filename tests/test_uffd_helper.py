@@ -114,6 +114,28 @@ def test_missing_and_wp_together(helper: UffdHelper) -> None:
     assert helper.verify(0, 2 * MIB)[0] == []
 
 
+def test_rwp_without_kernel_support_fails_naming_it(helper: UffdHelper) -> None:
+    """RWP (Linux 7.3) on a kernel without it: each RWP command fails with one clear line, the helper lives on.
+    (On a kernel with RWP this is tests/test_rwp.py's business.)"""
+    from suite.targets import preflight
+
+    if preflight.memory_features()["uffd_rwp"]:
+        pytest.skip("this kernel has userfaultfd RWP: tests/test_rwp.py runs it")
+    helper.map(2 * MIB)
+    with pytest.raises(HelperError, match="lacks UFFD_FEATURE rwp"):
+        helper.features("rwp")
+    with pytest.raises(HelperError, match="register: UFFDIO_API"):
+        helper.register("rwp")
+    with pytest.raises(HelperError, match="rwp: not registered"):
+        helper.rwp(0, PAGE, True)
+    with pytest.raises(HelperError, match="set-mode: not registered"):
+        helper.set_mode("async")
+    helper.register("wp")
+    with pytest.raises(HelperError, match="UFFDIO_RWPROTECT"):  # no RWP range: ENOTTY / ENOENT, never success
+        helper.rwp(0, PAGE, True)
+    assert helper.place(0, PAGE) == Faults(missing=[], wp=[])
+
+
 def test_long_reply_lists_every_page() -> None:
     with UffdHelper() as h:
         h.map(64 * MIB)

@@ -128,6 +128,10 @@ def describe(step: Step, s: Scenario) -> str:
         "sabotage-clean": f"NEGATIVE CONTROL: the selected written pages made to read clean ({step.arg})",
         "sabotage-fill": "NEGATIVE CONTROL: data into zero subpages behind the model's back (THPs not underused)",
         "sabotage-zero": "NEGATIVE CONTROL: data pages zeroed behind the model's back (a misjudged zero detector)",
+        "rwp": "MADV_POPULATE_READ, then UFFDIO_RWPROTECT the selected pages (inaccessible: every access faults)"
+               if step.arg == "1" else "UFFDIO_RWPROTECT mode 0 (un-protect) the selected pages",
+        "set-mode": f"UFFDIO_SET_MODE: {'enable' if step.arg == 'async' else 'disable'} UFFD_FEATURE_RWP_ASYNC",
+        "sabotage-unrwp": "NEGATIVE CONTROL: RWP-un-protect pages behind the model's back",
     }[step.op]
     pages = "" if step.pages == "all" else f" [pages: {step.pages}, {int(s.selector(step.pages).sum())}]"
     return what + pages
@@ -171,6 +175,10 @@ def _header(s: Scenario, verdict: Verdict | None) -> str:
         "  stall           a step did not finish within --timeout (a fault was never resolved)",
         "  stale-dump      a page written since the clear reads clean: an incremental dump restores stale data",
         "  lost-data       a sparse data page (one non-zero byte) reads all zero or maps the zero page",
+        "  no-rwp-fault    an access to a read-write-protected page (RWP) raised no RWP fault",
+        "  extra-rwp-fault an RWP fault on a page not protected, or a second one on a page",
+        "  accessed-cold   a page accessed since RWP protection that PAGEMAP_SCAN reports not accessed",
+        "  untouched-hot   a protected page not accessed since that PAGEMAP_SCAN reports accessed",
         "Lines starting with '#' are information (page-state counts per step, THPs around each shrink).",
         "Exit status: 0 no bad page, 1 bad pages or a stall, 2 set-up error.",
         "--no-lock: do not take /run/lock/holecheck-thp.lock (the caller holds it; holecheck's tests do).",

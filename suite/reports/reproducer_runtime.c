@@ -17,9 +17,11 @@
 #define NSTEPS (sizeof(STEPS) / sizeof(STEPS[0]))
 #define NKNOBS (sizeof(KNOBS) / sizeof(KNOBS[0]))
 
-enum kind { K_HOLE, K_MISSING, K_NO_WP, K_LOST_WP, K_LOST_SD, K_CONTENT, K_STALE, K_LOST_DATA, NKINDS };
+enum kind { K_HOLE, K_MISSING, K_NO_WP, K_LOST_WP, K_LOST_SD, K_CONTENT, K_STALE, K_LOST_DATA, K_NO_RWP, K_EXTRA_RWP,
+	    K_ACCESSED_COLD, K_UNTOUCHED_HOT, NKINDS };
 static const char *const KIND_NAMES[NKINDS] = {"hole", "missing-fault", "no-wp-fault", "lost-uffd-wp",
-						"lost-soft-dirty", "content", "stale-dump", "lost-data"};
+						"lost-soft-dirty", "content", "stale-dump", "lost-data", "no-rwp-fault",
+						"extra-rwp-fault", "accessed-cold", "untouched-hot"};
 static size_t bad_count[NKINDS];
 
 static double timeout_s;
@@ -34,6 +36,12 @@ static int pagemap_fd = -1, wp_registered;
 static uint8_t *written; /* memory axes: written since the last clear (soft-dirty / PAGE_IS_WRITTEN must show it) */
 static int wp_async;     /* uffd WP_ASYNC: no WP fault messages; the dump judges */
 static size_t max_uffd_wp_bits;
+/* RWP (Linux 7.3): wp_expected holds the RWP-protected pages (the same uffd PTE bit, pagemap bit 57) */
+static int rwp_registered, rwp_async;
+static void *zalloc(size_t n);
+static uint8_t *fault_rwp; /* RWP faults per page during this step (counts) */
+static uint8_t *accessed;  /* read or written since RWP protection: PAGEMAP_SCAN's hot set must be exactly these */
+static uint8_t *pmd_mapped; /* PMD-mapped before an async access: the kernel resolves such a THP whole */
 
 /* ---- leaving the machine as found: async-signal-safe, runs once (exit, die, signal, stall) ---- */
 
@@ -411,16 +419,31 @@ static void write_pages(size_t first, size_t count, int kind)
 	}
 }
 
+/* Is TOKEN one of the comma-separated words of LIST ("rwp" is not "wp")? */
+static int has_token(const char *list, const char *token)
+{
+	size_t n = strlen(token);
+	for (const char *p = list; (p = strstr(p, token)); p += n)
+		if ((p == list || p[-1] == ',') && (p[n] == ',' || !p[n]))
+			return 1;
+	return 0;
+}
+
 static void do_register(const char *modes)
 {
-	__u64 mode = (strstr(modes, "missing") ? UFFDIO_REGISTER_MODE_MISSING : 0) |
-			(strstr(modes, "wp") ? UFFDIO_REGISTER_MODE_WP : 0) |
-			(strstr(modes, "minor") ? UFFDIO_REGISTER_MODE_MINOR : 0);
-	/* memory axes: WP_ASYNC / WP_UNPOPULATED as the register arg names them; uffd-wp on shmem for memfd */
-	extra_features = (strstr(modes, "async") ? 1ULL << 15 : 0) | (strstr(modes, "unpopulated") ? 1ULL << 13 : 0) |
+	__u64 mode = (has_token(modes, "missing") ? UFFDIO_REGISTER_MODE_MISSING : 0) |
+			(has_token(modes, "wp") ? UFFDIO_REGISTER_MODE_WP : 0) |
+			(has_token(modes, "minor") ? UFFDIO_REGISTER_MODE_MINOR : 0) |
+			(has_token(modes, "rwp") ? UFFDIO_REGISTER_MODE_RWP : 0);
+	rwp_registered = !!(mode & UFFDIO_REGISTER_MODE_RWP);
+	/* memory axes: WP_ASYNC / WP_UNPOPULATED as the register arg names them; uffd-wp on shmem for memfd;
+	 * RWP: UFFD_FEATURE_RWP, and "async" is RWP_ASYNC there */
+	extra_features = (has_token(modes, "async") ? (rwp_registered ? UFFD_FEATURE_RWP_ASYNC : 1ULL << 15) : 0) |
+			 (has_token(modes, "unpopulated") ? 1ULL << 13 : 0) |
 			 (BACKING_MEMFD && (mode & UFFDIO_REGISTER_MODE_WP) ? 1ULL << 12 : 0) |
-			 (mode & UFFDIO_REGISTER_MODE_MINOR ? 1ULL << 10 : 0);
-	wp_async = strstr(modes, "async") != NULL;
+			 (mode & UFFDIO_REGISTER_MODE_MINOR ? 1ULL << 10 : 0) | (rwp_registered ? UFFD_FEATURE_RWP : 0);
+	wp_async = !rwp_registered && has_token(modes, "async");
+	rwp_async = rwp_registered && has_token(modes, "async");
 	int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
 	if (fd < 0 && (errno == EPERM || errno == ENOSYS)) {
 		int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
@@ -435,8 +458,9 @@ static void do_register(const char *modes)
 	struct uffdio_api api = {.api = UFFD_API,
 					.features = ((mode & UFFDIO_REGISTER_MODE_WP) ? UFFD_FEATURE_PAGEFAULT_FLAG_WP : 0) |
 						    extra_features};
-	if (ioctl(fd, UFFDIO_API, &api))
-		die("UFFDIO_API: %s", strerror(errno));
+	unsigned long long asked = api.features; /* a failed UFFDIO_API zeroes the structure */
+	if (ioctl(fd, UFFDIO_API, &api)) /* EINVAL: the kernel lacks a feature asked for (RWP: before Linux 7.3) */
+		die("UFFDIO_API (features 0x%llx asked): %s", (unsigned long long)asked, strerror(errno));
 	struct uffdio_register reg = {.range = {.start = (unsigned long)region, .len = region_size}, .mode = mode};
 	if (ioctl(fd, UFFDIO_REGISTER, &reg))
 		die("UFFDIO_REGISTER %s: %s", modes, strerror(errno));
@@ -448,15 +472,21 @@ static void do_register(const char *modes)
 	pthread_detach(t);
 }
 
-static void write_protect(size_t first, size_t count, int on)
+/* UFFDIO_WRITEPROTECT or UFFDIO_RWPROTECT (struct uffdio_rwprotect has uffdio_writeprotect's layout) of pages. */
+static void range_protect(unsigned long req, const char *name, __u64 on_mode, size_t first, size_t count, int on)
 {
 	struct uffdio_writeprotect w = {.range = {.start = (unsigned long)region + first * PAGE, .len = count * PAGE},
-					.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0};
+					.mode = on ? on_mode : 0};
 	int rc;
-	while ((rc = ioctl(uffd, UFFDIO_WRITEPROTECT, &w)) && errno == EAGAIN)
+	while ((rc = ioctl(uffd, req, &w)) && errno == EAGAIN)
 		;
 	if (rc)
-		die("UFFDIO_WRITEPROTECT(%d) pages %zu+%zu: %s", on, first, count, strerror(errno));
+		die("%s(%d) pages %zu+%zu: %s", name, on, first, count, strerror(errno));
+}
+
+static void write_protect(size_t first, size_t count, int on)
+{
+	range_protect(UFFDIO_WRITEPROTECT, "UFFDIO_WRITEPROTECT", UFFDIO_WRITEPROTECT_MODE_WP, first, count, on);
 }
 
 /* Faults the handler resolved since the last drain: this step's. */
@@ -467,7 +497,48 @@ static void drain(uint8_t *missing, uint8_t *wp)
 	memcpy(wp, hit_wp, npages);
 	memset(hit_missing, 0, npages);
 	memset(hit_wp, 0, npages);
+	memcpy(fault_rwp, hit_rwp, npages);
+	memset(hit_rwp, 0, npages);
 	pthread_mutex_unlock(&hits_lock);
+}
+
+/* ---- RWP (Linux 7.3): UFFDIO_RWPROTECT, UFFDIO_SET_MODE, PAGEMAP_SCAN's PAGE_IS_ACCESSED ---- */
+
+static void rw_protect(size_t first, size_t count, int on)
+{
+	range_protect(UFFDIO_RWPROTECT, "UFFDIO_RWPROTECT", UFFDIO_RWPROTECT_MODE_RWP, first, count, on);
+}
+
+static void set_mode(const char *mode)
+{
+	struct uffdio_set_mode m = {0};
+	if (!strcmp(mode, "async"))
+		m.enable = UFFD_FEATURE_RWP_ASYNC;
+	else
+		m.disable = UFFD_FEATURE_RWP_ASYNC;
+	if (ioctl(uffd, UFFDIO_SET_MODE, &m))
+		die("UFFDIO_SET_MODE %s: %s", mode, strerror(errno));
+	rwp_async = !strcmp(mode, "async");
+}
+
+static void scan_category(uint8_t *out, __u64 mask, int cold);
+#define PAGE_IS_HUGE (1ULL << 6)
+#define PAGE_IS_ACCESSED (1ULL << 9)
+
+/* The hot set (PAGE_IS_ACCESSED) and the cold set (inverted, resident pages) against the model. */
+static void dump_accessed(const char *phase)
+{
+	uint8_t *hot = zalloc(npages), *cold = zalloc(npages);
+	scan_category(hot, PAGE_IS_ACCESSED, 0);
+	scan_category(cold, PAGE_IS_ACCESSED, 1);
+	for (size_t i = 0; i < npages; i++)
+		if (accessed[i] && (cold[i] || !hot[i]))
+			report(K_ACCESSED_COLD, i, phase);
+	for (size_t i = 0; i < npages; i++)
+		if (wp_expected[i] && (hot[i] || !cold[i]))
+			report(K_UNTOUCHED_HOT, i, phase);
+	free(hot);
+	free(cold);
 }
 
 /* ---- split triggers (suite/split_triggers.py): what a shrink step fires, SPLIT ---- */
@@ -478,7 +549,6 @@ static void drain(uint8_t *missing, uint8_t *wp)
 #define KSM_DIR THP_DIR "../ksm/"
 #define KSM_SCANS 20
 
-static void *zalloc(size_t n);
 static uint8_t *unmapped; /* pages partial-unmap discarded on purpose: no longer placed nor protected */
 
 static long read_long(const char *path)
@@ -562,6 +632,7 @@ static const char *fire_split(void)
 			memset(unmapped + r->first, 1, r->count);
 			memset(placed + r->first, 0, r->count);
 			memset(wp_expected + r->first, 0, r->count);
+			memset(accessed + r->first, 0, r->count); /* RWP: a hole is neither hot nor cold */
 		}
 		return fire_shrinker();
 	}
@@ -621,8 +692,8 @@ static void map_memfd(const char *arg)
 	adopt_region(raw, start, arg);
 }
 
-/* PAGEMAP_SCAN of the region for PAGE_IS_WRITTEN into out[] (clear: write-protect what it reports). */
-static void scan_written(uint8_t *out, int clear)
+/* PAGEMAP_SCAN of the region with ARG's flags and categories (range and vector filled in here) into out[]. */
+static void pm_scan(uint8_t *out, struct rt_pm_scan_arg arg)
 {
 	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	static struct rt_page_region vec[1024];
@@ -631,11 +702,15 @@ static void scan_written(uint8_t *out, int clear)
 		die("open /proc/self/pagemap: %s", strerror(errno));
 	memset(out, 0, npages);
 	while (at < end) {
-		struct rt_pm_scan_arg a = {.size = sizeof(a), .flags = clear ? 3 : 0, .start = at, .end = end,
-					   .vec = (uintptr_t)vec, .vec_len = 1024, .category_mask = 2, .return_mask = 2};
+		struct rt_pm_scan_arg a = arg;
+		a.size = sizeof(a);
+		a.start = at;
+		a.end = end;
+		a.vec = (uintptr_t)vec;
+		a.vec_len = 1024;
 		long n = ioctl(fd, RT_PAGEMAP_SCAN, &a);
 		if (n < 0)
-			die("PAGEMAP_SCAN: %s", strerror(errno));
+			die("PAGEMAP_SCAN (categories 0x%llx): %s", (unsigned long long)arg.category_mask, strerror(errno));
 		for (long i = 0; i < n; i++)
 			for (__u64 p = vec[i].start; p < vec[i].end; p += PAGE)
 				out[(p - base) / PAGE] = 1;
@@ -644,6 +719,21 @@ static void scan_written(uint8_t *out, int clear)
 		at = a.walk_end;
 	}
 	close(fd);
+}
+
+/* PAGE_IS_WRITTEN into out[] (clear: write-protect what it reports). */
+static void scan_written(uint8_t *out, int clear)
+{
+	struct rt_pm_scan_arg a = {.flags = clear ? 3 : 0, .category_mask = 2, .return_mask = 2};
+	pm_scan(out, a);
+}
+
+/* MASK (PAGE_IS_ACCESSED, PAGE_IS_HUGE) into out[]; cold: inverted; present or swapped pages only. */
+static void scan_category(uint8_t *out, __u64 mask, int cold)
+{
+	struct rt_pm_scan_arg a = {.category_mask = mask, .return_mask = mask, .category_inverted = cold ? mask : 0,
+				   .category_anyof_mask = (1 << 3) | (1 << 4) /* PAGE_IS_PRESENT | SWAPPED */};
+	pm_scan(out, a);
 }
 
 static void memory_axes_step(const struct step *s)
@@ -659,6 +749,10 @@ static void memory_axes_step(const struct step *s)
 		memset(written, 0, npages);
 		break;
 	case OP_DUMP: { /* every page written since the clear must be in the dump, else it restores stale data */
+		if (!strcmp(s->arg, "accessed")) {
+			dump_accessed(s->phase);
+			break;
+		}
 		if (!strcmp(s->arg, "written")) {
 			scan_written(mismatch, 0);
 		} else {
@@ -742,6 +836,22 @@ static void perform(const struct step *s)
 			write_protect(r[i].first, r[i].count, on);
 		break;
 	}
+	case OP_RWP:
+	case OP_SABOTAGE_UNRWP: {
+		int on = s->op == OP_RWP && s->arg[0] == '1';
+		if (uffd < 0)
+			die("%s: not registered", s->phase);
+		if (on) { /* RWP protects present PTEs only: populate first, so every page is protected */
+			advise(0, npages, MADV_POPULATE_READ, "MADV_POPULATE_READ");
+			drain(fault_missing, fault_wp);
+		}
+		for (size_t i = 0; i < s->nruns; i++)
+			rw_protect(r[i].first, r[i].count, on);
+		break;
+	}
+	case OP_SET_MODE:
+		set_mode(s->arg);
+		break;
 	case OP_CLEAR_SOFT_DIRTY:
 		if (put("/proc/self/clear_refs", "4"))
 			die("clear_refs: %s", strerror(errno));
@@ -815,7 +925,36 @@ static void judge(const struct step *s, const uint64_t *before, const uint64_t *
 				wp_expected[i] = !strcmp(s->arg, "1");
 	if (s->op == OP_CLEAR_WRITTEN)
 		memset(wp_expected, 1, npages);
-	if (s->op == OP_TOUCH && (!strcmp(s->arg, "write") || !strcmp(s->arg, "zero"))) {
+	if (s->op == OP_RWP && s->arg[0] == '1')
+		for (size_t i = 0; i < npages; i++)
+			if (sel[i]) {
+				wp_expected[i] = 1;
+				accessed[i] = 0;
+				if ((after[i] & PM_PRESENT) && !(after[i] & PM_UFFD_WP)) /* protected, yet no bit 57 */
+					report(K_LOST_WP, i, ph);
+			}
+	if (rwp_registered && (s->op == OP_TOUCH || s->op == OP_VERIFY)) {
+		/* async: an access to a PMD-mapped THP resolves the whole PMD (one uffd bit for its 512 pages) */
+		for (size_t c = 0; rwp_async && c + 512 <= npages; c += 512) {
+			int hit = 0;
+			for (size_t i = c; i < c + 512; i++)
+				hit |= sel[i] && pmd_mapped[i];
+			for (size_t i = c; hit && i < c + 512; i++)
+				sel[i] |= pmd_mapped[i];
+		}
+		/* sync: exactly the protected pages accessed raised one RWP fault each; async: none */
+		for (size_t i = 0; i < npages; i++) {
+			int due = !rwp_async && sel[i] && wp_expected[i];
+			if (due && !fault_rwp[i])
+				report(K_NO_RWP, i, ph);
+			else if (fault_rwp[i] > 1 || (fault_rwp[i] && !due))
+				report(K_EXTRA_RWP, i, ph);
+			if (sel[i]) {
+				wp_expected[i] = 0;
+				accessed[i] = 1;
+			}
+		}
+	} else if (s->op == OP_TOUCH && (!strcmp(s->arg, "write") || !strcmp(s->arg, "zero"))) {
 		for (size_t i = 0; i < npages && !wp_async; i++)
 			if (sel[i] && wp_expected[i] && !fault_wp[i])
 				report(K_NO_WP, i, ph);
@@ -847,6 +986,8 @@ static void run_step(const struct step *s, int first)
 		__atomic_store_n(&timed_phase, s->phase, __ATOMIC_RELEASE);
 		__atomic_store_n(&deadline_ns, t0 + (int64_t)(timeout_s * 1e9), __ATOMIC_RELEASE);
 	}
+	if (rwp_registered && rwp_async && (s->op == OP_TOUCH || s->op == OP_VERIFY))
+		scan_category(pmd_mapped, PAGE_IS_HUGE, 0);
 	perform(s);
 	__atomic_store_n(&deadline_ns, 0, __ATOMIC_RELEASE);
 	drain(fault_missing, fault_wp);
@@ -914,6 +1055,10 @@ int main(int argc, char **argv)
 	expected = zalloc(npages);
 	hit_missing = zalloc(npages);
 	hit_wp = zalloc(npages);
+	hit_rwp = zalloc(npages);
+	fault_rwp = zalloc(npages);
+	accessed = zalloc(npages);
+	pmd_mapped = zalloc(npages);
 	sel = zalloc(npages);
 	fault_missing = zalloc(npages);
 	fault_wp = zalloc(npages);

@@ -115,7 +115,8 @@ def numa_nodes(online: Path = Path("/sys/devices/system/node/online")) -> int:
 # UFFDIO_API = _IOWR(0xAA, 0x3F, struct uffdio_api {u64 api, features, ioctls}); PAGEMAP_SCAN = _IOWR('f', 16, 96 B)
 UFFDIO_API, UFFD_API = 0xC018AA3F, 0xAA
 UFFD_FEATURES = {"uffd_minor_shmem": 1 << 10, "uffd_wp_shmem": 1 << 12, "uffd_wp_unpopulated": 1 << 13,
-                 "uffd_wp_async": 1 << 15}
+                 "uffd_wp_async": 1 << 15,
+                 "uffd_rwp": 1 << 17, "uffd_rwp_async": 1 << 18}  # RWP: Linux 7.3 (UFFD_FEATURE_RWP, RWP_ASYNC)
 PAGEMAP_SCAN = 0xC0606610
 
 

@@ -138,3 +138,22 @@ def test_an_old_verdict_json_with_address_lists_still_reads():
         {"kind": "hole", "phase": "p", "count": 5000, "addresses": [4096, 8192], "space": "va", "detail": ""}]}
     v = Verdict.from_json(json.dumps(old))
     assert v.findings[0].addresses == [4096, 8192] and v.findings[0].count == 5000 and v.pages == {}
+
+
+RWP_SAME_CELL = "snapshot-style[rwp-sync-shrink@after-protect-mpn409-spread8-same-by-ksm]"
+RWP_KERNEL = {**REMAP, "uffd_rwp": True}  # Debian 7.3.4
+
+
+def test_the_rwp_duplicates_finding_is_due_in_rwp_cells_only_and_only_for_its_data_pages():
+    """RWP (7.3) shares the uffd-wp PTE bit: KSM's merge drops it from merged duplicates. Its entry explains lost
+    bits and unfaulted accesses on the merged data pages of RWP cells; the uffd-wp entry does not apply there."""
+    v = verdict(RWP_SAME_CELL, lost_uffd_wp=("shrink@after-protect", MERGED),
+                no_rwp_fault=("touch(write, data)", MERGED))
+    names, extra = judged(v, RWP_KERNEL)
+    assert names == ["ksm-merge-of-duplicates-drops-rwp"] and extra == []
+    assert judged(v, REMAP)[0] == []  # a kernel without RWP: not due (the cell skips there anyway)
+    worse = verdict(RWP_SAME_CELL, lost_uffd_wp=("shrink@after-protect", [*MERGED, *ZERO[:4]]),
+                    no_rwp_fault=("touch(write, data)", [*MERGED, *ZERO[:4]]))
+    _, extra = judged(worse, RWP_KERNEL)
+    # the zero subpages' lost bits are beyond it (their unfaulted accesses follow from those lost bits)
+    assert [(f.kind, f.addresses) for f in extra] == [("lost-uffd-wp", va(ZERO[:4]))]

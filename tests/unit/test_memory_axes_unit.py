@@ -60,3 +60,25 @@ def test_skipped_splits_name_the_filled_thps_of_a_real_capture():
     truly = nonzero | scenario.selector("sabotage-chunks")  # what the memory held: those two not underused
     assert oracle.skipped_splits(before, after, truly, 409).tolist() == []
     assert np.array_equal(np.unique(np.nonzero(scenario.selector("sabotage-chunks"))[0] // 512), [1, 5])
+
+
+@pytest.mark.parametrize("mode", ma.RWP_MODES)
+def test_rwp_style_steps(mode):
+    """RWP (issue 21): register RWP (async where the mode starts async), protect, read every 16th zero subpage,
+    split, switch with UFFDIO_SET_MODE where the mode says, then read and write every page (sync) or scan."""
+    s = ma.rwp_style(mode, "after-protect", sabotage=True)
+    ops = [(st.op, st.arg) for st in s.steps]
+    assert s.id == f"snapshot-style[rwp-{mode}-shrink@after-protect-sabotage-mpn409-spread8]"
+    assert ops[:6] == [("map", "hugepage"), ("place", ""), ("register", "rwp,async" if mode.startswith("async")
+                                                                        else "rwp"),
+                       ("rwp", "1"), ("touch", "read"), ("shrink", "")]
+    assert (("set-mode", mode.split("-")[-1]) in ops) == ("-" in mode)
+    assert ops.index(("sabotage-unrwp", "0")) > ops.index(("shrink", ""))
+    assert (("dump", "accessed") in ops) == ("async" in mode)
+    assert (("touch", "read") in ops[6:]) == (mode.split("-")[-1] == "sync")  # the sync phase reads every zero subpage
+    assert ops[-1] == ("verify", "") and sc.Scenario.from_json(s.to_json()) == s
+
+
+def test_rwp_style_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="unknown RWP mode"):
+        ma.rwp_style("wp-rwp", "after-protect")
