@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from . import content
 from .pagemap import PAGES_PER_THP
 from .thp import ThpSettings
 
@@ -46,6 +47,7 @@ ACTIONS = {
     "read-received": "bounded qtest reads of every page the destination has received (a stuck read is a stall)",
     "write": "qtest writes of the selected pages on the source (arg: src) while the migration runs",
     "sabotage-punch": "negative control: MADV_DONTNEED inside the QEMU (arg: dst) on the selected received pages",
+    "sabotage-zero": "negative control: qtest zeroes the selected data pages' non-zero bytes (arg: side), unmodelled",
 }
 KIND_OPS: dict[str, frozenset[str]] = {
     "postcopy-style": frozenset(OPS),
@@ -57,7 +59,8 @@ KIND_OPS: dict[str, frozenset[str]] = {
 # How a real postcopy migration is driven (``migration.VARIANTS`` has the capabilities): plain postcopy-ram,
 # with multifd channels (zero-page-detection=multifd), with postcopy-preempt.
 POSTCOPY_VARIANTS = ("", "multifd", "preempt")
-SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed", "sabotage-chunks")
+SELECTORS = ("all", "data", "zero", "zero-some", "discard", "sabotage", "sabotage-mixed", "sabotage-chunks",
+             "sabotage-data")
 # What a "shrink" step fires to split large folios (``split_triggers``); "shrinker" is the default.
 SPLITS = ("shrinker", "pageout", "pageout-swap", "partial-unmap", "debugfs", "ksm", "ksm-zero")
 BACKINGS = ("anon", "memfd")  # the region: private anonymous (default) or a MAP_SHARED memfd (shmem THPs)
@@ -147,8 +150,8 @@ class Scenario:
                              "partial-unmap is synthetic only)")
         if self.backing not in BACKINGS or self.origin not in ORIGINS:
             raise ValueError(f"unknown backing {self.backing!r} or origin {self.origin!r}")
-        if self.fill.content not in ("unique", "same"):
-            raise ValueError(f"fill content {self.fill.content!r}: 'unique' or 'same'")
+        if self.fill.content not in content.CONTENTS:
+            raise ValueError(f"fill content {self.fill.content!r}: one of {', '.join(content.CONTENTS)}")
         if bad := [st.op for st in self.steps if st.op not in KIND_OPS[self.kind]]:
             raise ValueError(f"{self.kind} scenario cannot have steps {', '.join(bad)}")
 
@@ -187,6 +190,10 @@ class Scenario:
             return ~data & ((chunk == 1) & (sub >= 300) & (sub < 303) | (chunk == 5) & (sub >= 500) & (sub < 502))
         if name == "sabotage-chunks":  # every zero subpage of chunks 1 and 5
             return ~data & ((chunk == 1) | (chunk == 5))
+        if name == "sabotage-data":  # three data subpages: the first of chunks 3 and 6, the last of chunk 9
+            idx = np.flatnonzero(data)
+            at = np.searchsorted(idx, np.array([3, 6, 10]) * PAGES_PER_THP) - np.array([0, 0, 1])
+            return np.isin(np.arange(n), idx[at])
         if name == "sabotage-mixed":  # the same, plus the first data subpage of chunk 3
             first_data = (chunk == 3) & data & (np.cumsum(data & (chunk == 3)) == 1)
             return self.selector("sabotage") | first_data
@@ -283,11 +290,13 @@ def with_thp(scenario: Scenario, thp: ThpSettings) -> Scenario:
 
 
 def postcopy(shrink_at: str, *, side: str = "both", fill: Fill | None = None, thp: ThpSettings | None = None,
-             size_mib: int = 256, sabotage_at: str = "", variant: str = "") -> Scenario:
+             size_mib: int = 256, sabotage_at: str = "", variant: str = "", zeroed_at: str = "") -> Scenario:
     """A real QEMU postcopy migration walked through every phase, the shrinker fired at ``shrink_at``; the
-    destination's received pages are read (bounded) while postcopy runs, and compared with the source at the end.
-    ``variant`` (multifd, preempt) drives the same phases with more of QEMU's migration machinery."""
-    return _postcopy("postcopy", POSTCOPY_PHASES, shrink_at, side, fill, thp, size_mib, sabotage_at, variant)
+    destination's received pages are read (bounded) while postcopy runs; the source at the switch and both sides
+    at the end are compared with the model. ``variant`` (multifd, preempt) drives the same phases with more of
+    QEMU's migration machinery; ``zeroed_at`` zeroes a few source data pages behind the model (negative control)."""
+    return _postcopy("postcopy", POSTCOPY_PHASES, shrink_at, side, fill, thp, size_mib, sabotage_at, variant,
+                     zeroed_at)
 
 
 def postcopy_libvirt(shrink_at: str, *, side: str = "both", fill: Fill | None = None,
@@ -299,7 +308,7 @@ def postcopy_libvirt(shrink_at: str, *, side: str = "both", fill: Fill | None = 
 
 
 def _postcopy(kind: str, phases: tuple[str, ...], shrink_at: str, side: str, fill: Fill | None,
-              thp: ThpSettings | None, size_mib: int, sabotage_at: str, variant: str) -> Scenario:
+              thp: ThpSettings | None, size_mib: int, sabotage_at: str, variant: str, zeroed_at: str = "") -> Scenario:
     if shrink_at not in phases:
         raise ValueError(f"unknown {kind} phase {shrink_at!r} (one of {', '.join(phases)})")
     steps: list[Step] = []
@@ -309,9 +318,12 @@ def _postcopy(kind: str, phases: tuple[str, ...], shrink_at: str, side: str, fil
             steps.append(Step("shrink", side, label=f"shrink@{phase}"))
         if phase == sabotage_at:  # holes a buggy split would leave, punched by hand into the destination
             steps.append(Step("sabotage-punch", "dst", pages="sabotage-mixed"))
+        if phase == zeroed_at:  # data a misjudging zero detector would lose, zeroed by hand on the source
+            steps.append(Step("sabotage-zero", "src", pages="sabotage-data"))
         if phase == "postcopy-running":
             steps.append(Step("read-received"))
-    name = f"shrink@{shrink_at}" + (f"-sabotage@{sabotage_at}" if sabotage_at else "")
+    name = f"shrink@{shrink_at}" + (f"-sabotage@{sabotage_at}" if sabotage_at else "") \
+        + (f"-zeroed@{zeroed_at}" if zeroed_at else "")
     name = f"{variant}-{name}" if variant else name
     return Scenario(name=name, kind=kind, steps=tuple(steps), size_mib=size_mib,
                     fill=fill or Fill(), thp=thp or ThpSettings(), variant=variant)

@@ -100,5 +100,6 @@ def test_postcopy_libvirt_walks_the_phases_libvirt_can_hold() -> None:
 def test_fill_content_is_named_in_the_id_and_checked():
     assert sc.snapshot(fill=sc.Fill(content="same")).id.endswith("-spread8-same]")
     assert sc.snapshot_style("after-protect", fill=sc.Fill(content="same")).id.endswith("-spread8-same]")
-    with pytest.raises(ValueError, match="'unique' or 'same'"):
+    assert sc.postcopy("completed", fill=sc.Fill(content="sparse")).id.endswith("-spread8-sparse]")
+    with pytest.raises(ValueError, match="fill content 'odd'"):
         sc.snapshot_style("after-protect", fill=sc.Fill(content="odd"))
