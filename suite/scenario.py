@@ -330,7 +330,7 @@ def _postcopy(kind: str, phases: tuple[str, ...], shrink_at: str, side: str, fil
 
 
 def snapshot(shrink_at: str = "snapshot-running", *, fill: Fill | None = None, thp: ThpSettings | None = None,
-             size_mib: int = 256) -> Scenario:
+             size_mib: int = 256, zeroed_at: str = "") -> Scenario:
     """A real QEMU background snapshot: shrink at ``shrink_at``, write zero-filled and data subpages while it
     runs, restore into a fresh QEMU and compare with the content at snapshot start.
 
@@ -343,7 +343,10 @@ def snapshot(shrink_at: str = "snapshot-running", *, fill: Fill | None = None, t
         steps.append(Step(phase))
         if phase == shrink_at:
             steps.append(Step("shrink", "src", label=f"shrink@{phase}"))
+        if phase == zeroed_at:  # negative control: data zeroed behind the model (a misjudging zero detector)
+            steps.append(Step("sabotage-zero", "src", pages="sabotage-data"))
         if phase == "snapshot-running":
             steps += [Step("write", "src", pages="zero-some"), Step("write", "src", pages="data")]
-    return Scenario(name=f"shrink@{shrink_at}", kind="snapshot", steps=tuple(steps), size_mib=size_mib,
+    name = f"shrink@{shrink_at}" + (f"-zeroed@{zeroed_at}" if zeroed_at else "")
+    return Scenario(name=name, kind="snapshot", steps=tuple(steps), size_mib=size_mib,
                     fill=fill or Fill(), thp=thp or ThpSettings())

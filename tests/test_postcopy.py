@@ -1,5 +1,5 @@
 """Real QEMU postcopy migrations, the shrinker fired at each phase (issue: the destination must never turn a
-received page into a hole, never stall on one, and end with exactly the source's RAM)."""
+received page into a hole, never stall on one, and both sides hold exactly what holecheck wrote: the model)."""
 from __future__ import annotations
 
 import re
