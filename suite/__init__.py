@@ -51,6 +51,8 @@ Real QEMU (sub-package ``qemu``)
 - ``qemu.runner``  — runs a real-QEMU scenario (postcopy, background snapshot) and judges it with the ledger.
 - ``qemu.migration_run`` — what both kinds share: the sides, the dirtier, walking steps, fill, split, compare;
   ``qemu.postcopy_run`` the postcopy phases, ``qemu.snapshot_run`` the background snapshot.
+- ``qemu.ram_model`` — what holecheck wrote into a guest's RAM (fill, dirtier, writes): every side's RAM is judged
+  against it (``lost-data``: data read as zeros; ``content``: any other difference).
 - ``qemu.libvirt_domains`` — RAM machines as libvirt domains; the destination's private ``libvirtd``.
 - ``qemu.libvirt_postcopy`` — postcopy through libvirt's migration API, extending ``qemu.postcopy_run``.
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from .content import CONTENTS
+from . import content
 from .pagemap import PAGES_PER_THP
 from .thp import ThpSettings
 
@@ -52,6 +52,7 @@ ACTIONS = {
     "read-received": "bounded qtest reads of every page the destination has received (a stuck read is a stall)",
     "write": "qtest writes of the selected pages on the source (arg: src) while the migration runs",
     "sabotage-punch": "negative control: MADV_DONTNEED inside the QEMU (arg: dst) on the selected received pages",
+    "sabotage-zero": "negative control: qtest zeroes the selected data pages' non-zero bytes (arg: side), unmodelled",
 }
 KIND_OPS: dict[str, frozenset[str]] = {
     "postcopy-style": frozenset(OPS),
@@ -154,8 +155,8 @@ class Scenario:
                              "partial-unmap is synthetic only)")
         if self.backing not in BACKINGS or self.origin not in ORIGINS:
             raise ValueError(f"unknown backing {self.backing!r} or origin {self.origin!r}")
-        if self.fill.content not in CONTENTS:
-            raise ValueError(f"fill content {self.fill.content!r}: one of {', '.join(CONTENTS)}")
+        if self.fill.content not in content.CONTENTS:
+            raise ValueError(f"fill content {self.fill.content!r}: one of {', '.join(content.CONTENTS)}")
         if bad := [st.op for st in self.steps if st.op not in KIND_OPS[self.kind]]:
             raise ValueError(f"{self.kind} scenario cannot have steps {', '.join(bad)}")
 
@@ -294,11 +295,13 @@ def with_thp(scenario: Scenario, thp: ThpSettings) -> Scenario:
 
 
 def postcopy(shrink_at: str, *, side: str = "both", fill: Fill | None = None, thp: ThpSettings | None = None,
-             size_mib: int = 256, sabotage_at: str = "", variant: str = "") -> Scenario:
+             size_mib: int = 256, sabotage_at: str = "", variant: str = "", zeroed_at: str = "") -> Scenario:
     """A real QEMU postcopy migration walked through every phase, the shrinker fired at ``shrink_at``; the
-    destination's received pages are read (bounded) while postcopy runs, and compared with the source at the end.
-    ``variant`` (multifd, preempt) drives the same phases with more of QEMU's migration machinery."""
-    return _postcopy("postcopy", POSTCOPY_PHASES, shrink_at, side, fill, thp, size_mib, sabotage_at, variant)
+    destination's received pages are read (bounded) while postcopy runs; the source at the switch and both sides
+    at the end are compared with the model. ``variant`` (multifd, preempt) drives the same phases with more of
+    QEMU's migration machinery; ``zeroed_at`` zeroes a few source data pages behind the model (negative control)."""
+    return _postcopy("postcopy", POSTCOPY_PHASES, shrink_at, side, fill, thp, size_mib, sabotage_at, variant,
+                     zeroed_at)
 
 
 def postcopy_libvirt(shrink_at: str, *, side: str = "both", fill: Fill | None = None,
@@ -310,7 +313,7 @@ def postcopy_libvirt(shrink_at: str, *, side: str = "both", fill: Fill | None = 
 
 
 def _postcopy(kind: str, phases: tuple[str, ...], shrink_at: str, side: str, fill: Fill | None,
-              thp: ThpSettings | None, size_mib: int, sabotage_at: str, variant: str) -> Scenario:
+              thp: ThpSettings | None, size_mib: int, sabotage_at: str, variant: str, zeroed_at: str = "") -> Scenario:
     if shrink_at not in phases:
         raise ValueError(f"unknown {kind} phase {shrink_at!r} (one of {', '.join(phases)})")
     steps: list[Step] = []
@@ -320,16 +323,19 @@ def _postcopy(kind: str, phases: tuple[str, ...], shrink_at: str, side: str, fil
             steps.append(Step("shrink", side, label=f"shrink@{phase}"))
         if phase == sabotage_at:  # holes a buggy split would leave, punched by hand into the destination
             steps.append(Step("sabotage-punch", "dst", pages="sabotage-mixed"))
+        if phase == zeroed_at:  # data a misjudging zero detector would lose, zeroed by hand on the source
+            steps.append(Step("sabotage-zero", "src", pages="sabotage-data"))
         if phase == "postcopy-running":
             steps.append(Step("read-received"))
-    name = f"shrink@{shrink_at}" + (f"-sabotage@{sabotage_at}" if sabotage_at else "")
+    name = f"shrink@{shrink_at}" + (f"-sabotage@{sabotage_at}" if sabotage_at else "") \
+        + (f"-zeroed@{zeroed_at}" if zeroed_at else "")
     name = f"{variant}-{name}" if variant else name
     return Scenario(name=name, kind=kind, steps=tuple(steps), size_mib=size_mib,
                     fill=fill or Fill(), thp=thp or ThpSettings(), variant=variant)
 
 
 def snapshot(shrink_at: str = "snapshot-running", *, fill: Fill | None = None, thp: ThpSettings | None = None,
-             size_mib: int = 256) -> Scenario:
+             size_mib: int = 256, zeroed_at: str = "") -> Scenario:
     """A real QEMU background snapshot: shrink at ``shrink_at``, write zero-filled and data subpages while it
     runs, restore into a fresh QEMU and compare with the content at snapshot start.
 
@@ -342,7 +348,10 @@ def snapshot(shrink_at: str = "snapshot-running", *, fill: Fill | None = None, t
         steps.append(Step(phase))
         if phase == shrink_at:
             steps.append(Step("shrink", "src", label=f"shrink@{phase}"))
+        if phase == zeroed_at:  # negative control: data zeroed behind the model (a misjudging zero detector)
+            steps.append(Step("sabotage-zero", "src", pages="sabotage-data"))
         if phase == "snapshot-running":
             steps += [Step("write", "src", pages="zero-some"), Step("write", "src", pages="data")]
-    return Scenario(name=f"shrink@{shrink_at}", kind="snapshot", steps=tuple(steps), size_mib=size_mib,
+    name = f"shrink@{shrink_at}" + (f"-zeroed@{zeroed_at}" if zeroed_at else "")
+    return Scenario(name=name, kind="snapshot", steps=tuple(steps), size_mib=size_mib,
                     fill=fill or Fill(), thp=thp or ThpSettings())

@@ -20,23 +20,22 @@ from .. import ledger, memcg, pagemap, shrinker, split_triggers, thp
 from ..errors import HolecheckError
 from ..ledger import Ledger
 from ..options import RunOptions
+from ..oracle import runs
 from ..pagemap import PAGE, PAGES_PER_THP
 from ..scenario import Scenario, Step
 from ..verdict import Verdict
 from . import discards
 from .machine import MachineConfig, RamMachine
+from .ram_model import RamModel, judge
 
 LOW_CHUNKS = 1  # gpa < 2 MiB: ROM/BIOS shadows below 1 MiB and the dirtier's pages; never filled with data
 DIRTIER_GPA = 0x100000  # the dirtier rewrites this MiB: far more pending RAM than a 1 ms downtime can take
 DIRTIER_PAGES = 256
-STAMP = 0x484F4C45_00000000  # "HOLE" | page index: every data page is unique
 MIB = 1 << 20
 HOLD = 60.0  # strace holds the destination's uffd creation at most this long (released earlier by the driver)
 
 
 @dataclass
-
-
 class Side:
     """One QEMU, the memcg it started in, and the oracle's ledger of its RAM (guest-physical addresses)."""
 
@@ -48,23 +47,28 @@ class Side:
 
 @dataclass
 class Dirtier:
-    """Keeps a few source pages dirty through qtest, so precopy never converges while it is held open."""
+    """Keeps a few source pages dirty through qtest, so precopy never converges while it is held open. Each memset
+    goes into the model once QEMU acknowledged it; one left unanswered may still land (``RamModel.alt``)."""
 
     machine: RamMachine
     deadline: float  # per memset: RunOptions.deadline()
+    model: RamModel
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     error: str = ""
 
     def start(self) -> None:
         def loop() -> None:
-            n = 0
+            n, first = 0, DIRTIER_GPA // PAGE
             while not self.stop.is_set():
+                byte = n % 255 + 1
+                self.model.alt[first : first + DIRTIER_PAGES] = byte  # one qtest command: all of it or none
                 try:
-                    self.machine.qtest.memset(DIRTIER_GPA, DIRTIER_PAGES * PAGE, n % 255 + 1, timeout=self.deadline)
+                    self.machine.qtest.memset(DIRTIER_GPA, DIRTIER_PAGES * PAGE, byte, timeout=self.deadline)
                 except HolecheckError as exc:
                     self.error = str(exc)
                     return
+                self.model.memset(first, DIRTIER_PAGES, byte)
                 n += 1
                 self.stop.wait(0.001)
 
@@ -75,6 +79,10 @@ class Dirtier:
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout=self.deadline + 1)  # its memset is bounded by the deadline
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
 
 
 class Aborted(Exception):
@@ -99,6 +107,9 @@ class MigrationRun:
         # data into (the fill's zero subpages and the guest's low MiB but the dirtier's)
         verdict.name_pages("data", np.nonzero(self.data)[0])
         verdict.name_pages("zero", np.nonzero(~self.nonzero)[0])
+        self.model = RamModel(scenario.fill.content, n)  # what holecheck wrote: every side is judged against it
+        self.dirtier: Dirtier | None = None
+        self.misread: dict[str, np.ndarray] = {}  # per side: pages already named as differing from the model
 
     # --- the walk ------------------------------------------------------------------------------------------
 
@@ -185,11 +196,20 @@ class MigrationRun:
             (self.opts.artifacts / f"stderr-{machine.name}.txt").write_text(machine.stderr_text())
 
     def fill(self, side: Side) -> None:
-        """Data into the selected subpages of every chunk (above the low chunk), through QEMU's own qtest."""
-        q = side.machine.qtest
-        same = self.s.fill.content == "same"
-        for i in np.nonzero(self.data)[0]:
-            q.write(int(i) * PAGE, np.full(PAGE // 8, STAMP | (0 if same else int(i)), dtype="<u8").tobytes())
+        """Data (``suite.content``) into the selected subpages of every chunk above the low chunk, through QEMU's
+        own qtest; the model learns it."""
+        self.model.fill(self.data)
+        for first, count in runs(self.data):
+            side.machine.qtest.write(first * PAGE, self.model.pages(first, count).tobytes())
+
+    def do_sabotage_zero(self, step: Step) -> None:
+        """Negative control: zero the non-zero bytes of the selected data pages (a sparse page's one byte) through
+        qtest on side ``step.arg``, behind the model's back, as a zero detector that misjudged them would."""
+        side = self.sides[step.arg]
+        for i in np.nonzero(self.s.selector(step.pages) & self.data)[0]:
+            nz = np.nonzero(self.model.pages(int(i), 1)[0])[0]
+            side.machine.qtest.write(int(i) * PAGE + int(nz[0]), bytes(int(nz[-1] - nz[0]) + 1))
+        side.ledger.observe(step.phase)
 
     # --- the oracle ----------------------------------------------------------------------------------------
 
@@ -209,12 +229,25 @@ class MigrationRun:
                                                             step.phase, self.nonzero, self.trigger, side.cg)
             side.ledger.lost_bits(step.phase, before, after)
 
-    def compare(self, step: Step, side: Side, expected: np.ndarray, what: str) -> None:
-        """Every page of ``side``'s RAM must equal ``expected`` (uint8 array of the whole RAM)."""
-        got = np.frombuffer(side.machine.read_ram(0, self.s.npages * PAGE), dtype=np.uint8)
-        pages = got.reshape(-1, PAGE)
-        bad = np.nonzero((pages != expected.reshape(-1, PAGE)).any(axis=1))[0]
-        zeros = bad.size and not pages[bad].any()
-        side.ledger.report("content", step.phase, bad, what + ("; all zero there" if zeros else ""))
+    def compare(self, step: Step, side: Side, model: RamModel, what: str) -> None:
+        """Every page of ``side``'s RAM must equal ``model`` (``what``: which state of it); a page is named once
+        per side, at the first compare it differs at. Data read as zeros is ``lost-data``, the rest ``content``."""
+        if self.dirtier is not None and self.dirtier.running:
+            raise HolecheckError(f"{side.name}: RAM compared while the dirtier writes it (a driver fault)")
+        got = side.machine.read_ram(0, self.s.npages * PAGE)
+        bad = judge(model, got)
+        seen = self.misread.setdefault(side.name, np.zeros(self.s.npages, dtype=bool))
+        zero_page = side.ledger.snap(False).zero if bad.lost else None
+        for kind, pages in (("lost-data", bad.lost), ("content", bad.wrong)):
+            if pages := [i for i in pages if not seen[i]]:
+                seen[pages] = True
+                mapped = f"; {int(zero_page[pages].sum())} map the zero page" if zero_page is not None \
+                    and kind == "lost-data" else ""
+                side.ledger.report(kind, step.phase, pages,
+                                   f"{side.name} RAM vs {what}{mapped}; first differences: {bad.describe(pages)}")
+        if (unsure := model.uncertain).any():
+            self.v.notes.append(f"{side.name} RAM vs {what}: {int(unsure.sum())} dirtier page(s) (gpa "
+                                f"{int(np.nonzero(unsure)[0][0]) * PAGE:#x}…) may hold the byte of its last, "
+                                "unanswered memset")
 
 

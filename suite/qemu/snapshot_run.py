@@ -1,5 +1,6 @@
-"""A real QEMU background snapshot: write-protect, write while it runs, restore into a fresh QEMU and compare with
-RAM at snapshot start."""
+"""A real QEMU background snapshot: write-protect, write while it runs, restore into a fresh QEMU. Both RAMs are
+judged against the model: the restored one against the model at the snapshot's start, the live source against the
+model with the writes made while the snapshot ran."""
 from __future__ import annotations
 
 import signal
@@ -18,6 +19,9 @@ from .migration_run import (
     Aborted,
     MigrationRun,
 )
+from .ram_model import RamModel
+
+WRITTEN = 0x5A  # the byte the snapshot's writes fill unique and same pages with
 
 
 class SnapshotRun(MigrationRun):
@@ -28,6 +32,7 @@ class SnapshotRun(MigrationRun):
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self.frozen: list[int] = []
+        self.at_start: RamModel | None = None  # the model when the snapshot began: what it must restore
 
     def release(self) -> None:
         self.thaw()
@@ -45,11 +50,11 @@ class SnapshotRun(MigrationRun):
     def do_before_snapshot(self, step: Step) -> None:
         self.src = self.start_side("src", incoming=False)
         self.fill(self.src)
-        self.start_content = np.frombuffer(self.src.machine.read_ram(0, self.s.npages * PAGE), dtype=np.uint8)
         self.src.ledger.observe(step.phase)
 
     def do_snapshot_running(self, step: Step) -> None:
         self.file = self.workdir / "snapshot.bin"
+        self.at_start = self.model.copy()
         migration.start_snapshot(self.src.machine, self.file, self.opts.snapshot_rate)
         migration.wait_ram_flags(self.src.machine, present={"uw"}, timeout=self.opts.deadline())
         self.freeze()
@@ -69,14 +74,21 @@ class SnapshotRun(MigrationRun):
         self.shrink(step, [self.src])
 
     def do_write(self, step: Step) -> None:
-        """Write the selected pages while the snapshot runs: each write must be trapped and the old content saved."""
+        """Write the selected pages while the snapshot runs: each write must be trapped and the old content saved.
+        Sparse content writes sparse pages of other indices (the zero detector stays under test for a shrink after
+        the writes); the others fill each page with WRITTEN."""
         self.thaw()
         sel = self.s.selector(step.pages) & (np.arange(self.s.npages) >= LOW_CHUNKS * PAGES_PER_THP)
         self.nonzero |= sel
         q = self.src.machine.qtest
         for first, count in runs(sel):
             try:
-                q.memset(first * PAGE, count * PAGE, 0x5A, timeout=self.opts.deadline())
+                if self.s.fill.content == "sparse":
+                    self.model.rewrite(first, count, salt=self.s.npages)
+                    q.write(first * PAGE, self.model.pages(first, count).tobytes(), timeout=self.opts.deadline())
+                else:
+                    q.memset(first * PAGE, count * PAGE, WRITTEN, timeout=self.opts.deadline())
+                    self.model.memset(first, count, WRITTEN)
             except StallError as exc:
                 if gone := self.src.machine.gone():  # no answer from a QEMU that exited: the run's error
                     raise PartyGoneError(f"{gone}: {exc}") from exc
@@ -92,6 +104,8 @@ class SnapshotRun(MigrationRun):
     def do_restored(self, step: Step) -> None:
         dst = self.start_side("restore", incoming=True)
         migration.restore(dst.machine, self.file, timeout=self.opts.deadline(6))
-        self.compare(step, dst, self.start_content, "restored RAM differs from RAM at snapshot start")
+        assert self.at_start is not None
+        self.compare(step, dst, self.at_start, "the model at the snapshot's start")
+        self.compare(step, self.src, self.model, "the model with the writes made while the snapshot ran")
 
 
