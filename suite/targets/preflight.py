@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from .. import pagemap, thp
+from . import ksm_probe
 
 NR_USERFAULTFD = 323  # x86_64
 
@@ -54,7 +55,7 @@ def host_problems() -> list[str]:
 def local_features() -> dict[str, bool]:
     """Target.features() answered by the kernel this process runs on (the host's, or the guest's in the agent)."""
     return {"soft_dirty": pagemap.soft_dirty_supported(), "shrink_underused": thp.KNOBS["shrink_underused"].exists(),
-            **memory_features()}
+            **memory_features(), "ksm_merge_keeps_uffd_wp": ksm_probe.ksm_merge_keeps_uffd_wp()}
 
 
 # UFFDIO_API = _IOWR(0xAA, 0x3F, struct uffdio_api {u64 api, features, ioctls}); PAGEMAP_SCAN = _IOWR('f', 16, 96 B)
