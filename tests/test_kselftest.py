@@ -5,6 +5,7 @@ two write-protected duplicate pages on the same kernel. And upstream's own mm se
 (``ksm_functional_tests``, ``uffd-unit-tests``), built from the same tree, pass on the kernel under test."""
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from test_reproducer import BAD_LINE
 
+from kernels import config_check
 from suite import known_findings, thp
 from suite.reports import kselftest
 from suite.targets.base import Target
@@ -25,6 +27,7 @@ TOTALS = re.compile(r"^# Totals: pass:(?P<pass>\d+) fail:(?P<fail>\d+) xfail:\d+
                     r"error:(?P<error>\d+)", re.M)
 RUN_TIMEOUT = 300.0
 UPSTREAM_TIMEOUT = 1800.0  # uffd-unit-tests under TCG
+CONFIG_KEYS = ("KSM", "USERFAULTFD", "PTE_MARKER_UFFD_WP", "MEM_SOFT_DIRTY", "TRANSPARENT_HUGEPAGE")
 SOURCE_SERIES = "7.3"  # the tree the kselftest compiles against, and the upstream tests come from
 
 needs_cc = pytest.mark.skipif(not shutil.which("cc") or not shutil.which("make"), reason="needs cc and make")
@@ -45,6 +48,16 @@ def compiled(tree, directory: Path, name: str = KSM_FINDING) -> Path:
     warnings = kselftest.compile_in_tree(source, binary, tree.tree, tree.headers)
     assert not warnings, warnings
     return binary
+
+
+def record_kernel(target: Target, record_property) -> None:
+    """The kernel a result is about, for the upstream report: its release and the config options that matter."""
+    record_property("kernel", target.kernel_release)
+    config = getattr(getattr(target, "kernel", None), "config", None) or {}
+    if not config and (gz := Path("/proc/config.gz")).exists():
+        config = config_check.parse(gzip.decompress(gz.read_bytes()).decode())
+    record_property("kernel_config", " ".join(f"{k}={config.get(k, 'n')}" for k in CONFIG_KEYS)
+                    if config else "unknown (no config beside the image, no /proc/config.gz)")
 
 
 def run_on(target: Target, argv: list[str], timeout: float) -> Ran:
@@ -106,6 +119,8 @@ def test_ksm_kselftest_fails_exactly_where_the_merge_drops_the_bit(target: Targe
     """Fails (255 pages lost their uffd-wp bit, the write to each went through untrapped) where the probe measures
     that a KSM merge drops the bit; passes, with no bad page, where it keeps it (the fixed kernel)."""
     keeps = kernel_features["ksm_merge_keeps_uffd_wp"]
+    record_kernel(target, record_property)
+    record_property("ksm_merge_keeps_uffd_wp", keeps)
     out = run_on(target, [str(compiled(tree, artifacts))], RUN_TIMEOUT)
     (artifacts / "kselftest.out").write_text(out.stdout + out.stderr)
     record_property("kselftest_rc", out.rc)
@@ -139,6 +154,7 @@ def test_upstream_mm_selftest_passes(target: Target, tree, name: str, artifacts:
                     "VM (--kernel=debian:… or patched:…)")
     from kernels import selftests
 
+    record_kernel(target, record_property)
     binary = selftests.mm_selftests(tree)[name]
     out = target.execute([str(binary)], UPSTREAM_TIMEOUT)
     (artifacts / f"{name}.out").write_text(out.stdout + out.stderr)
