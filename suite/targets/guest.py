@@ -203,7 +203,7 @@ class GuestTarget:
         return Verdict.from_json(reply["verdict"])
 
     def execute(self, argv: list[str], timeout: float) -> Ran:
-        return Ran.from_wire(self.call("exec", timeout + CALL_TIMEOUT, argv=argv, timeout=timeout))
+        return Ran.from_wire(self.call("exec", timeout + CALL_TIMEOUT, argv=argv, seconds=timeout))
 
     def close(self) -> None:
         """Ask the guest to power off; stop the VM whatever happens."""

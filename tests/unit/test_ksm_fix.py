@@ -70,7 +70,7 @@ def test_execute_returns_status_and_output_and_bounds_the_run():
 
 
 def test_agent_exec_method():
-    reply = handle({"method": "exec", "argv": ["/bin/sh", "-c", "echo $0", "hi"], "timeout": 30})
+    reply = handle({"method": "exec", "argv": ["/bin/sh", "-c", "echo $0", "hi"], "seconds": 30})
     assert reply["rc"] == 0 and reply["stdout"] == "hi\n" and list(reply["argv"]) == ["/bin/sh", "-c", "echo $0", "hi"]
 
 
