@@ -25,10 +25,16 @@ KSM_FINDING = "ksm-merge-of-duplicates-drops-uffd-wp-and-soft-dirty"
 TAP_RESULT = re.compile(r"^(?P<ok>ok|not ok) 1 (?P<name>\S+)")
 TOTALS = re.compile(r"^# Totals: pass:(?P<pass>\d+) fail:(?P<fail>\d+) xfail:\d+ xpass:\d+ skip:(?P<skip>\d+) "
                     r"error:(?P<error>\d+)", re.M)
-RUN_TIMEOUT = 300.0
+RUN_TIMEOUT = 900.0
+STEP_TIMEOUT = 120.0
 UPSTREAM_TIMEOUT = 1800.0  # uffd-unit-tests under TCG
 CONFIG_KEYS = ("KSM", "USERFAULTFD", "PTE_MARKER_UFFD_WP", "MEM_SOFT_DIRTY", "TRANSPARENT_HUGEPAGE")
 SOURCE_SERIES = "7.3"  # the tree the kselftest compiles against, and the upstream tests come from
+
+# Upstream test results a kernel's config decides, not the code under test: (test, its failure text) → the option
+# that makes it fail. Debian sets PROC_MEM_FORCE_PTRACE: only a ptracer may write a PROT_NONE page through
+# /proc/self/mem, so test_prot_none's own write fails before KSM is involved.
+CONFIG_FAILURES = {("ksm_functional_tests", "ptrace write failed"): "PROC_MEM_FORCE_PTRACE"}
 
 needs_cc = pytest.mark.skipif(not shutil.which("cc") or not shutil.which("make"), reason="needs cc and make")
 
@@ -121,7 +127,8 @@ def test_ksm_kselftest_fails_exactly_where_the_merge_drops_the_bit(target: Targe
     keeps = kernel_features["ksm_merge_keeps_uffd_wp"]
     record_kernel(target, record_property)
     record_property("ksm_merge_keeps_uffd_wp", keeps)
-    out = run_on(target, [str(compiled(tree, artifacts))], RUN_TIMEOUT)
+    # per-step bound of the replay: 16,128 WP faults of one step take over 30 s under TCG
+    out = run_on(target, [str(compiled(tree, artifacts)), "--timeout", str(STEP_TIMEOUT)], RUN_TIMEOUT)
     (artifacts / "kselftest.out").write_text(out.stdout + out.stderr)
     record_property("kselftest_rc", out.rc)
     record_property("kselftest_seconds", out.seconds)
@@ -156,12 +163,16 @@ def test_upstream_mm_selftest_passes(target: Target, tree, name: str, artifacts:
 
     record_kernel(target, record_property)
     binary = selftests.mm_selftests(tree)[name]
-    out = target.execute([str(binary)], UPSTREAM_TIMEOUT)
+    out = target.execute([f"./{name}"], UPSTREAM_TIMEOUT, cwd=str(binary.parent))  # execs itself as ./NAME
     (artifacts / f"{name}.out").write_text(out.stdout + out.stderr)
     totals = TOTALS.search(out.stdout)
     record_property(f"{name}_seconds", out.seconds)
     assert totals, f"{name} printed no TAP totals (exit {out.rc}):\n{out.stdout[-3000:]}{out.stderr[-2000:]}"
     record_property(f"{name}_totals", totals.group(0))
-    assert out.rc == 0 and int(totals["fail"]) == int(totals["error"]) == 0, \
-        f"{name}: {totals.group(0)} (exit {out.rc})\n" + "\n".join(
-            ln for ln in out.stdout.splitlines() if ln.startswith("not ok"))
+    failed = [ln for ln in out.stdout.splitlines() if ln.startswith("not ok")]
+    config = getattr(getattr(target, "kernel", None), "config", None) or {}
+    unexplained = [ln for ln in failed if not any(
+        why in ln and config.get(option) == "y" for (test, why), option in CONFIG_FAILURES.items() if test == name)]
+    record_property(f"{name}_failed", "; ".join(failed))
+    assert not unexplained and int(totals["error"]) == 0, f"{name}: {totals.group(0)} (exit {out.rc})\n" + \
+        "\n".join(unexplained)

@@ -33,8 +33,8 @@ class Target(Protocol):
         """``qemu``: the L2 QEMU of a real-QEMU scenario (default: RunOptions.qemu)."""
         ...
 
-    def execute(self, argv: list[str], timeout: float) -> Ran:
-        """Run a program (a path the kernel under test sees, e.g. in an artifacts dir) there; bounded."""
+    def execute(self, argv: list[str], timeout: float, cwd: str | None = None) -> Ran:
+        """Run a program (a path the kernel under test sees, e.g. in an artifacts dir) there, in ``cwd``; bounded."""
         ...
 
     def close(self) -> None: ...

@@ -202,8 +202,8 @@ class GuestTarget:
         reply = self.call("run", timeout, scenario=scenario.to_json(), options=options.to_wire())
         return Verdict.from_json(reply["verdict"])
 
-    def execute(self, argv: list[str], timeout: float) -> Ran:
-        return Ran.from_wire(self.call("exec", timeout + CALL_TIMEOUT, argv=argv, seconds=timeout))
+    def execute(self, argv: list[str], timeout: float, cwd: str | None = None) -> Ran:
+        return Ran.from_wire(self.call("exec", timeout + CALL_TIMEOUT, argv=argv, seconds=timeout, cwd=cwd))
 
     def close(self) -> None:
         """Ask the guest to power off; stop the VM whatever happens."""

@@ -36,8 +36,8 @@ class HostTarget:
     def run(self, scenario: Scenario, artifacts: Path | None = None, qemu: str | None = None) -> Verdict:
         return runner.run(scenario, replace(self.options, artifacts=artifacts, qemu=qemu or self.options.qemu))
 
-    def execute(self, argv: list[str], timeout: float) -> Ran:
-        return execute(argv, timeout)
+    def execute(self, argv: list[str], timeout: float, cwd: str | None = None) -> Ran:
+        return execute(argv, timeout, cwd)
 
     def close(self) -> None:
         pass

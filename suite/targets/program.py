@@ -29,10 +29,11 @@ class Ran:
         return cls(tuple(d["argv"]), int(d["rc"]), d["stdout"], d["stderr"], float(d["seconds"]))
 
 
-def execute(argv: list[str], timeout: float) -> Ran:
-    """Run ``argv`` in its own process group; StallError (the whole group stopped) if it outlives ``timeout``."""
+def execute(argv: list[str], timeout: float, cwd: str | None = None) -> Ran:
+    """Run ``argv`` (in ``cwd``: selftests find their helpers as ./NAME) in its own process group; StallError (the
+    whole group stopped) if it outlives ``timeout``."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
                             start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
