@@ -136,6 +136,7 @@ def test_ksm_kselftest_fails_exactly_where_the_merge_drops_the_bit(target: Targe
     results = [m for m in map(TAP_RESULT.match, lines) if m]
     assert lines[:2] == ["TAP version 13", "1..1"] and len(results) == 1, out.stdout + out.stderr
     assert results[0]["name"] == KSM_FINDING
+    record_property("kselftest_tap", results[0].group(0))
     bad = [(m["kind"], int(m["page"]), m["phase"]) for m in (BAD_LINE.match(ln[2:]) for ln in lines
                                                              if ln.startswith("# ")) if m]
     if keeps:

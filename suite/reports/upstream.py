@@ -74,13 +74,19 @@ def _finding(name: str) -> known_findings.KnownFinding:
 
 
 def _outcome_line(o: Outcome) -> str:
+    """A listed test: its outcome and what it recorded (the kselftest's TAP line, the probe, upstream's totals)."""
     p = o.properties
-    extra = [f"{p['lost_uffd_wp']} pages lost uffd-wp" if p.get("lost_uffd_wp") else "",
-             p.get(next((k for k in p if k.endswith("_totals")), ""), ""),
-             f"exit {p['kselftest_rc']}" if p.get("kselftest_rc") else "",
+    totals = next((v for k, v in p.items() if k.endswith("_totals")), "")
+    failed = next((v for k, v in p.items() if k.endswith("_failed") and v), "")
+    extra = [p.get("kselftest_tap") or (f"exit {p['kselftest_rc']}" if p.get("kselftest_rc") else ""),
+             f"{p['lost_uffd_wp']} pages lost uffd-wp" if p.get("lost_uffd_wp") else "",
+             f"probe ksm_merge_keeps_uffd_wp={p['ksm_merge_keeps_uffd_wp']}" if "ksm_merge_keeps_uffd_wp" in p else "",
+             totals.removeprefix("# "), f"failed: {failed}" if failed else "",
+             f"verdict: {p['lost-uffd-wp']} lost-uffd-wp, {p.get('no-wp-fault', 0)} no-wp-fault"
+             if p.get("lost-uffd-wp") else "",
              p.get("known_finding", "") and f"known finding {p['known_finding']}"]
     detail = "; ".join(x for x in extra if x)
-    return f"  {o.status.upper():7} {o.name} ({o.seconds:.0f} s{'; ' + detail if detail else ''})"
+    return _wrap(f"{o.status.upper():7} {o.name} ({o.seconds:.0f} s{'; ' + detail if detail else ''})", "  ")
 
 
 def _session_text(s: Session, cells: re.Pattern[str]) -> list[str]:
