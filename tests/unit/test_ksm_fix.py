@@ -93,7 +93,7 @@ def test_upstream_report_claims_only_what_the_results_hold(tmp_path: Path):
     assert text.startswith("Subject: [BUG] KSM's merge (replace_page) drops the uffd-wp and soft-dirty bits")
     assert "* 7.3.4-holecheck-ksm-keep-uffd-wp  [patched.xml]\n  config: KSM=y USERFAULTFD=y\n" in text
     assert "  PASSED  test_ksm_kselftest_fails_exactly_where_the_merge_drops_the_bit\n  (42s; exit 0)" in text
-    assert "  PASSED  test_trigger[wp-same-ksm-pmd] (20 s)" in text
+    assert "  PASSED  test_trigger[wp-same-ksm-pmd] (20s)" in text
     assert "other tests of the session: 1 skipped" in text and "3 tests, 1.2 min of test time" in text
     assert "+	if (pte_uffd(orig_pte)) {" in text  # the candidate patch, whole
     empty = upstream.report(FINDING, [])
