@@ -11,6 +11,7 @@ claimed that those files do not hold. The finding's text is its known-finding en
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import textwrap
@@ -101,6 +102,14 @@ def _session_text(s: Session, cells: re.Pattern[str]) -> list[str]:
     return lines
 
 
+def _builds(series: str) -> list[dict]:
+    """build.json of every cached build of ``series`` (kernels.build writes it beside the bzImage)."""
+    from ..cache import cache_root
+
+    found = [json.loads(p.read_text()) for p in sorted((cache_root() / "build").glob("*/build.json"))]
+    return [b for b in found if b.get("patch") == series]
+
+
 def _steps(s: Scenario) -> list[str]:
     return [f"  {i:2}. {st.phase}: {reproducer.describe(st, s)}" for i, st in enumerate(s.steps, 1)]
 
@@ -120,9 +129,19 @@ def report(name: str, sessions: list[Session], series: str | None = None) -> str
         out += ["No result files given (--results): this report claims no result of its own."]
     else:
         out.append(_wrap("One block per test session (pytest JUnit XML as the suite wrote it); the kernel is the "
-                         "booted kernel's uname -r; times are the tests' own."))
+                         "booted kernel's uname -r; times are the tests' own (on the host they include waits for "
+                         "the knob lock other runs held). A test named '..._fails_exactly_where_...' passes when "
+                         "the kselftest's own TAP result (shown) is what the probe measured on that kernel."))
         for s in sessions:
             out += ["", *_session_text(s, cells)]
+    builds = _builds(series) if series else []
+    if builds:
+        out += ["", "Built for this run (build.json beside each kernel in holecheck's cache):"]
+        out += [_wrap(f"{b['release']}: {b['source']} + {b['patch']} (sha256 {b['patch_sha256'][:12]}), config "
+                      f"recipe {b['recipe_sha256'][:12]} (allnoconfig + kernels/minimal.config + "
+                      f"kernels/holecheck.config), make -j{b['jobs']} bzImage {b['seconds'] / 60:.1f} min"
+                      f"{', seeded' if b.get('seeded_from') else ''}, finished {b['finished']}", "  ")
+                for b in builds]
     out += [""]
     if scenario is not None:
         out += ["Reproducer", "----------",
