@@ -153,6 +153,20 @@ def test_ksm_kselftest_fails_exactly_where_the_merge_drops_the_bit(target: Targe
 
 
 @pytest.mark.host
+def test_ksm_probe_measures_a_merge_on_the_host(target: Target):
+    """The feature is a measurement: on the host the two duplicates merge and one of them loses the bit (the page
+    write_protect_page() keeps as the KSM page keeps it), never an 'unmeasurable' False."""
+    if target.spec.kind != "host":
+        pytest.skip("the probe runs in the target's own process: its reason is read here on the host only")
+    from suite.targets import ksm_probe
+
+    kept, how = ksm_probe.measure()
+    assert kept is not None, f"the probe could not measure: {how}"
+    assert how in ("merged: 2 of 2 pages kept uffd-wp", "merged: 1 of 2 pages kept uffd-wp"), how
+    assert kept == (how == "merged: 2 of 2 pages kept uffd-wp")
+
+
+@pytest.mark.host
 @needs_cc
 @pytest.mark.parametrize("name", ["ksm_functional_tests", "uffd-unit-tests"])
 def test_upstream_mm_selftest_passes(target: Target, tree, name: str, artifacts: Path, record_property):
