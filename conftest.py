@@ -46,8 +46,8 @@ MARKERS = {
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("holecheck")
     g.addoption("--kernel", action="append", default=[], metavar="SPEC",
-                help="kernel under test: host | debian:VERSION | PATH/bzImage | build:LINUX_TREE; "
-                     "repeat or comma-separate for a matrix (default: host)")
+                help="kernel under test: host | debian:VERSION | PATH/bzImage | build:LINUX_TREE | "
+                     "patched:VERSION:SERIES; repeat or comma-separate for a matrix (default: host)")
     g.addoption("--accel", default="auto", choices=("auto", "kvm", "tcg"), help="accelerator for VMs")
     g.addoption("--backend", default="qemu", choices=("qemu", "libvirt"), help="how L1 VMs are started")
     g.addoption("--trigger", default=None, choices=("auto", "memcg", "drop_caches"),

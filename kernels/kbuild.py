@@ -210,16 +210,16 @@ def published(out: Path) -> Path | None:
 
 def configure_and_build(tree: Path, obj: Path, out: Path, fragment_text: str, kind: str, jobs: int,
                         timeout: float, seeded: str | None, source: str, patch_name: str | None = None,
-                        patch_sha: str | None = None) -> Path:
+                        patch_sha: str | None = None, localversion: str | None = None) -> Path:
     """Configure ``tree`` into ``obj``, make bzImage there, publish to ``out``; the bzImage path (caller holds
-    the output dir's lock)."""
+    the output dir's lock). ``localversion``: the release suffix, else the kind's (``LOCALVERSION``)."""
     obj.mkdir(parents=True, exist_ok=True)
     build_log = obj / "holecheck-build.log"
     build_log.write_text(f"# holecheck {kind} build of {source}; output dir {obj}"
                          f"{'; seeded from ' + seeded if seeded else ''}\n")
     log.info("building %s (%s) with -j%d under nice 19 (cold: minutes on 2 idle cores, longer on busy ones); "
              "log: %s", kind, source, jobs, build_log)
-    configure(tree, obj, fragment_text, LOCALVERSION[kind], build_log)
+    configure(tree, obj, fragment_text, localversion or LOCALVERSION[kind], build_log)
     seconds = _make_bzimage(tree, obj, jobs, timeout, build_log)
     info = BuildInfo(key=out.name, kind=kind, source=source, patch=patch_name, patch_sha256=patch_sha,
                      recipe_sha256=recipe_sha(fragment_text), release=_release(obj), jobs=jobs,

@@ -22,7 +22,9 @@ Where the kernel under test runs
 - ``targets.backends`` — ``--backend``: ``open_vm`` boots a ``VmSpec`` with QEMU directly or through libvirt.
 - ``targets.libvirt_vm`` — ``LibvirtVm`` (``--backend=libvirt``): the same L1 VM as a transient domain of a
                         per-run embedded libvirt QEMU driver; leftovers of killed runs reaped.
-- ``targets.preflight`` — can this kernel run scenarios at all, and what does it offer (``features``).
+- ``targets.preflight`` — can this kernel run scenarios at all, and what does it offer (``features``);
+                        ``targets.ksm_probe`` measures one of them: does a KSM merge keep the uffd-wp bit.
+- ``targets.program`` — a program the host built (a kselftest) run on the kernel under test, host or L1 agent.
 
 Running and judging
 - ``runner``       — executes a synthetic scenario next to the kernel under test and returns a ``Verdict``
@@ -70,6 +72,8 @@ Reports and tools (sub-packages ``reports`` and ``bisection``; the CLIs people t
 - ``reports.compare``  — which cells changed verdict between two runs (``report --compare``): a nightly's headline.
 - ``reports.kcidb``    — ``--kcidb=FILE``: the session in KernelCI's KCIDB schema, validated by kcidb-io.
 - ``reports.reproducer`` — a standalone C reproducer (``reproducer_runtime.c``) for a synthetic scenario.
+- ``reports.kselftest`` — that reproducer as a kselftest of a finding (``kselftest_main.c``: TAP, skips).
+- ``reports.upstream`` — a plain-text bug report for a finding: reproducer, kselftest, candidate patch, results.
 - ``bisect``       — bisect kernels for the first version whose verdict changes: Debian packages, and the CLI.
 - ``bisection.step``  — one bisection step: a pytest session on one kernel, judged good / bad / skip / abort.
 - ``bisection.tree``  — ``run-tree``: one ``git bisect run`` step on your kernel tree (built by

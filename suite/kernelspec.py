@@ -6,13 +6,14 @@ from pathlib import Path
 
 from .errors import SetupError
 
-KINDS = ("host", "debian", "path", "build")
+KINDS = ("host", "debian", "path", "build", "patched")
 
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """``host`` (the running kernel), ``debian:VERSION`` (Debian's package), a bzImage/vmlinux PATH, or
-    ``build:LINUX_TREE`` (configured with kernels/holecheck.config and built)."""
+    """``host`` (the running kernel), ``debian:VERSION`` (Debian's package), a bzImage/vmlinux PATH,
+    ``build:LINUX_TREE`` (configured with kernels/holecheck.config and built), or ``patched:VERSION:SERIES``
+    (Debian's linux-source VERSION plus the patch series kernels/patches/SERIES/, built with the same recipe)."""
 
     kind: str
     value: str = ""
@@ -25,7 +26,7 @@ class KernelSpec:
         if self.kind in ("path", "build"):
             name = Path(self.value).name or self.value
             return name if self.kind == "path" else f"build-{name}"
-        return f"{self.kind}-{self.value}"
+        return f"{self.kind}-{self.value.replace(':', '-')}"
 
     def __str__(self) -> str:
         return "host" if self.kind == "host" else (self.value if self.kind == "path" else f"{self.kind}:{self.value}")
@@ -40,9 +41,16 @@ def parse(text: str) -> KernelSpec:
         if not value:
             raise SetupError(f"--kernel={text}: missing {'version' if kind == 'debian' else 'tree'} after '{kind}:'")
         return KernelSpec(kind, value)
+    if sep and kind == "patched":
+        version, _, series = value.partition(":")
+        if not version or not series:
+            raise SetupError(f"--kernel={text}: want patched:VERSION:SERIES (e.g. patched:7.3.4:ksm-keep-uffd-wp: "
+                             "Debian's linux-source 7.3.4 plus kernels/patches/ksm-keep-uffd-wp/)")
+        return KernelSpec(kind, value)
     path = Path(text).expanduser()
     if not path.exists():
-        raise SetupError(f"--kernel={text}: no such kernel image (expected host, debian:VERSION, build:TREE or PATH)")
+        raise SetupError(f"--kernel={text}: no such kernel image (expected host, debian:VERSION, build:TREE, "
+                         "patched:VERSION:SERIES or PATH)")
     if path.is_dir():
         raise SetupError(f"--kernel={text}: a directory, not a kernel image: give build:{text} to build that tree, "
                          "or PATH/bzImage")

@@ -12,6 +12,8 @@ It sends ``{"hello": <uname -r>, "python": <version>, "seconds": <its own start-
     {"id": N, "method": "uname"}     → {"id": N, "release": …, "version": …, "machine": …}
     {"id": N, "method": "preflight"} → {"id": N, "problems": [<one line each>]}
     {"id": N, "method": "features"}  → {"id": N, "soft_dirty": bool, "shrink_underused": bool}
+    {"id": N, "method": "exec", "argv": [...], "seconds": S, "cwd": D} → {"id": N, "rc": …, "stdout": …, "stderr": …, …}
+        (a program the host built, e.g. a kselftest: suite.targets.program)
     {"id": N, "method": "shutdown"}  → {"id": N, "ok": true}, then the agent exits and /init ends the VM
 
 and any failure as ``{"id": N, "error": "<one line>", "type": "<exception class>"}`` (the traceback goes to the
@@ -104,6 +106,10 @@ def handle(req: dict[str, Any]) -> dict[str, Any]:
         from . import preflight
 
         return preflight.local_features()
+    if method == "exec":
+        from .program import execute
+
+        return execute([str(a) for a in req["argv"]], float(req["seconds"]), req.get("cwd")).to_wire()
     if method == "shutdown":
         return {"ok": True}
     raise ValueError(f"unknown method {method!r}")

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from ..kernelspec import KernelSpec
 from ..scenario import Scenario
 from ..verdict import Verdict
+from .program import Ran
 
 
 class Target(Protocol):
@@ -32,6 +33,10 @@ class Target(Protocol):
 
     def run(self, scenario: Scenario, artifacts: Path | None = None, qemu: str | None = None) -> Verdict:
         """``qemu``: the L2 QEMU of a real-QEMU scenario (default: RunOptions.qemu)."""
+        ...
+
+    def execute(self, argv: list[str], timeout: float, cwd: str | None = None) -> Ran:
+        """Run a program (a path the kernel under test sees, e.g. in an artifacts dir) there, in ``cwd``; bounded."""
         ...
 
     def close(self) -> None: ...

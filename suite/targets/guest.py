@@ -28,6 +28,7 @@ from ..scenario import Scenario
 from ..verdict import Verdict
 from . import backends, vm
 from .agent import AgentClient, AgentError
+from .program import Ran
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,9 @@ class GuestTarget:
                           qemu=qemu or self.options.qemu, accel="tcg" if self.options.accel == "tcg" else "auto")
         reply = self.call("run", timeout, scenario=scenario.to_json(), options=options.to_wire())
         return Verdict.from_json(reply["verdict"])
+
+    def execute(self, argv: list[str], timeout: float, cwd: str | None = None) -> Ran:
+        return Ran.from_wire(self.call("exec", timeout + CALL_TIMEOUT, argv=argv, seconds=timeout, cwd=cwd))
 
     def close(self) -> None:
         """Ask the guest to power off; stop the VM whatever happens."""

@@ -13,6 +13,7 @@ from ..options import RunOptions
 from ..scenario import Scenario
 from ..verdict import Verdict
 from . import preflight
+from .program import Ran, execute
 
 
 class HostTarget:
@@ -38,6 +39,9 @@ class HostTarget:
 
     def run(self, scenario: Scenario, artifacts: Path | None = None, qemu: str | None = None) -> Verdict:
         return runner.run(scenario, replace(self.options, artifacts=artifacts, qemu=qemu or self.options.qemu))
+
+    def execute(self, argv: list[str], timeout: float, cwd: str | None = None) -> Ran:
+        return execute(argv, timeout, cwd)
 
     def close(self) -> None:
         pass

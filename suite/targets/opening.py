@@ -27,4 +27,10 @@ def _open(spec: KernelSpec, options: RunOptions) -> Target:
 
         image = git_tree.build_tree(Path(spec.value).expanduser())  # SetupError: not a tree, does not build
         return GuestTarget(KernelSpec("path", str(image)), options)
+    if spec.kind == "patched":
+        from kernels import build
+
+        version, _, series = spec.value.partition(":")
+        image = build.build(True, series_name=series, version=version)  # cached; SetupError: no series, no build
+        return GuestTarget(KernelSpec("path", str(image)), options)
     return GuestTarget(spec, options)

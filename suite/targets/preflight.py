@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import pagemap, thp
+from . import ksm_probe
 
 NR_USERFAULTFD = 323  # x86_64
 
@@ -56,10 +57,12 @@ def local_features() -> dict[str, Any]:
     """Target.features() answered by the kernel this process runs on (the host's, or the guest's in the agent).
 
     Booleans, except ``mthp_kb`` (the mTHP sizes with a ``hugepages-<N>kB`` knob, PMD size included, ascending)
-    and ``numa_nodes`` (online nodes). Each probe reads, never changes, the kernel's state."""
+    and ``numa_nodes`` (online nodes). Each probe reads, never changes, the kernel's state, but for
+    ``ksm_merge_keeps_uffd_wp``, which runs ksmd on two pages of its own (every KSM knob restored)."""
     return {"soft_dirty": pagemap.soft_dirty_supported(), "shrink_underused": thp.KNOBS["shrink_underused"].exists(),
             **{f"mthp_{kb}kB": thp.size_knob(kb).exists() for kb in thp.MTHP_SIZES_KB},  # per-size mTHP knobs
-            **memory_features(), **optional_features()}
+            **memory_features(), **optional_features(),
+            "ksm_merge_keeps_uffd_wp": ksm_probe.ksm_merge_keeps_uffd_wp()}  # measured: a merge of two WP pages
 
 
 def optional_features() -> dict[str, Any]:
