@@ -17,7 +17,8 @@ from .pagemap import PageStates
 from .verdict import Verdict
 
 VMSTAT = Path("/proc/vmstat")
-COUNTERS = ("thp_underused_split_page", "thp_split_page", "thp_split_pmd", "thp_deferred_split_page")
+COUNTERS = ("thp_underused_split_page", "thp_split_page", "thp_split_page_failed", "thp_split_pmd",
+            "thp_deferred_split_page")
 TRIGGERS = ("auto", "memcg", "drop_caches")
 
 

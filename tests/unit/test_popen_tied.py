@@ -3,10 +3,10 @@ parent while it forks and reach the child unblocked; a child whose parent is alr
 running. Real processes, real signal masks (``/proc/PID/status``)."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from suite.qemu.process import popen_tied, terminating_signals_blocked
@@ -34,7 +34,9 @@ def test_a_signal_during_the_fork_waits_for_the_parent() -> None:
     old = signal.signal(signal.SIGTERM, lambda sig, frame: got.append(sig))
     try:
         with terminating_signals_blocked():
-            os.kill(os.getpid(), signal.SIGTERM)
+            # to this thread (the one that blocks it): a process-directed signal may land in another thread of a
+            # pytest-xdist worker, which does not block it
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
             proc = popen_tied(["true"])
             assert got == []
         assert got == [signal.SIGTERM]
