@@ -118,7 +118,7 @@ class Ledger:
             return before, after
         mpn = thp.ShrinkerSupport.now().max_ptes_none
         chunks = oracle.skipped_splits(before, after, nonzero, mpn)
-        if len(chunks):  # the shrinker skips a folio it cannot lock and re-queues it: one more firing
+        if len(chunks):  # one more firing, in case a skipped folio is still queued (one dropped from it is not)
             shrinker.fire(trigger, cg)
             after = self.around_shrinks[f"{prefix}after-{phase}"] = self.observe(phase, with_thp=True)
             again = oracle.skipped_splits(before, after, nonzero, mpn)
@@ -126,15 +126,14 @@ class Ledger:
                 self.verdict.notes.append(f"{phase}: {self.name + ': ' if self.name else ''}{len(late)} underused "
                                           "THPs split only on a second firing")
             chunks = np.intersect1d(chunks, again)
-        chunks = self.refused_by_a_reference(phase, chunks, after, result)
+        chunks = self.refused_by_a_reference(phase, chunks, result)
         self.report("no-split", phase, chunks * pagemap.PAGES_PER_THP,
                     f"{self.name + ': ' if self.name else ''}underused 2048kB THPs ({origin or 'origin unknown'}) "
                     f"still whole after {result.trigger} and a second firing, of "
                     f"{self.verdict.shrinks[-1]['thp_before']} (first page of each THP named)")
         return before, after
 
-    def refused_by_a_reference(self, phase: str, chunks: np.ndarray, after: PageStates,
-                               result: shrinker.ShrinkResult) -> np.ndarray:
+    def refused_by_a_reference(self, phase: str, chunks: np.ndarray, result: shrinker.ShrinkResult) -> np.ndarray:
         """Underused THPs left whole in a live QEMU's RAM that the kernel did try to split — as many PMDs split
         without their folio and ``thp_split_page_failed`` attempts counted as THPs left — were refused by a transient
         extra reference (a QEMU or KVM thread, compaction); the deferred-split queue drops such a folio, so no
@@ -148,12 +147,11 @@ class Ledger:
         pmd_only = delta.get("thp_split_pmd", 0) - delta.get("thp_split_page", 0)  # PMDs split, folio not
         if failed < len(chunks) or pmd_only < len(chunks):
             return chunks
-        tried = chunks
-        where = ", ".join(f"{self.space} {a:#x}" for a in self.addresses(tried[:8] * pagemap.PAGES_PER_THP))
-        self.verdict.notes.append(f"{phase}: {self.name}: {len(tried)} underused THP(s) ({where}) the kernel tried "
+        where = ", ".join(f"{self.space} {a:#x}" for a in self.addresses(chunks[:8] * pagemap.PAGES_PER_THP))
+        self.verdict.notes.append(f"{phase}: {self.name}: {len(chunks)} underused THP(s) ({where}) the kernel tried "
                                   f"to split ({pmd_only} PMDs split without their folio, thp_split_page_failed "
                                   f"+{failed}) and could not: a transient extra reference; the cell did not test them")
-        return np.setdiff1d(chunks, tried)
+        return chunks[:0]
 
     def lost_bits(self, phase: str, before: PageStates, after: PageStates, wp: np.ndarray | None = None,
                   keep: np.ndarray | None = None) -> None:

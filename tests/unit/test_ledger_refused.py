@@ -20,7 +20,7 @@ def result(split_pmd: int, split_page: int, failed: int) -> ShrinkResult:
 
 def test_a_split_the_kernel_tried_and_failed_in_qemu_ram_is_a_note() -> None:
     led = ledger("src")
-    left = led.refused_by_a_reference("shrink@precopy-done", np.array([5]), None, result(128, 127, 1))
+    left = led.refused_by_a_reference("shrink@precopy-done", np.array([5]), result(128, 127, 1))
     assert left.size == 0
     assert "src: 1 underused THP(s) (gpa 0xa00000)" in led.verdict.notes[0]
 
@@ -28,11 +28,11 @@ def test_a_split_the_kernel_tried_and_failed_in_qemu_ram_is_a_note() -> None:
 def test_a_thp_the_kernel_never_tried_stays_a_no_split() -> None:
     led = ledger("src")
     chunks = np.array([5, 7])
-    assert list(led.refused_by_a_reference("p", chunks, None, result(127, 126, 1))) == [5, 7]  # 1 attempt, 2 left
-    assert list(led.refused_by_a_reference("p", chunks, None, result(128, 128, 0))) == [5, 7]  # none failed
+    assert list(led.refused_by_a_reference("p", chunks, result(127, 126, 1))) == [5, 7]  # 1 attempt, 2 left
+    assert list(led.refused_by_a_reference("p", chunks, result(128, 128, 0))) == [5, 7]  # none failed
     assert not led.verdict.notes
 
 
 def test_the_synthetic_region_has_no_such_excuse() -> None:
     led = ledger("")
-    assert list(led.refused_by_a_reference("p", np.array([3]), None, result(2, 1, 1))) == [3]
+    assert list(led.refused_by_a_reference("p", np.array([3]), result(2, 1, 1))) == [3]
