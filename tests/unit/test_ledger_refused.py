@@ -1,6 +1,6 @@
-"""A live QEMU's THP the kernel tried to split and could not (a transient extra reference: PMD split, folio not,
-thp_split_page_failed counted) is named in the notes, not a kernel finding; anything else left whole stays a
-no-split; the synthetic region has no such excuse."""
+"""A THP the kernel tried to split and could not (a transient extra reference: PMD split, folio not,
+thp_split_page_failed counted) is named in the notes, not a kernel finding, while the same firing split others;
+anything else left whole stays a no-split."""
 import numpy as np
 
 from suite.ledger import Ledger
@@ -33,6 +33,9 @@ def test_a_thp_the_kernel_never_tried_stays_a_no_split() -> None:
     assert not led.verdict.notes
 
 
-def test_the_synthetic_region_has_no_such_excuse() -> None:
+def test_the_synthetic_region_too_but_never_when_no_split_succeeded() -> None:
     led = ledger("")
-    assert list(led.refused_by_a_reference("p", np.array([3]), result(2, 1, 1))) == [3]
+    assert list(led.refused_by_a_reference("p", np.array([3]), result(32, 31, 1))) == []  # idle helper, 1 of 32
+    assert "p: 1 underused THP(s) (gpa 0x600000)" in led.verdict.notes[0]
+    # every split refused: a leaked reference would look like this; it stays a no-split
+    assert list(led.refused_by_a_reference("p", np.array([0, 1]), result(2, 0, 2))) == [0, 1]
